@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what moeforge needs from Debian's packages, only what is missing (idempotent).
+# Debian 12: LibTorch 1.13 (CPU), Gloo, OpenBLAS (OpenMP), yaml-cpp, SentencePiece, nlohmann-json,
+# GoogleTest, CMake, g++, Ninja.
+set -euo pipefail
+
+PACKAGES=(
+  libtorch-dev libgloo-dev
+  libopenblas0-openmp          # without it LibTorch multiplies with the reference BLAS (~28x slower)
+  libyaml-cpp-dev libsentencepiece-dev nlohmann-json3-dev
+  libgtest-dev googletest
+  cmake g++ ninja-build ccache pkg-config
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup: all ${#PACKAGES[@]} packages present"
+else
+  echo "setup: installing ${missing[*]}"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  echo "setup: installed ${#missing[@]} packages"
+fi
+
+# LibTorch must pick OpenBLAS through the libblas.so.3 alternative, not the reference BLAS.
+blas=$(readlink -f /usr/lib/x86_64-linux-gnu/libblas.so.3 2>/dev/null || true)
+case "$blas" in
+  *openblas*) echo "setup: BLAS is $blas" ;;
+  *) echo "setup: warning: libblas.so.3 resolves to '$blas', not OpenBLAS; matmuls will be slow" >&2 ;;
+esac

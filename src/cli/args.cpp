@@ -1,0 +1,64 @@
+#include <cstdlib>
+
+#include "cli/cli.h"
+#include "core/error.h"
+
+namespace moeforge::cli {
+
+bool take_flag(Args& args, const std::string& flag) {
+  for (auto it = args.begin(); it != args.end(); ++it) {
+    if (*it == flag) {
+      args.erase(it);
+      return true;
+    }
+  }
+  return false;
+}
+
+bool take_option(Args& args, const std::string& flag, std::string* value) {
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == flag) {
+      if (i + 1 >= args.size()) throw UserError(flag + ": missing value");
+      *value = args[i + 1];
+      args.erase(args.begin() + i, args.begin() + i + 2);
+      return true;
+    }
+    if (args[i].rfind(flag + "=", 0) == 0) {
+      *value = args[i].substr(flag.size() + 1);
+      args.erase(args.begin() + i);
+      return true;
+    }
+  }
+  return false;
+}
+
+std::vector<std::string> take_repeated(Args& args, const std::string& flag) {
+  std::vector<std::string> out;
+  std::string v;
+  while (take_option(args, flag, &v)) out.push_back(v);
+  return out;
+}
+
+void reject_unknown_flags(const Args& args, const std::string& command, const std::vector<std::string>& known) {
+  for (const auto& a : args) {
+    if (a.size() > 1 && a[0] == '-') {
+      throw UserError(command + ": unknown option '" + a + "'" + did_you_mean(a, known));
+    }
+  }
+}
+
+int64_t parse_int(const std::string& flag, const std::string& v) {
+  char* end = nullptr;
+  long long x = std::strtoll(v.c_str(), &end, 10);
+  if (v.empty() || *end != '\0') throw UserError(flag + ": expected an integer, got '" + v + "'");
+  return x;
+}
+
+double parse_double(const std::string& flag, const std::string& v) {
+  char* end = nullptr;
+  double x = std::strtod(v.c_str(), &end);
+  if (v.empty() || *end != '\0') throw UserError(flag + ": expected a number, got '" + v + "'");
+  return x;
+}
+
+}  // namespace moeforge::cli

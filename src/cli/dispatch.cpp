@@ -1,0 +1,38 @@
+#include <iostream>
+
+#include "cli/cli.h"
+#include "core/compat.h"
+#include "core/error.h"
+
+namespace moeforge::cli {
+
+namespace {
+const char* kUsage =
+    "usage: moeforge <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  info CONFIG [--json] [--set key=value ...]   parameter counts and memory of a model config\n"
+    "  bench moe [--tokens N --hidden H ...]        MoE block forward+backward speed vs a plain matmul\n"
+    "  version                                       versions of moeforge and LibTorch\n"
+    "\n"
+    "Errors in configs, files or flags print one line and exit with status 2.\n";
+}
+
+int run(const Args& argv) {
+  if (argv.empty() || argv[0] == "-h" || argv[0] == "--help" || argv[0] == "help") {
+    std::cout << kUsage;
+    return argv.empty() ? kUserErrorExit : 0;
+  }
+  const std::string cmd = argv[0];
+  Args rest(argv.begin() + 1, argv.end());
+  if (cmd == "info") return cmd_info(rest);
+  if (cmd == "bench") return cmd_bench(rest);
+  if (cmd == "version" || cmd == "--version") {
+    std::cout << "moeforge " << MOEFORGE_VERSION << " (LibTorch " << compat::torch_version() << ")\n";
+    return 0;
+  }
+  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version"}) +
+                  "; run 'moeforge --help'");
+}
+
+}  // namespace moeforge::cli

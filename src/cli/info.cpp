@@ -1,0 +1,91 @@
+// moeforge info CONFIG [--json]: parameter counts and memory, from the config alone.
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "cli/cli.h"
+#include "core/error.h"
+#include "model/config.h"
+#include "model/param_count.h"
+
+namespace moeforge::cli {
+
+namespace {
+
+std::string with_commas(int64_t v) {
+  std::string s = std::to_string(v < 0 ? -v : v);
+  for (int i = static_cast<int>(s.size()) - 3; i > 0; i -= 3) s.insert(static_cast<size_t>(i), ",");
+  return v < 0 ? "-" + s : s;
+}
+
+std::string human_count(int64_t v) {
+  char buf[32];
+  double d = static_cast<double>(v);
+  if (d >= 1e9) std::snprintf(buf, sizeof buf, "%.2fB", d / 1e9);
+  else if (d >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM", d / 1e6);
+  else if (d >= 1e3) std::snprintf(buf, sizeof buf, "%.2fK", d / 1e3);
+  else std::snprintf(buf, sizeof buf, "%.0f", d);
+  return buf;
+}
+
+std::string gib(double bytes) {
+  char buf[32];
+  if (bytes >= 1024.0 * 1024 * 1024) std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / (1024.0 * 1024 * 1024));
+  else std::snprintf(buf, sizeof buf, "%.2f MiB", bytes / (1024.0 * 1024));
+  return buf;
+}
+
+}  // namespace
+
+int cmd_info(const Args& in) {
+  Args args = in;
+  const bool json = take_flag(args, "--json");
+  auto overrides = take_repeated(args, "--set");
+  reject_unknown_flags(args, "info", {"--json", "--set"});
+  if (args.size() != 1) throw UserError("info: expected one CONFIG file (usage: moeforge info CONFIG [--json])");
+  const std::string path = args[0];
+  ModelConfig c = load_model_config(path, overrides);
+  ParamCounts p = count_params(c);
+  MemoryEstimate m = estimate_memory(p);
+
+  if (json) {
+    nlohmann::json j;
+    j["config"] = path;
+    j["name"] = c.name;
+    j["total_params"] = p.total;
+    j["active_params"] = p.active;
+    j["params"] = {{"embedding", p.embedding}, {"attention", p.attention}, {"router", p.router},
+                   {"experts", p.experts},     {"per_expert", p.per_expert}, {"norms", p.norms},
+                   {"lm_head", p.lm_head}};
+    j["memory_bytes"] = {{"weights_bf16", m.weights_bf16}, {"weights_fp32", m.weights_fp32},
+                         {"grads_bf16", m.grads_bf16},     {"grads_fp32", m.grads_fp32},
+                         {"adamw_state_fp32", m.adamw_fp32}, {"train_mixed_bf16", m.mixed_bf16_total},
+                         {"train_fp32", m.fp32_total}};
+    j["num_layers"] = c.num_layers;
+    j["num_experts"] = c.moe.num_experts;
+    j["num_experts_per_tok"] = c.moe.num_experts_per_tok;
+    std::cout << j.dump() << "\n";
+    return 0;
+  }
+  std::printf("%s (%s)\n", c.name.c_str(), path.c_str());
+  std::printf("  layers %ld, hidden %ld, intermediate %ld, heads %ld/%ld kv, head_dim %ld, vocab %ld\n",
+              (long)c.num_layers, (long)c.hidden_size, (long)c.intermediate_size, (long)c.num_attention_heads,
+              (long)c.num_key_value_heads, (long)c.resolved_head_dim(), (long)c.vocab_size);
+  std::printf("  experts %ld, top-%ld, balance %s, sliding window %s\n", (long)c.moe.num_experts,
+              (long)c.moe.num_experts_per_tok, balance_name(c.moe.balance),
+              c.sliding_window ? std::to_string(*c.sliding_window).c_str() : "off");
+  std::printf("  total parameters   %20s  (%s)\n", with_commas(p.total).c_str(), human_count(p.total).c_str());
+  std::printf("  active parameters  %20s  (%s per token)\n", with_commas(p.active).c_str(),
+              human_count(p.active).c_str());
+  std::printf("    embedding %s, attention %s, router %s, experts %s, norms %s, lm_head %s\n",
+              human_count(p.embedding).c_str(), human_count(p.attention).c_str(), human_count(p.router).c_str(),
+              human_count(p.experts).c_str(), human_count(p.norms).c_str(), human_count(p.lm_head).c_str());
+  std::printf("  memory: weights %s bf16 / %s fp32; gradients %s bf16 / %s fp32; AdamW state %s fp32\n",
+              gib(m.weights_bf16).c_str(), gib(m.weights_fp32).c_str(), gib(m.grads_bf16).c_str(),
+              gib(m.grads_fp32).c_str(), gib(m.adamw_fp32).c_str());
+  std::printf("  training (weights + grads + optimizer, no activations): %s bf16 mixed, %s fp32\n",
+              gib(m.mixed_bf16_total).c_str(), gib(m.fp32_total).c_str());
+  return 0;
+}
+
+}  // namespace moeforge::cli

@@ -1,0 +1,54 @@
+#include "core/compat.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <thread>
+
+namespace moeforge::compat {
+
+std::string torch_version() {
+  return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+         std::to_string(TORCH_VERSION_PATCH);
+}
+
+at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& allowed_mask) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  // Softmax in fp32 at least, whatever the input dtype.
+  auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto scores = at::matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale;
+  at::Tensor allowed = allowed_mask;
+  if (!allowed.defined()) {
+    const int64_t T = q.size(-2), S = k.size(-2);
+    allowed = at::ones({T, S}, q.options().dtype(at::kBool)).tril(S - T);
+  }
+  scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+  auto probs = at::softmax(scores, -1);
+  return at::matmul(probs, v.to(acc)).to(q.scalar_type());
+}
+
+at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& allowed_mask) {
+#if MOEFORGE_HAS_SDPA
+  if (!allowed_mask.defined()) {
+    return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true);
+  }
+  return at::scaled_dot_product_attention(q, k, v, allowed_mask, /*dropout_p=*/0.0, /*is_causal=*/false);
+#else
+  return attention_reference(q, k, v, allowed_mask);
+#endif
+}
+
+int configure_threads(int requested) {
+  int n = requested;
+  if (n <= 0) {
+    n = static_cast<int>(std::thread::hardware_concurrency());
+    if (n <= 0) n = 1;
+  }
+  at::set_num_threads(n);
+  return n;
+}
+
+}  // namespace moeforge::compat

@@ -1,0 +1,60 @@
+#include "model/attention.h"
+
+#include <torch/torch.h>
+
+#include "core/compat.h"
+#include "model/rope.h"
+
+namespace moeforge {
+
+at::Tensor build_attention_mask(int64_t B, int64_t T, std::optional<int64_t> window, const at::Tensor& segment_ids_BT,
+                                const at::Device& device) {
+  const bool windowed = window && *window < T;
+  if (!windowed && !segment_ids_BT.defined()) return {};
+  auto idx = torch::arange(T, torch::TensorOptions().dtype(torch::kLong).device(device));
+  auto dist = idx.unsqueeze(1) - idx.unsqueeze(0);  // query i minus key j
+  auto allowed = dist.ge(0);
+  if (windowed) allowed = allowed.logical_and(dist.lt(*window));
+  allowed = allowed.view({1, 1, T, T});
+  if (segment_ids_BT.defined()) {
+    auto seg = segment_ids_BT.to(device);
+    auto same = seg.unsqueeze(2).eq(seg.unsqueeze(1)).unsqueeze(1);  // [B, 1, T, T]
+    allowed = allowed.logical_and(same);
+  } else {
+    allowed = allowed.expand({B, 1, T, T});
+  }
+  return allowed.contiguous();
+}
+
+AttentionImpl::AttentionImpl(const ModelConfig& cfg)
+    : num_heads(cfg.num_attention_heads), num_kv_heads(cfg.num_key_value_heads), head_dim(cfg.resolved_head_dim()) {
+  auto lin = [](int64_t in, int64_t out) { return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false)); };
+  q_proj = register_module("q_proj", lin(cfg.hidden_size, cfg.q_dim()));
+  k_proj = register_module("k_proj", lin(cfg.hidden_size, cfg.kv_dim()));
+  v_proj = register_module("v_proj", lin(cfg.hidden_size, cfg.kv_dim()));
+  o_proj = register_module("o_proj", lin(cfg.q_dim(), cfg.hidden_size));
+}
+
+torch::Tensor AttentionImpl::repeat_kv(const torch::Tensor& x, int64_t groups) {
+  if (groups == 1) return x;
+  const auto B = x.size(0), KV = x.size(1), T = x.size(2), D = x.size(3);
+  return x.unsqueeze(2).expand({B, KV, groups, T, D}).reshape({B, KV * groups, T, D});
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BTH, const torch::Tensor& cos, const torch::Tensor& sin,
+                                     const torch::Tensor& mask) {
+  const auto B = x_BTH.size(0), T = x_BTH.size(1);
+  auto q = q_proj(x_BTH).view({B, T, num_heads, head_dim}).transpose(1, 2);
+  auto k = k_proj(x_BTH).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
+  auto v = v_proj(x_BTH).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
+  q = apply_rope(q, cos, sin);
+  k = apply_rope(k, cos, sin);
+  const int64_t groups = num_heads / num_kv_heads;
+  k = repeat_kv(k, groups);
+  v = repeat_kv(v, groups);
+  auto out = compat::scaled_dot_product_attention(q, k, v, mask);  // [B, Nh, T, D]
+  out = out.transpose(1, 2).reshape({B, T, num_heads * head_dim});
+  return o_proj(out);
+}
+
+}  // namespace moeforge

@@ -1,0 +1,95 @@
+#include "model/decoder.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
+#include "core/error.h"
+#include "model/rope.h"
+
+namespace moeforge {
+
+DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& cfg) {
+  self_attn = register_module("self_attn", Attention(cfg));
+  block_sparse_moe = register_module("block_sparse_moe", MoEBlock(cfg));
+  input_layernorm = register_module("input_layernorm", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps));
+  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps));
+}
+
+torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                        const torch::Tensor& mask, RouterOutput* router_out) {
+  auto h = x + self_attn->forward(input_layernorm->forward(x), cos, sin, mask);
+  MoEOutput moe = block_sparse_moe->forward(post_attention_layernorm->forward(h));
+  if (router_out) *router_out = std::move(moe.router);
+  return h + moe.y;
+}
+
+MixtralModelImpl::MixtralModelImpl(const ModelConfig& cfg) {
+  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(cfg.vocab_size, cfg.hidden_size));
+  auto list = torch::nn::ModuleList();
+  for (int64_t i = 0; i < cfg.num_layers; ++i) {
+    layers.push_back(DecoderLayer(cfg));
+    list->push_back(layers.back());
+  }
+  register_module("layers", list);
+  norm = register_module("norm", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps));
+}
+
+MixtralForCausalLMImpl::MixtralForCausalLMImpl(const ModelConfig& cfg) : cfg_(cfg) {
+  model = register_module("model", MixtralModel(cfg));
+  if (!cfg.tie_word_embeddings) {
+    lm_head = register_module(
+        "lm_head", torch::nn::Linear(torch::nn::LinearOptions(cfg.hidden_size, cfg.vocab_size).bias(false)));
+  }
+}
+
+torch::Tensor MixtralForCausalLMImpl::lm_head_weight() const {
+  return cfg_.tie_word_embeddings ? model->embed_tokens->weight : lm_head->weight;
+}
+
+std::vector<MoEBlock> MixtralForCausalLMImpl::moe_blocks() const {
+  std::vector<MoEBlock> out;
+  for (const auto& l : model->layers) out.push_back(l->block_sparse_moe);
+  return out;
+}
+
+ForwardOutput MixtralForCausalLMImpl::forward(const ForwardInputs& in) {
+  MF_CHECK(in.input_ids.dim() == 2, "input_ids must be [B, T]");
+  const auto B = in.input_ids.size(0), T = in.input_ids.size(1);
+  auto device = in.input_ids.device();
+  auto x = model->embed_tokens->forward(in.input_ids);
+  torch::Tensor pos = in.position_ids;
+  if (!pos.defined()) pos = torch::arange(T, torch::TensorOptions().dtype(torch::kLong).device(device)).expand({B, T});
+  auto cs = rope_cos_sin(pos, cfg_.resolved_head_dim(), cfg_.rope_theta, x.scalar_type());
+  auto mask = build_attention_mask(B, T, cfg_.sliding_window, in.segment_ids, device);
+  ForwardOutput out;
+  out.router.resize(model->layers.size());
+  for (size_t i = 0; i < model->layers.size(); ++i) {
+    x = model->layers[i]->forward(x, cs.first, cs.second, mask, &out.router[i]);
+  }
+  out.hidden = model->norm->forward(x);
+  out.logits = torch::nn::functional::linear(out.hidden, lm_head_weight().to(out.hidden.scalar_type()));
+  return out;
+}
+
+void init_weights(torch::nn::Module& module, double init_std, uint64_t seed) {
+  torch::NoGradGuard ng;
+  auto gen = at::detail::createCPUGenerator(seed);
+  for (auto& p : module.named_parameters(/*recurse=*/true)) {
+    const std::string& name = p.key();
+    torch::Tensor& t = p.value();
+    const bool is_norm = name.size() >= 11 && (name.find("norm.weight") != std::string::npos);
+    torch::Tensor v;
+    if (is_norm) {
+      v = torch::ones(t.sizes(), torch::kFloat);
+    } else {
+      v = torch::empty(t.sizes(), torch::kFloat);
+      v.normal_(0.0, init_std, gen);
+    }
+    t.copy_(v.to(t.device()).to(t.scalar_type()));
+  }
+  for (auto& b : module.named_buffers(/*recurse=*/true)) {
+    if (b.key().find("expert_bias") != std::string::npos) b.value().zero_();
+  }
+}
+
+}  // namespace moeforge

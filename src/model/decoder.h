@@ -1,0 +1,77 @@
+// The Mixtral decoder: embedding, N pre-norm blocks (attention + sparse MoE), final norm,
+// lm_head (optionally tied). Module names equal Hugging Face MixtralForCausalLM's, so
+// named_parameters() gives e.g. "model.layers.3.block_sparse_moe.experts.5.w2.weight".
+#pragma once
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+
+#include <vector>
+
+#include "model/attention.h"
+#include "model/config.h"
+#include "model/moe_block.h"
+#include "model/rms_norm.h"
+
+namespace moeforge {
+
+struct ForwardInputs {
+  torch::Tensor input_ids;     // [B, T] int64
+  torch::Tensor position_ids;  // [B, T], optional (default 0..T-1; restarts per packed example)
+  torch::Tensor segment_ids;   // [B, T], optional: attention stays inside equal ids (packing)
+};
+
+struct ForwardOutput {
+  torch::Tensor logits;              // [B, T, V]
+  torch::Tensor hidden;              // [B, T, H] after the final norm
+  std::vector<RouterOutput> router;  // one per layer, N = B*T rows each
+};
+
+class DecoderLayerImpl : public torch::nn::Module {
+ public:
+  explicit DecoderLayerImpl(const ModelConfig& cfg);
+  // Returns the block output; the router decision goes to `router_out`.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        const torch::Tensor& mask, RouterOutput* router_out);
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  Attention self_attn{nullptr};
+  MoEBlock block_sparse_moe{nullptr};
+};
+TORCH_MODULE(DecoderLayer);
+
+class MixtralModelImpl : public torch::nn::Module {
+ public:
+  explicit MixtralModelImpl(const ModelConfig& cfg);
+  torch::nn::Embedding embed_tokens{nullptr};
+  std::vector<DecoderLayer> layers;
+  RMSNorm norm{nullptr};
+};
+TORCH_MODULE(MixtralModel);
+
+class MixtralForCausalLMImpl : public torch::nn::Module {
+ public:
+  explicit MixtralForCausalLMImpl(const ModelConfig& cfg);
+  ForwardOutput forward(const ForwardInputs& in);
+  ForwardOutput forward(const torch::Tensor& input_ids) { return forward(ForwardInputs{input_ids, {}, {}}); }
+
+  // The (possibly tied) output projection weight [V, H].
+  torch::Tensor lm_head_weight() const;
+  // The MoE blocks in layer order (for dispatchers and aux-free bias updates).
+  std::vector<MoEBlock> moe_blocks() const;
+
+  const ModelConfig& config() const { return cfg_; }
+  MixtralModel model{nullptr};
+  torch::nn::Linear lm_head{nullptr};  // null when tie_word_embeddings
+
+ private:
+  ModelConfig cfg_;
+  torch::nn::ModuleList layer_list_{nullptr};
+};
+TORCH_MODULE(MixtralForCausalLM);
+
+// Deterministic initialisation from a seed (independent of the global RNG and of the device):
+// linear and embedding weights ~ N(0, init_std), norm weights 1, expert biases 0.
+void init_weights(torch::nn::Module& model, double init_std, uint64_t seed);
+
+}  // namespace moeforge

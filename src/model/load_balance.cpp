@@ -1,0 +1,54 @@
+#include "model/load_balance.h"
+
+#include <ATen/ATen.h>
+
+#include "core/error.h"
+
+namespace moeforge {
+
+namespace {
+// Per-row weights [L*N] (1 = counts) and their sum, for pooled means.
+at::Tensor pooled_mask(const at::Tensor& token_mask_N, int64_t L, int64_t N, const at::TensorOptions& opts) {
+  if (!token_mask_N.defined()) return at::ones({L * N}, opts);
+  MF_CHECK(token_mask_N.numel() == N, "token mask has one entry per token");
+  return token_mask_N.reshape({-1}).to(opts).repeat({L});
+}
+}  // namespace
+
+at::Tensor load_balancing_loss(const std::vector<at::Tensor>& logits_per_layer_NE,
+                               const std::vector<at::Tensor>& topk_idx_per_layer_NK, const at::Tensor& token_mask_N) {
+  MF_CHECK(!logits_per_layer_NE.empty(), "at least one layer");
+  MF_CHECK(logits_per_layer_NE.size() == topk_idx_per_layer_NK.size(), "logits and choices per layer");
+  const int64_t L = static_cast<int64_t>(logits_per_layer_NE.size());
+  const int64_t N = logits_per_layer_NE[0].size(0);
+  const int64_t E = logits_per_layer_NE[0].size(1);
+  auto logits = at::cat(logits_per_layer_NE, 0);  // [L*N, E]
+  auto idx = at::cat(topk_idx_per_layer_NK, 0);   // [L*N, K]
+  auto probs = at::softmax(logits, -1);
+  auto m = pooled_mask(token_mask_N, L, N, probs.options());  // [L*N]
+  auto denom = m.sum().clamp_min(1.0);
+  // f[j, e]: one-hot of the j-th choice, masked mean over rows.
+  auto onehot = at::one_hot(idx, E).to(probs.scalar_type());           // [L*N, K, E]
+  auto f = (onehot * m.view({-1, 1, 1})).sum(0) / denom;               // [K, E]
+  auto P = (probs * m.view({-1, 1})).sum(0) / denom;                   // [E]
+  return (f * P.unsqueeze(0)).sum() * static_cast<double>(E);
+}
+
+at::Tensor router_z_loss(const std::vector<at::Tensor>& logits_per_layer_NE, const at::Tensor& token_mask_N) {
+  MF_CHECK(!logits_per_layer_NE.empty(), "at least one layer");
+  const int64_t L = static_cast<int64_t>(logits_per_layer_NE.size());
+  const int64_t N = logits_per_layer_NE[0].size(0);
+  auto logits = at::cat(logits_per_layer_NE, 0);
+  auto z = at::logsumexp(logits, -1).pow(2);  // [L*N]
+  auto m = pooled_mask(token_mask_N, L, N, z.options());
+  return (z * m).sum() / m.sum().clamp_min(1.0);
+}
+
+double load_cv(const at::Tensor& load_E) {
+  auto l = load_E.to(at::kDouble);
+  double mean = l.mean().item<double>();
+  if (mean == 0) return 0.0;
+  return l.std(/*unbiased=*/false).item<double>() / mean;
+}
+
+}  // namespace moeforge

@@ -1,0 +1,22 @@
+// Balancing terms of the MoE objective, pooled over all layers.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace moeforge {
+
+// Switch / HF `load_balancing_loss_func`: logits of all layers pooled (L*N rows),
+// p = softmax over all E, f[j, e] = fraction of tokens whose j-th choice is e,
+// P[e] = mean p[:, e], aux = E * sum_{j,e} f[j, e] * P[e]. Perfectly balanced routing gives k.
+// token_mask_N: optional (bool or 0/1) over the N tokens of one layer; padding (0) is excluded.
+at::Tensor load_balancing_loss(const std::vector<at::Tensor>& logits_per_layer_NE,
+                               const std::vector<at::Tensor>& topk_idx_per_layer_NK, const at::Tensor& token_mask_N = {});
+
+// Router z-loss (ST-MoE): mean over (layer, token) of logsumexp(logits)^2, padding excluded.
+at::Tensor router_z_loss(const std::vector<at::Tensor>& logits_per_layer_NE, const at::Tensor& token_mask_N = {});
+
+// Coefficient of variation (std / mean) of a load vector; 0 for perfectly even load.
+double load_cv(const at::Tensor& load_E);
+
+}  // namespace moeforge

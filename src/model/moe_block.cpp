@@ -1,0 +1,34 @@
+#include "model/moe_block.h"
+
+#include <torch/torch.h>
+
+#include "core/error.h"
+
+namespace moeforge {
+
+MoEBlockImpl::MoEBlockImpl(const ModelConfig& cfg) {
+  gate = register_module("gate", Router(cfg.hidden_size, cfg.moe));
+  experts = register_module("experts", ExpertBank(cfg.hidden_size, cfg.intermediate_size, 0, cfg.moe.num_experts));
+  dispatcher_ = std::make_shared<LocalDispatcher>(cfg.moe.num_experts);
+}
+
+void MoEBlockImpl::set_dispatcher(std::shared_ptr<Dispatcher> d, ExpertBank bank) {
+  MF_CHECK(bank->first() == d->first_local_expert() && bank->count() == d->num_local_experts(),
+           "expert bank and dispatcher must agree on the local experts");
+  dispatcher_ = std::move(d);
+  experts = replace_module("experts", bank);
+}
+
+MoEOutput MoEBlockImpl::forward(const torch::Tensor& x) {
+  const auto H = x.size(-1);
+  auto x_NH = x.reshape({-1, H});
+  MoEOutput out;
+  out.router = gate->forward(x_NH);
+  Dispatched d = dispatcher_->dispatch(x_NH, out.router.topk_idx_NK, out.router.tokens_per_expert);
+  auto y_grouped = experts->forward(d.x_grouped, d.counts);
+  auto y_NH = dispatcher_->combine(y_grouped, d, out.router.topk_weight_NK);
+  out.y = y_NH.view(x.sizes());
+  return out;
+}
+
+}  // namespace moeforge

@@ -1,0 +1,38 @@
+#pragma once
+#include <torch/nn/module.h>
+
+#include <memory>
+
+#include "model/config.h"
+#include "model/dispatcher.h"
+#include "model/experts.h"
+#include "model/router.h"
+
+namespace moeforge {
+
+struct MoEOutput {
+  torch::Tensor y;      // same shape as the input
+  RouterOutput router;  // for the balancing losses and the routing statistics
+};
+
+// Dropless sparse MoE block: every token reaches its top-k experts. Registered as
+// `block_sparse_moe` with children `gate` (router) and `experts`.
+class MoEBlockImpl : public torch::nn::Module {
+ public:
+  explicit MoEBlockImpl(const ModelConfig& cfg);
+  MoEOutput forward(const torch::Tensor& x);  // x [..., H]
+
+  // Replaces the dispatcher (the expert-parallel layout swaps in an all-to-all one). The
+  // expert bank must hold exactly the dispatcher's local experts.
+  void set_dispatcher(std::shared_ptr<Dispatcher> d, ExpertBank bank);
+  Dispatcher& dispatcher() { return *dispatcher_; }
+
+  Router gate{nullptr};
+  ExpertBank experts{nullptr};
+
+ private:
+  std::shared_ptr<Dispatcher> dispatcher_;
+};
+TORCH_MODULE(MoEBlock);
+
+}  // namespace moeforge

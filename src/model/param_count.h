@@ -1,0 +1,33 @@
+// Parameter counts and memory estimates computed from a config alone (no weights allocated).
+#pragma once
+#include <cstdint>
+
+#include "model/config.h"
+
+namespace moeforge {
+
+struct ParamCounts {
+  int64_t embedding = 0;    // model.embed_tokens
+  int64_t attention = 0;    // q, k, v, o over all layers
+  int64_t router = 0;       // block_sparse_moe.gate over all layers
+  int64_t experts = 0;      // all experts of all layers
+  int64_t per_expert = 0;   // one expert of one layer (w1, w2, w3)
+  int64_t norms = 0;        // input/post-attention norms of all layers + the final norm
+  int64_t lm_head = 0;      // 0 when tied to the embedding
+  int64_t total = 0;
+  int64_t active = 0;       // parameters one token passes through (k experts per layer)
+};
+
+ParamCounts count_params(const ModelConfig& c);
+
+// Bytes for weights, gradients and AdamW state (two moments) at a given bytes-per-element.
+struct MemoryEstimate {
+  double weights_bf16, weights_fp32;
+  double grads_bf16, grads_fp32;
+  double adamw_fp32;         // m and v in fp32 (8 bytes / parameter)
+  double mixed_bf16_total;   // bf16 weights + bf16 grads + fp32 master + fp32 m, v (16 bytes / parameter)
+  double fp32_total;         // fp32 weights + fp32 grads + fp32 m, v (16 bytes / parameter)
+};
+MemoryEstimate estimate_memory(const ParamCounts& p);
+
+}  // namespace moeforge

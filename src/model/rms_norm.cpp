@@ -1,0 +1,19 @@
+#include "model/rms_norm.h"
+
+#include <torch/torch.h>
+
+namespace moeforge {
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
+  weight = register_parameter("weight", torch::ones({dim}));
+}
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  auto acc = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  auto xf = x.to(acc);
+  auto var = xf.pow(2).mean(-1, /*keepdim=*/true);
+  auto normed = (xf * torch::rsqrt(var + eps)).to(x.scalar_type());
+  return weight.to(x.scalar_type()) * normed;
+}
+
+}  // namespace moeforge

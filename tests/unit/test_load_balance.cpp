@@ -1,0 +1,98 @@
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+
+#include "model/load_balance.h"
+#include "test_util.h"
+
+using namespace moeforge;
+
+namespace {
+torch::Tensor topk_of(const torch::Tensor& logits, int64_t k) { return std::get<1>(logits.topk(k, -1)); }
+}  // namespace
+
+// Uniform routing: logits all equal give p = 1/E; choices spread evenly over experts -> aux = k.
+TEST(LoadBalance, UniformRoutingGivesK) {
+  const int64_t E = 4, K = 2, N = 8;
+  auto logits = torch::zeros({N, E});
+  // Token n chooses experts (n % 4, (n + 1) % 4): every expert is a j-th choice exactly 2 times.
+  auto idx = torch::empty({N, K}, torch::kLong);
+  for (int64_t n = 0; n < N; ++n) {
+    idx[n][0] = n % E;
+    idx[n][1] = (n + 1) % E;
+  }
+  auto aux = load_balancing_loss({logits, logits}, {idx, idx});
+  EXPECT_NEAR(aux.item<double>(), static_cast<double>(K), 1e-6);
+}
+
+// All tokens to one expert pair: by hand, with logits (a, b, c, c) for every token,
+// p = softmax; first choice always 0, second always 1: f[0] = e_0, f[1] = e_1,
+// aux = E * (P0 + P1) = E * (e^a + e^b) / (e^a + e^b + 2 e^c).
+TEST(LoadBalance, CollapsedRoutingHandComputed) {
+  const int64_t E = 4, K = 2, N = 5;
+  const double a = 3.0, b = 1.0, c = -1.0;
+  auto logits = torch::tensor({a, b, c, c}, torch::kFloat).view({1, E}).expand({N, E}).contiguous();
+  auto idx = topk_of(logits, K);
+  auto aux = load_balancing_loss({logits}, {idx});
+  const double ea = std::exp(a), eb = std::exp(b), ec = std::exp(c);
+  const double expected = E * (ea + eb) / (ea + eb + 2 * ec);
+  EXPECT_NEAR(aux.item<double>(), expected, 1e-5);
+  // All probability mass and every (k = 1) choice on expert 0: aux = E * f[0] * P[0] = E * 1 * 1 = 4.
+  auto peaked = torch::tensor({50.0f, 0.f, 0.f, 0.f}).view({1, E}).expand({N, E}).contiguous();
+  auto aux1 = load_balancing_loss({peaked}, {topk_of(peaked, 1)});
+  EXPECT_NEAR(aux1.item<double>(), 4.0, 1e-5);
+}
+
+TEST(LoadBalance, PooledOverLayers) {
+  // Layer means pooled over (layer, token) rows: two layers of N tokens equal one layer of 2N tokens.
+  auto l1 = torch::randn({6, 5}), l2 = torch::randn({6, 5});
+  auto i1 = topk_of(l1, 2), i2 = topk_of(l2, 2);
+  auto pooled = load_balancing_loss({l1, l2}, {i1, i2});
+  auto joint = load_balancing_loss({torch::cat({l1, l2})}, {torch::cat({i1, i2})});
+  EXPECT_NEAR(pooled.item<double>(), joint.item<double>(), 1e-6);
+}
+
+TEST(LoadBalance, PaddingDoesNotCount) {
+  auto logits = torch::randn({10, 4});
+  auto idx = topk_of(logits, 2);
+  auto mask = torch::tensor({1, 1, 1, 1, 1, 1, 0, 0, 0, 0}, torch::kBool);
+  auto masked = load_balancing_loss({logits}, {idx}, mask);
+  auto first6 = load_balancing_loss({logits.narrow(0, 0, 6)}, {idx.narrow(0, 0, 6)});
+  EXPECT_NEAR(masked.item<double>(), first6.item<double>(), 1e-6);
+  // Changing padded rows changes nothing.
+  auto logits2 = logits.clone();
+  logits2.narrow(0, 6, 4).normal_(0, 10);
+  auto idx2 = topk_of(logits2, 2);
+  EXPECT_NEAR(load_balancing_loss({logits2}, {idx2}, mask).item<double>(), masked.item<double>(), 1e-6);
+  // Two layers with a mask: the mask is applied to each layer.
+  auto l2 = torch::randn({10, 4});
+  auto two = load_balancing_loss({logits, l2}, {idx, topk_of(l2, 2)}, mask);
+  auto two_ref = load_balancing_loss({logits.narrow(0, 0, 6), l2.narrow(0, 0, 6)},
+                                     {idx.narrow(0, 0, 6), topk_of(l2, 2).narrow(0, 0, 6)});
+  EXPECT_NEAR(two.item<double>(), two_ref.item<double>(), 1e-6);
+}
+
+TEST(ZLoss, HandComputedAndMasked) {
+  // logits (0, 0) -> logsumexp = ln 2; (ln 3, 0) -> ln 4.
+  auto logits = torch::tensor({0.0, 0.0, std::log(3.0), 0.0, 100.0, 0.0}, torch::kDouble).view({3, 2});
+  auto mask = torch::tensor({1, 1, 0}, torch::kBool);
+  const double l2 = std::log(2.0), l4 = std::log(4.0);
+  EXPECT_NEAR(router_z_loss({logits}, mask).item<double>(), (l2 * l2 + l4 * l4) / 2, 1e-12);
+  // Two layers pooled: the mean over all (layer, token) rows.
+  auto other = torch::zeros({3, 2}, torch::kDouble);
+  EXPECT_NEAR(router_z_loss({logits, other}, mask).item<double>(), (l2 * l2 + l4 * l4 + 2 * l2 * l2) / 4, 1e-12);
+}
+
+TEST(LoadBalance, GradientFlowsToLogits) {
+  auto logits = torch::randn({8, 4}, torch::requires_grad());
+  auto aux = load_balancing_loss({logits}, {topk_of(logits.detach(), 2)});
+  aux.backward();
+  EXPECT_GT(logits.grad().abs().sum().item<double>(), 0.0);
+}
+
+TEST(LoadBalance, LoadCv) {
+  EXPECT_DOUBLE_EQ(load_cv(torch::tensor({5, 5, 5, 5})), 0.0);
+  // load (2, 0): mean 1, population std 1 -> cv 1.
+  EXPECT_NEAR(load_cv(torch::tensor({2, 0})), 1.0, 1e-12);
+}
