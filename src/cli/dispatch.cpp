@@ -11,6 +11,15 @@ const char* kUsage =
     "usage: moeforge <command> [options]\n"
     "\n"
     "commands:\n"
+    "  tokenizer train --input FILES... --vocab-size N --out DIR\n"
+    "                                               train a SentencePiece BPE tokenizer (byte fallback)\n"
+    "  prepare --tokenizer MODEL --input FILES... --out DIR [--val-fraction F] [--seed S]\n"
+    "          [--domain-field NAME] [--split-blank-lines] [--overwrite]\n"
+    "                                               tokenize text / JSONL into train and validation shards\n"
+    "  train RECIPE.yaml [--set key=value ...] [--resume]\n"
+    "                                               pretrain (stage: pretrain) as the recipe says\n"
+    "  eval CHECKPOINT (--data DIR | --text FILE) [--json] [--batches N] [--seq-len T]\n"
+    "                                               validation loss and perplexity\n"
     "  info CONFIG [--json] [--set key=value ...]   parameter counts and memory of a model config\n"
     "  bench moe [--tokens N --hidden H ...]        MoE block forward+backward speed vs a plain matmul\n"
     "  version                                       versions of moeforge and LibTorch\n"
@@ -27,11 +36,15 @@ int run(const Args& argv) {
   Args rest(argv.begin() + 1, argv.end());
   if (cmd == "info") return cmd_info(rest);
   if (cmd == "bench") return cmd_bench(rest);
+  if (cmd == "tokenizer") return cmd_tokenizer(rest);
+  if (cmd == "prepare") return cmd_prepare(rest);
+  if (cmd == "train") return cmd_train(rest);
+  if (cmd == "eval") return cmd_eval(rest);
   if (cmd == "version" || cmd == "--version") {
     std::cout << "moeforge " << MOEFORGE_VERSION << " (LibTorch " << compat::torch_version() << ")\n";
     return 0;
   }
-  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version"}) +
+  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version", "tokenizer", "prepare", "train", "eval"}) +
                   "; run 'moeforge --help'");
 }
 

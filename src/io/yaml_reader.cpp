@@ -180,6 +180,21 @@ std::string YamlMap::get_enum(const std::string& key, const std::vector<std::str
   fail(key, "must be one of " + list + ", got '" + v + "'" + did_you_mean(v, allowed));
 }
 
+std::vector<double> YamlMap::get_double_list(const std::string& key, const std::vector<double>& dflt) {
+  YAML::Node n = lookup(key);
+  if (!n || n.IsNull()) return dflt;
+  if (!n.IsSequence()) fail(key, "expected a list of numbers, got " + scalar_text(n));
+  std::vector<double> out;
+  for (const auto& e : n) {
+    char* end = nullptr;
+    const std::string s = e.IsScalar() ? e.Scalar() : "";
+    double d = std::strtod(s.c_str(), &end);
+    if (s.empty() || *end != '\0' || !std::isfinite(d)) fail(key, "expected a list of numbers, got an element " + scalar_text(e));
+    out.push_back(d);
+  }
+  return out;
+}
+
 YamlMap YamlMap::get_map(const std::string& key) {
   YAML::Node n = lookup(key);
   if (n && !n.IsNull() && !n.IsMap()) fail(key, "expected a mapping, got " + scalar_text(n));

@@ -31,6 +31,8 @@ class YamlMap {
   std::string get_string(const std::string& key, std::optional<std::string> dflt = std::nullopt);
   std::string get_enum(const std::string& key, const std::vector<std::string>& allowed,
                        std::optional<std::string> dflt = std::nullopt);
+  // A list of numbers; absent gives `dflt`.
+  std::vector<double> get_double_list(const std::string& key, const std::vector<double>& dflt);
   // A nested map; absent gives an empty map (all defaults).
   YamlMap get_map(const std::string& key);
   bool has(const std::string& key) const;

@@ -1,0 +1,172 @@
+// moeforge tokenizer train | prepare | train | eval
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "cli/cli.h"
+#include "core/compat.h"
+#include "core/error.h"
+#include "data/lm_dataset.h"
+#include "data/prepare.h"
+#include "data/tokenizer.h"
+#include "train/checkpoint.h"
+#include "train/evaluate.h"
+#include "train/recipe.h"
+#include "train/trainer.h"
+
+namespace moeforge::cli {
+
+namespace fs = std::filesystem;
+
+// Values of a multi-valued option: --input a b c (until the next --flag) and/or --input=a.
+static std::vector<std::string> take_list(Args& args, const std::string& flag) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < args.size();) {
+    if (args[i] == flag) {
+      size_t j = i + 1;
+      while (j < args.size() && args[j].rfind("--", 0) != 0) out.push_back(args[j++]);
+      args.erase(args.begin() + i, args.begin() + j);
+    } else if (args[i].rfind(flag + "=", 0) == 0) {
+      out.push_back(args[i].substr(flag.size() + 1));
+      args.erase(args.begin() + i);
+    } else {
+      ++i;
+    }
+  }
+  return out;
+}
+
+int cmd_tokenizer(const Args& in) {
+  Args args = in;
+  if (args.empty() || args[0] != "train")
+    throw UserError("tokenizer: expected 'train' (usage: moeforge tokenizer train --input FILES... --vocab-size N --out DIR)");
+  args.erase(args.begin());
+  data::TokenizerTrainOptions o;
+  o.inputs = take_list(args, "--input");
+  std::string v;
+  if (take_option(args, "--vocab-size", &v)) o.vocab_size = static_cast<int>(parse_int("--vocab-size", v));
+  if (!take_option(args, "--out", &o.out_dir)) throw UserError("tokenizer train: --out DIR is required");
+  if (take_option(args, "--threads", &v)) o.threads = static_cast<int>(parse_int("--threads", v));
+  reject_unknown_flags(args, "tokenizer train", {"--input", "--vocab-size", "--out", "--threads"});
+  if (!args.empty()) throw UserError("tokenizer train: unexpected argument '" + args[0] + "'");
+  std::string path = data::train_tokenizer(o);
+  data::Tokenizer tok(path);
+  std::printf("tokenizer: %s (%d pieces; unk %d, <s> %d, </s> %d)\n", path.c_str(), tok.vocab_size(), tok.unk_id(),
+              tok.bos_id(), tok.eos_id());
+  return 0;
+}
+
+int cmd_prepare(const Args& in) {
+  Args args = in;
+  data::PrepareOptions o;
+  std::string v;
+  if (!take_option(args, "--tokenizer", &o.tokenizer)) throw UserError("prepare: --tokenizer MODEL is required");
+  o.inputs = take_list(args, "--input");
+  if (o.inputs.empty()) throw UserError("prepare: --input FILES/GLOBS is required");
+  if (!take_option(args, "--out", &o.out_dir)) throw UserError("prepare: --out DIR is required");
+  if (take_option(args, "--val-fraction", &v)) o.val_fraction = parse_double("--val-fraction", v);
+  if (take_option(args, "--seed", &v)) o.seed = static_cast<uint64_t>(parse_int("--seed", v));
+  take_option(args, "--domain-field", &o.domain_field);
+  o.split_blank_lines = take_flag(args, "--split-blank-lines");
+  o.overwrite = take_flag(args, "--overwrite");
+  reject_unknown_flags(args, "prepare",
+                       {"--tokenizer", "--input", "--out", "--val-fraction", "--seed", "--domain-field",
+                        "--split-blank-lines", "--overwrite"});
+  if (!args.empty()) throw UserError("prepare: unexpected argument '" + args[0] + "'");
+  auto r = data::prepare_corpus(o);
+  std::printf("prepared %s: train %ld documents / %ld tokens, validation %ld documents / %ld tokens, %zu domains\n",
+              o.out_dir.c_str(), (long)r.train_docs, (long)r.train_tokens, (long)r.val_docs, (long)r.val_tokens,
+              r.domains.size());
+  return 0;
+}
+
+int cmd_train(const Args& in) {
+  Args args = in;
+  auto overrides = take_repeated(args, "--set");
+  const bool resume = take_flag(args, "--resume");
+  reject_unknown_flags(args, "train", {"--set", "--resume"});
+  if (args.size() != 1) throw UserError("train: expected one RECIPE file (usage: moeforge train RECIPE.yaml [--set k=v] [--resume])");
+  train::Recipe r = train::load_recipe(args[0], overrides);
+  train::TrainResult res = train::run_training(r, resume);
+  std::printf("run %s: %ld steps, final val loss %.4f, %.0f tokens/s, MFU %.2f%%\n", res.run_dir.c_str(),
+              (long)res.steps, res.final_val_loss, res.tokens_per_second, 100 * res.mfu);
+  return 0;
+}
+
+int cmd_eval(const Args& in) {
+  Args args = in;
+  std::string data_dir, text_file, v;
+  const bool json = take_flag(args, "--json");
+  take_option(args, "--data", &data_dir);
+  take_option(args, "--text", &text_file);
+  int64_t batches = 0, batch_size = 8, seq_len = 0, threads = 0;
+  if (take_option(args, "--batches", &v)) batches = parse_int("--batches", v);
+  if (take_option(args, "--batch-size", &v)) batch_size = parse_int("--batch-size", v);
+  if (take_option(args, "--seq-len", &v)) seq_len = parse_int("--seq-len", v);
+  if (take_option(args, "--threads", &v)) threads = parse_int("--threads", v);
+  reject_unknown_flags(args, "eval", {"--json", "--data", "--text", "--batches", "--batch-size", "--seq-len", "--threads"});
+  if (args.size() != 1) throw UserError("eval: expected one CHECKPOINT directory (usage: moeforge eval CHECKPOINT --data DIR | --text FILE [--json])");
+  if (data_dir.empty() == text_file.empty()) throw UserError("eval: give exactly one of --data DIR or --text FILE");
+  if (batch_size <= 0) throw UserError("eval: --batch-size must be positive");
+  const std::string ckpt = args[0];
+  compat::configure_threads(static_cast<int>(threads));
+  ModelConfig cfg = train::read_checkpoint_config(ckpt);
+  if (seq_len <= 0) {
+    std::ifstream st(ckpt + "/trainer_state.json");
+    if (st) {
+      try {
+        seq_len = nlohmann::json::parse(st).at("seq_len").get<int64_t>();
+      } catch (const std::exception&) {
+        seq_len = 0;
+      }
+    }
+    if (seq_len <= 0) seq_len = std::min<int64_t>(cfg.max_position_embeddings, 2048);
+  }
+  if (seq_len > cfg.max_position_embeddings)
+    throw UserError("eval: --seq-len " + std::to_string(seq_len) + " exceeds the model's max_position_embeddings");
+  MixtralForCausalLM model(cfg);
+  train::load_model_weights(ckpt, model);
+  torch::Device device = torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+  model->to(device);
+  train::EvalResult r;
+  std::string source;
+  if (!data_dir.empty()) {
+    auto ds = std::make_shared<data::TokenDataset>(data_dir, "val");
+    if (ds->meta().vocab_size > cfg.vocab_size) throw UserError(data_dir + ": its vocabulary is larger than the model's");
+    data::LmSampler sampler(std::make_shared<data::TokenStream>(ds), seq_len, 0, false);
+    if (sampler.num_windows() == 0) throw UserError(data_dir + ": validation split shorter than one window");
+    r = train::evaluate_lm(model, sampler, batch_size, batches, device);
+    source = data_dir;
+  } else {
+    std::string tok_path = train::checkpoint_tokenizer(ckpt);
+    if (tok_path.empty()) throw UserError(ckpt + ": has no tokenizer.model; --text needs one");
+    data::Tokenizer tok(tok_path);
+    std::ifstream f(text_file, std::ios::binary);
+    if (!f) throw UserError(text_file + ": cannot open");
+    std::stringstream ss;
+    ss << f.rdbuf();
+    auto ids = tok.encode(ss.str());
+    std::vector<int64_t> tokens{tok.bos_id()};
+    tokens.insert(tokens.end(), ids.begin(), ids.end());
+    if (tokens.size() < 2) throw UserError(text_file + ": no text to evaluate");
+    r = train::evaluate_tokens(model, tokens, seq_len, device);
+    source = text_file;
+  }
+  if (json) {
+    std::cout << nlohmann::json{{"checkpoint", ckpt}, {"source", source}, {"loss", r.loss}, {"perplexity", r.perplexity},
+                                {"tokens", r.tokens}, {"seq_len", seq_len}}
+                     .dump()
+              << "\n";
+  } else {
+    std::printf("%s on %s: loss %.4f nats/token, perplexity %.2f (%ld tokens, windows of %ld)\n", ckpt.c_str(),
+                source.c_str(), r.loss, r.perplexity, (long)r.tokens, (long)seq_len);
+  }
+  return 0;
+}
+
+}  // namespace moeforge::cli

@@ -1,0 +1,178 @@
+#include "train/checkpoint.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "io/safetensors.h"
+#include "io/yaml_reader.h"
+#include "train/optimizer.h"
+
+namespace moeforge::train {
+
+namespace fs = std::filesystem;
+
+void fsync_path(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+namespace {
+
+void write_text(const std::string& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+  out.close();
+  if (!out) throw UserError(path + ": write failed");
+  fsync_path(path);
+}
+
+std::string step_name(int64_t step) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "step_%08ld", static_cast<long>(step));
+  return buf;
+}
+
+// A test hook: MOEFORGE_TEST_KILL_IN_CHECKPOINT=N kills the process (SIGKILL) halfway through
+// writing the checkpoint of step N, to prove that the previous one survives.
+void maybe_die(int64_t step) {
+  const char* v = std::getenv("MOEFORGE_TEST_KILL_IN_CHECKPOINT");
+  if (v && std::to_string(step) == v) std::raise(SIGKILL);
+}
+
+}  // namespace
+
+void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
+  std::string clean = dir;
+  while (clean.size() > 1 && clean.back() == '/') clean.pop_back();
+  const std::string tmp = fs::path(clean).parent_path().string() + "/.tmp-" + fs::path(clean).filename().string() +
+                          "-" + std::to_string(::getpid());
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  write_text(tmp + "/config.yaml", model_config_to_yaml(*c.config));
+  if (!c.recipe_yaml.empty()) write_text(tmp + "/recipe.yaml", c.recipe_yaml);
+  if (!c.tokenizer_path.empty()) {
+    fs::copy_file(c.tokenizer_path, tmp + "/tokenizer.model", fs::copy_options::overwrite_existing);
+    fsync_path(tmp + "/tokenizer.model");
+  }
+  std::vector<std::pair<std::string, torch::Tensor>> weights;
+  for (auto& p : c.model->named_parameters()) weights.emplace_back(p.key(), p.value().detach());
+  for (auto& b : c.model->named_buffers()) weights.emplace_back(b.key(), b.value().detach());
+  io::write_safetensors(tmp + "/model.safetensors", weights, {{"format", "pt"}});
+  if (c.state) maybe_die(c.state->step);
+  if (c.optimizer && c.state) {
+    auto st = c.optimizer->state();
+    st.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+    io::write_safetensors(tmp + "/optimizer.safetensors", st);
+    nlohmann::json j = {{"step", c.state->step},         {"samples_seen", c.state->samples_seen},
+                        {"tokens_seen", c.state->tokens_seen}, {"seq_len", c.state->seq_len},
+                        {"elapsed_s", c.state->elapsed_s}, {"seed", c.state->seed}};
+    write_text(tmp + "/trainer_state.json", j.dump(2) + "\n");
+  }
+  fsync_path(tmp);
+  if (fs::exists(clean)) fs::remove_all(clean);
+  fs::rename(tmp, clean);
+  fsync_path(fs::path(clean).parent_path().string());
+}
+
+std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& c, int keep) {
+  MF_CHECK(c.state != nullptr, "training checkpoints carry their state");
+  const std::string root = run_dir + "/checkpoints";
+  fs::create_directories(root);
+  // Leftovers of a crashed write.
+  for (auto& e : fs::directory_iterator(root))
+    if (e.path().filename().string().rfind(".tmp-", 0) == 0) fs::remove_all(e.path());
+  const std::string dir = root + "/" + step_name(c.state->step);
+  write_checkpoint_dir(dir, c);
+  std::vector<std::string> all;
+  for (auto& e : fs::directory_iterator(root)) {
+    auto n = e.path().filename().string();
+    if (e.is_directory() && n.rfind("step_", 0) == 0) all.push_back(n);
+  }
+  std::sort(all.begin(), all.end());
+  for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) fs::remove_all(root + "/" + all[i]);
+  return dir;
+}
+
+std::optional<std::string> latest_checkpoint(const std::string& run_dir) {
+  const std::string root = run_dir + "/checkpoints";
+  if (!fs::exists(root)) return std::nullopt;
+  std::vector<std::string> all;
+  for (auto& e : fs::directory_iterator(root)) {
+    auto n = e.path().filename().string();
+    if (e.is_directory() && n.rfind("step_", 0) == 0 && fs::exists(e.path() / "model.safetensors")) all.push_back(n);
+  }
+  if (all.empty()) return std::nullopt;
+  std::sort(all.begin(), all.end());
+  return root + "/" + all.back();
+}
+
+ModelConfig read_checkpoint_config(const std::string& ckpt_dir) {
+  if (!fs::is_directory(ckpt_dir)) throw UserError(ckpt_dir + ": not a checkpoint directory");
+  const std::string path = ckpt_dir + "/config.yaml";
+  if (!fs::exists(path)) throw UserError(ckpt_dir + ": no config.yaml; not a moeforge checkpoint");
+  return parse_model_config(io::load_yaml_file(path), path);
+}
+
+void load_model_weights(const std::string& ckpt_dir, MixtralForCausalLM& model) {
+  auto f = io::SafetensorsFile::open(ckpt_dir + "/model.safetensors");
+  torch::NoGradGuard ng;
+  auto copy_in = [&](const std::string& name, torch::Tensor& dst, bool required) {
+    if (!f.contains(name)) {
+      if (required) throw UserError(f.path() + ": tensor '" + name + "' is missing");
+      return;
+    }
+    auto t = f.get(name);
+    if (t.sizes() != dst.sizes())
+      throw UserError(f.path() + ": tensor '" + name + "' has shape " + c10::str(t.sizes()) + ", the model expects " +
+                      c10::str(dst.sizes()));
+    dst.copy_(t.to(dst.scalar_type()));
+  };
+  for (auto& p : model->named_parameters()) copy_in(p.key(), p.value(), true);
+  for (auto& b : model->named_buffers()) copy_in(b.key(), b.value(), false);
+}
+
+void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& state) {
+  const std::string sp = ckpt_dir + "/trainer_state.json";
+  std::ifstream in(sp);
+  if (!in) throw UserError(sp + ": missing; this checkpoint holds weights only and cannot be resumed");
+  try {
+    auto j = nlohmann::json::parse(in);
+    state.step = j.at("step").get<int64_t>();
+    state.samples_seen = j.at("samples_seen").get<int64_t>();
+    state.tokens_seen = j.at("tokens_seen").get<int64_t>();
+    state.seq_len = j.at("seq_len").get<int64_t>();
+    state.elapsed_s = j.at("elapsed_s").get<double>();
+    state.seed = j.at("seed").get<uint64_t>();
+  } catch (const nlohmann::json::exception& e) {
+    throw UserError(sp + ": invalid trainer state");
+  }
+  auto f = io::SafetensorsFile::open(ckpt_dir + "/optimizer.safetensors");
+  std::map<std::string, torch::Tensor> s;
+  for (const auto& n : f.names()) s[n] = f.get(n);
+  opt.load_state(s, f.path());
+  if (s.count("rng.cpu")) {
+    at::Generator g = at::detail::getDefaultCPUGenerator();  // shares the default generator's state
+    g.set_state(s["rng.cpu"]);
+  }
+}
+
+std::string checkpoint_tokenizer(const std::string& ckpt_dir) {
+  const std::string p = ckpt_dir + "/tokenizer.model";
+  return fs::exists(p) ? p : "";
+}
+
+}  // namespace moeforge::train

@@ -1,0 +1,61 @@
+// Checkpoints: a self-contained directory per step, written atomically.
+//   run_dir/checkpoints/step_00000100/
+//     config.yaml            the model config
+//     tokenizer.model        the SentencePiece model the data was prepared with
+//     model.safetensors      parameters (HF names) and buffers (expert biases)
+//     optimizer.safetensors  AdamW state and the RNG state        (training checkpoints only)
+//     trainer_state.json     step, samples and tokens consumed, seq_len, elapsed time
+//     recipe.yaml            the resolved recipe
+// Written to a temp directory (files fsynced), then renamed into place, so the newest
+// step_N directory is always complete; a crash leaves only a .tmp-* directory behind.
+#pragma once
+#include <torch/types.h>
+
+#include <optional>
+#include <string>
+
+#include "model/config.h"
+#include "model/decoder.h"
+
+namespace moeforge::train {
+
+class AdamW;
+
+struct TrainerState {
+  int64_t step = 0;          // optimizer steps done
+  int64_t samples_seen = 0;  // global sample index of the next batch
+  int64_t tokens_seen = 0;
+  int64_t seq_len = 0;
+  double elapsed_s = 0;
+  uint64_t seed = 0;
+};
+
+struct CheckpointContents {
+  const ModelConfig* config = nullptr;
+  MixtralForCausalLM model{nullptr};
+  const AdamW* optimizer = nullptr;     // null: weights only
+  const TrainerState* state = nullptr;  // null: weights only
+  std::string tokenizer_path;           // copied in when non-empty
+  std::string recipe_yaml;
+};
+
+// Writes run_dir/checkpoints/step_N and keeps the newest `keep` of them. Returns the directory.
+std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& c, int keep);
+
+// Writes a self-contained checkpoint directory at `dir` (temp + rename).
+void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c);
+
+// The newest complete checkpoint under run_dir/checkpoints, if any.
+std::optional<std::string> latest_checkpoint(const std::string& run_dir);
+
+ModelConfig read_checkpoint_config(const std::string& ckpt_dir);
+// Copies weights into `model`: every parameter must be present with its shape (UserError otherwise).
+void load_model_weights(const std::string& ckpt_dir, MixtralForCausalLM& model);
+void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& state);
+// A checkpoint's tokenizer path ("" when it has none).
+std::string checkpoint_tokenizer(const std::string& ckpt_dir);
+
+// fsync a file or directory by path (errors ignored for directories on filesystems that refuse).
+void fsync_path(const std::string& path);
+
+}  // namespace moeforge::train

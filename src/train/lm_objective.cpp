@@ -1,0 +1,55 @@
+#include "train/lm_objective.h"
+
+#include <torch/torch.h>
+
+#include "model/load_balance.h"
+
+namespace moeforge::train {
+
+LmLoss lm_loss(MixtralForCausalLM& model, const data::LmBatch& batch, const torch::Device& device) {
+  const auto& moe = model->config().moe;
+  auto inputs = batch.inputs.to(device);
+  auto targets = batch.targets.to(device);
+  ForwardOutput out = model->forward(inputs);
+  const auto V = out.logits.size(-1);
+  auto ce = torch::nn::functional::cross_entropy(out.logits.reshape({-1, V}).to(torch::kFloat), targets.reshape({-1}));
+  std::vector<torch::Tensor> logits, idx;
+  for (auto& r : out.router) {
+    logits.push_back(r.logits_NE);
+    idx.push_back(r.topk_idx_NK);
+  }
+  LmLoss l;
+  l.total = ce;
+  const bool use_aux = moe.balance == Balance::AuxLoss && moe.aux_loss_coef > 0;
+  const bool use_z = moe.z_loss_coef > 0;
+  torch::Tensor aux, z;
+  if (use_aux) {
+    aux = load_balancing_loss(logits, idx);
+    l.total = l.total + moe.aux_loss_coef * aux;
+  } else {
+    torch::NoGradGuard ng;
+    aux = load_balancing_loss(logits, idx);
+  }
+  if (use_z) {
+    z = router_z_loss(logits);
+    l.total = l.total + moe.z_loss_coef * z;
+  } else {
+    torch::NoGradGuard ng;
+    z = router_z_loss(logits);
+  }
+  // One host sync for all logged scalars.
+  auto scalars = torch::stack({ce.detach().to(torch::kDouble), aux.detach().to(torch::kDouble),
+                               z.detach().to(torch::kDouble)})
+                     .cpu();
+  l.ce = scalars[0].item<double>();
+  l.aux = scalars[1].item<double>();
+  l.z = scalars[2].item<double>();
+  l.tokens = targets.numel();
+  for (auto& r : out.router) {
+    l.load_per_layer.push_back(r.tokens_per_expert.cpu());
+    l.entropy_per_layer.push_back(r.entropy.item<double>());
+  }
+  return l;
+}
+
+}  // namespace moeforge::train

@@ -1,0 +1,63 @@
+// A training recipe: which model, which data, how to train, where to write. YAML, strict,
+// every default here; `--set a.b=c` overrides any key. Paths are relative to the working directory.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+
+namespace moeforge::train {
+
+struct OptimConfig {
+  double lr = 3e-3;
+  double min_lr = 3e-4;
+  double beta1 = 0.9, beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+  double grad_clip = 1.0;        // 0 = off
+  std::string schedule = "cosine";  // cosine | wsd | constant
+  int64_t warmup_steps = 20;
+  double decay_fraction = 0.2;   // wsd: final fraction of steps that decays to min_lr
+};
+
+struct TrainLoopConfig {
+  int64_t micro_batch_size = 8;
+  int64_t seq_len = 128;
+  int64_t grad_accum = 1;
+  int64_t max_steps = 200;
+  std::optional<int64_t> max_tokens;  // token budget; if set, steps = min(max_steps, budget / tokens per step)
+  int64_t log_interval = 10;
+  int64_t eval_interval = 100;
+  int64_t eval_batches = 16;
+  int64_t checkpoint_interval = 100;
+  int64_t keep_checkpoints = 2;
+  uint64_t seed = 1234;
+};
+
+struct RuntimeConfig {
+  std::string device = "auto";     // auto | cpu | cuda
+  std::string precision = "fp32";  // fp32 | bf16 (mixed, CUDA)
+  int threads = 0;                 // 0 = number of cores
+};
+
+struct Recipe {
+  std::string path;                // the recipe file
+  std::string stage = "pretrain";  // pretrain (sft, dpo: later issues)
+  std::string model_source;        // the model config file, or "<inline>"
+  ModelConfig model;
+  std::string tokenizer;           // SentencePiece model ("" = the prepared data's copy)
+  std::string data_dir;            // prepared data (moeforge prepare)
+  TrainLoopConfig train;
+  OptimConfig optim;
+  RuntimeConfig runtime;
+  std::string output_dir = "runs/default";
+  std::string resume = "never";    // never | auto
+  std::string init_from;           // a checkpoint to start from ("" = fresh init)
+  std::string yaml;                // the fully resolved recipe, as written to the run dir
+};
+
+Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides);
+
+}  // namespace moeforge::train

@@ -1,0 +1,327 @@
+#include "train/trainer.h"
+
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/compat.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "data/lm_dataset.h"
+#include "model/load_balance.h"
+#include "model/param_count.h"
+#include "train/checkpoint.h"
+#include "train/evaluate.h"
+#include "train/lm_objective.h"
+#include "train/metrics.h"
+#include "train/optimizer.h"
+#include "train/schedule.h"
+
+namespace moeforge::train {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double training_flops_per_token(const ModelConfig& c, int64_t seq_len) {
+  ParamCounts p = count_params(c);
+  const double dense_active = static_cast<double>(p.active - p.embedding);
+  return 6.0 * dense_active + 12.0 * c.num_layers * static_cast<double>(seq_len) * c.q_dim();
+}
+
+double measure_peak_gflops(const std::string& device) {
+  torch::NoGradGuard ng;
+  const bool cuda = device == "cuda";
+  const int64_t n = cuda ? 8192 : 2048;
+  auto opts = torch::TensorOptions().dtype(cuda ? torch::kBFloat16 : torch::kFloat).device(cuda ? torch::kCUDA : torch::kCPU);
+  auto a = torch::randn({n, n}, opts), b = torch::randn({n, n}, opts);
+  (void)torch::mm(a, b).sum().item<double>();  // warm-up
+  const int iters = cuda ? 20 : 3;
+  auto t0 = Clock::now();
+  torch::Tensor c;
+  for (int i = 0; i < iters; ++i) c = torch::mm(a, b);
+  (void)c.sum().item<double>();
+  const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+  return 2.0 * n * n * n * iters / s / 1e9;
+}
+
+double unigram_entropy(const std::string& data_dir, const std::string& split) {
+  auto ds = std::make_shared<data::TokenDataset>(data_dir, split);
+  data::TokenStream stream(ds);
+  std::vector<int64_t> counts(static_cast<size_t>(ds->meta().vocab_size), 0);
+  std::vector<int64_t> buf(1 << 16);
+  for (uint64_t pos = 0; pos < stream.size(); pos += buf.size()) {
+    uint64_t n = std::min<uint64_t>(buf.size(), stream.size() - pos);
+    stream.read(pos, n, buf.data());
+    for (uint64_t i = 0; i < n; ++i) ++counts[static_cast<size_t>(buf[i])];
+  }
+  const double total = static_cast<double>(stream.size());
+  double h = 0;
+  for (auto c : counts)
+    if (c > 0) h -= (c / total) * std::log(c / total);
+  return h;
+}
+
+namespace {
+
+std::string fmt_duration(double s) {
+  char buf[32];
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", static_cast<int>(s / 3600), static_cast<int>(s / 60) % 60);
+  else std::snprintf(buf, sizeof buf, "%dm%02ds", static_cast<int>(s / 60), static_cast<int>(s) % 60);
+  return buf;
+}
+
+void write_json_atomic(const std::string& path, const nlohmann::json& j) {
+  {
+    std::ofstream out(path + ".tmp");
+    out << j.dump(2) << "\n";
+  }
+  fsync_path(path + ".tmp");
+  fs::rename(path + ".tmp", path);
+}
+
+torch::Device pick_device(const RuntimeConfig& rt, const std::string& recipe_path) {
+  if (rt.device == "cuda" && !torch::cuda::is_available())
+    throw UserError(recipe_path + ": key 'runtime.device': cuda requested but no CUDA device is available");
+  const bool cuda = rt.device == "cuda" || (rt.device == "auto" && torch::cuda::is_available());
+  if (rt.precision == "bf16" && !cuda)
+    throw UserError(recipe_path + ": key 'runtime.precision': bf16 mixed precision needs a CUDA device; use fp32 on CPU");
+  return cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+}
+
+}  // namespace
+
+TrainResult run_training(const Recipe& r, bool force_resume) {
+  const int threads = compat::configure_threads(r.runtime.threads);
+  const torch::Device device = pick_device(r.runtime, r.path);
+  const std::string run_dir = r.output_dir;
+  const bool resume = force_resume || r.resume == "auto";
+  if (fs::exists(run_dir) && !fs::is_directory(run_dir)) throw UserError(run_dir + ": exists and is not a directory");
+  if (fs::exists(run_dir) && !fs::is_empty(run_dir) && !resume)
+    throw UserError(run_dir + ": run directory already exists; set 'resume: auto' (or pass --resume) to continue it, "
+                              "or choose another output_dir");
+  const ModelConfig& cfg = r.model;
+  const auto& tc = r.train;
+
+  // Data.
+  auto train_ds = std::make_shared<data::TokenDataset>(r.data_dir, "train");
+  auto val_ds = std::make_shared<data::TokenDataset>(r.data_dir, "val");
+  if (train_ds->meta().vocab_size > cfg.vocab_size)
+    throw UserError(r.path + ": key 'model.vocab_size': the data's tokenizer has " +
+                    std::to_string(train_ds->meta().vocab_size) + " tokens, more than the model's " +
+                    std::to_string(cfg.vocab_size));
+  const std::string tokenizer = r.tokenizer.empty() ? r.data_dir + "/" + train_ds->meta().tokenizer : r.tokenizer;
+  if (!fs::exists(tokenizer)) throw UserError(tokenizer + ": tokenizer model not found");
+  data::LmSampler train_sampler(std::make_shared<data::TokenStream>(train_ds), tc.seq_len, tc.seed, true);
+  data::LmSampler val_sampler(std::make_shared<data::TokenStream>(val_ds), tc.seq_len, tc.seed, false);
+  if (train_sampler.num_windows() == 0)
+    throw UserError(r.data_dir + ": the training split has fewer than seq_len + 1 = " + std::to_string(tc.seq_len + 1) +
+                    " tokens");
+  if (val_sampler.num_windows() == 0)
+    throw UserError(r.data_dir + ": the validation split has fewer than seq_len + 1 = " +
+                    std::to_string(tc.seq_len + 1) + " tokens; prepare with a larger --val-fraction");
+
+  // Model and optimizer.
+  torch::manual_seed(tc.seed);  // the global generator drives router jitter only
+  MixtralForCausalLM model(cfg);
+  init_weights(*model, cfg.init_std, tc.seed);
+  if (!r.init_from.empty()) load_model_weights(r.init_from, model);
+  model->to(device);
+  model->train();
+  std::vector<std::pair<std::string, torch::Tensor>> named;
+  std::vector<torch::Tensor> params;
+  for (auto& p : model->named_parameters()) {
+    named.emplace_back(p.key(), p.value());
+    params.push_back(p.value());
+  }
+  AdamW opt(named, AdamWOptions{r.optim.beta1, r.optim.beta2, r.optim.eps, r.optim.weight_decay});
+
+  const int64_t tokens_per_step = tc.micro_batch_size * tc.seq_len * tc.grad_accum;
+  int64_t total_steps = tc.max_steps;
+  if (tc.max_tokens) total_steps = std::max<int64_t>(1, std::min(total_steps, *tc.max_tokens / tokens_per_step));
+
+  TrainerState state;
+  state.seq_len = tc.seq_len;
+  state.seed = tc.seed;
+  bool resumed = false;  // for the log line below
+  if (resume) {
+    if (auto latest = latest_checkpoint(run_dir)) {
+      load_model_weights(*latest, model);
+      load_training_state(*latest, opt, state);
+      if (state.seq_len != tc.seq_len || state.seed != tc.seed)
+        throw UserError(*latest + ": was trained with seq_len " + std::to_string(state.seq_len) + " and seed " +
+                        std::to_string(state.seed) + "; the recipe now says " + std::to_string(tc.seq_len) + " and " +
+                        std::to_string(tc.seed));
+      resumed = true;
+      MF_INFO("resuming from " << *latest << " (step " << state.step << ")");
+    }
+  }
+  fs::create_directories(run_dir);
+  {
+    std::ofstream(run_dir + "/config.yaml.tmp") << r.yaml;
+    fs::rename(run_dir + "/config.yaml.tmp", run_dir + "/config.yaml");
+  }
+  MetricsLog metrics(run_dir, state.step);  // drops lines a killed run wrote after its last checkpoint
+
+  const std::string dev_name = device.is_cuda() ? "cuda" : "cpu";
+  const double peak = measure_peak_gflops(dev_name);
+  const double flops_per_token = training_flops_per_token(cfg, tc.seq_len);
+  const ParamCounts pc = count_params(cfg);
+  if (!resumed) MF_INFO("starting a new run in " << run_dir);
+  MF_INFO("model " << cfg.name << ": " << pc.total << " parameters, " << pc.active << " active; " << dev_name << ", "
+                   << threads << " threads; peak matmul " << static_cast<int>(peak) << " GFLOP/s");
+  MF_INFO("training " << total_steps << " steps of " << tokens_per_step << " tokens (" << tc.micro_batch_size << " x "
+                      << tc.seq_len << " x " << tc.grad_accum << " accumulation); "
+                      << train_sampler.num_windows() << " training windows");
+
+  const int L = static_cast<int>(cfg.num_layers);
+  double train_seconds = 0;       // optimizer steps only (no eval, no checkpoints), this process
+  int64_t tokens_this_run = 0;
+  double interval_seconds = 0;
+  int64_t interval_tokens = 0;
+  double last_loss = NAN, last_val = NAN;
+  auto run_start = Clock::now();
+  const double elapsed_before = state.elapsed_s;
+
+  while (state.step < total_steps) {
+    auto t0 = Clock::now();
+    const double lr = lr_at(state.step, total_steps, r.optim.warmup_steps, r.optim.lr, r.optim.min_lr,
+                            r.optim.schedule, r.optim.decay_fraction);
+    opt.zero_grad();
+    double ce = 0, aux = 0, z = 0;
+    std::vector<torch::Tensor> loads(static_cast<size_t>(L));
+    std::vector<double> entropy(static_cast<size_t>(L), 0.0);
+    int64_t step_tokens = 0;
+    for (int64_t a = 0; a < tc.grad_accum; ++a) {
+      auto batch = train_sampler.batch(state.samples_seen, tc.micro_batch_size);
+      LmLoss l = lm_loss(model, batch, device);
+      (l.total / static_cast<double>(tc.grad_accum)).backward();
+      state.samples_seen += tc.micro_batch_size;
+      step_tokens += l.tokens;
+      ce += l.ce / tc.grad_accum;
+      aux += l.aux / tc.grad_accum;
+      z += l.z / tc.grad_accum;
+      for (int i = 0; i < L; ++i) {
+        loads[i] = loads[i].defined() ? loads[i] + l.load_per_layer[i] : l.load_per_layer[i];
+        entropy[i] += l.entropy_per_layer[i] / tc.grad_accum;
+      }
+    }
+    if (!std::isfinite(ce)) throw UserError("training diverged: loss is " + std::to_string(ce) + " at step " +
+                                            std::to_string(state.step + 1) + "; lower optim.lr");
+    const double gnorm = clip_grad_norm(params, r.optim.grad_clip);
+    opt.step(lr);
+    if (cfg.moe.balance == Balance::AuxFreeBias) {
+      auto blocks = model->moe_blocks();
+      for (int i = 0; i < L; ++i) blocks[i]->gate->update_expert_bias(loads[i], cfg.moe.bias_update_rate);
+    }
+    state.step += 1;
+    state.tokens_seen += step_tokens;
+    const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    train_seconds += dt;
+    tokens_this_run += step_tokens;
+    interval_seconds += dt;
+    interval_tokens += step_tokens;
+    last_loss = ce;
+
+    if (state.step % tc.log_interval == 0 || state.step == total_steps) {
+      const double tps = interval_tokens / std::max(interval_seconds, 1e-9);
+      const double eta = (total_steps - state.step) * (interval_seconds / std::max<int64_t>(1, interval_tokens)) *
+                         tokens_per_step;
+      nlohmann::json rec = {{"step", state.step}, {"loss", ce}, {"aux_loss", aux}, {"z_loss", z},
+                            {"total_loss", ce + (cfg.moe.balance == Balance::AuxLoss ? cfg.moe.aux_loss_coef * aux : 0.0) +
+                                               cfg.moe.z_loss_coef * z},
+                            {"lr", lr}, {"grad_norm", gnorm}, {"tokens_per_second", tps},
+                            {"tokens", state.tokens_seen},
+                            {"mfu", flops_per_token * tps / (peak * 1e9)}};
+      nlohmann::json load_json = nlohmann::json::array(), maxmean = nlohmann::json::array(),
+                     cv = nlohmann::json::array(), ent = nlohmann::json::array();
+      double worst = 0;
+      for (int i = 0; i < L; ++i) {
+        auto li = loads[i].to(torch::kLong);
+        std::vector<int64_t> v(li.data_ptr<int64_t>(), li.data_ptr<int64_t>() + li.numel());
+        load_json.push_back(v);
+        const double mean = li.to(torch::kDouble).mean().item<double>();
+        const double mx = li.max().item<int64_t>();
+        maxmean.push_back(mean > 0 ? mx / mean : 0.0);
+        worst = std::max(worst, mean > 0 ? mx / mean : 0.0);
+        cv.push_back(load_cv(li));
+        ent.push_back(entropy[i]);
+      }
+      rec["load_max_over_mean"] = worst;
+      nlohmann::json full = rec;
+      full["expert_load"] = load_json;
+      full["layer_load_max_over_mean"] = maxmean;
+      full["layer_load_cv"] = cv;
+      full["layer_router_entropy"] = ent;
+      metrics.write(full, "train/");
+      std::fprintf(stderr,
+                   "step %6ld/%ld | loss %.4f | aux %.3f | z %.3f | lr %.2e | gnorm %.3f | %.0f tok/s | "
+                   "max/mean load %.2f | ETA %s\n",
+                   (long)state.step, (long)total_steps, ce, aux, z, lr, gnorm, tps, worst, fmt_duration(eta).c_str());
+      interval_seconds = 0;
+      interval_tokens = 0;
+    }
+    if (state.step % tc.eval_interval == 0 || state.step == total_steps) {
+      EvalResult ev = evaluate_lm(model, val_sampler, tc.micro_batch_size, tc.eval_batches, device);
+      last_val = ev.loss;
+      metrics.write({{"step", state.step}, {"val_loss", ev.loss}, {"val_perplexity", ev.perplexity},
+                     {"val_tokens", ev.tokens}},
+                    "val/");
+      std::fprintf(stderr, "step %6ld/%ld | val loss %.4f | val ppl %.2f (%ld tokens)\n", (long)state.step,
+                   (long)total_steps, ev.loss, ev.perplexity, (long)ev.tokens);
+    }
+    if (state.step % tc.checkpoint_interval == 0 || state.step == total_steps) {
+      state.elapsed_s = elapsed_before + std::chrono::duration<double>(Clock::now() - run_start).count();
+      CheckpointContents c;
+      c.config = &cfg;
+      c.model = model;
+      c.optimizer = &opt;
+      c.state = &state;
+      c.tokenizer_path = tokenizer;
+      c.recipe_yaml = r.yaml;
+      auto dir = save_checkpoint(run_dir, c, static_cast<int>(tc.keep_checkpoints));
+      MF_INFO("checkpoint " << dir);
+    }
+  }
+
+  TrainResult res;
+  res.run_dir = run_dir;
+  res.steps = state.step;
+  res.final_train_loss = last_loss;
+  if (std::isnan(last_val)) {
+    EvalResult ev = evaluate_lm(model, val_sampler, tc.micro_batch_size, tc.eval_batches, device);
+    last_val = ev.loss;
+  }
+  res.final_val_loss = last_val;
+  res.tokens_per_second = tokens_this_run / std::max(train_seconds, 1e-9);
+  res.mfu = flops_per_token * res.tokens_per_second / (peak * 1e9);
+  const double h = unigram_entropy(r.data_dir, "val");
+  nlohmann::json summary = {
+      {"steps", state.step},
+      {"tokens", state.tokens_seen},
+      {"final_train_loss", std::isnan(last_loss) ? nlohmann::json(nullptr) : nlohmann::json(last_loss)},
+      {"final_val_loss", last_val},
+      {"final_val_perplexity", std::exp(last_val)},
+      {"unigram_entropy", h},
+      {"tokens_per_second", res.tokens_per_second},
+      {"mfu", res.mfu},
+      {"peak_gflops", peak},
+      {"model_flops_per_token", flops_per_token},
+      {"total_params", pc.total},
+      {"active_params", pc.active},
+      {"device", dev_name},
+      {"threads", threads},
+      {"elapsed_s", elapsed_before + std::chrono::duration<double>(Clock::now() - run_start).count()}};
+  write_json_atomic(run_dir + "/summary.json", summary);
+  std::fprintf(stderr,
+               "done: %ld steps | final val loss %.4f (unigram entropy of the val tokens %.4f) | %.0f tokens/s | "
+               "MFU %.1f%% of a %.0f GFLOP/s matmul\n",
+               (long)state.step, last_val, h, res.tokens_per_second, 100 * res.mfu, peak);
+  return res;
+}
+
+}  // namespace moeforge::train
