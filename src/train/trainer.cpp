@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <chrono>
+#include <csignal>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -38,7 +39,9 @@ double measure_peak_gflops(const std::string& device) {
   const bool cuda = device == "cuda";
   const int64_t n = cuda ? 8192 : 2048;
   auto opts = torch::TensorOptions().dtype(cuda ? torch::kBFloat16 : torch::kFloat).device(cuda ? torch::kCUDA : torch::kCPU);
-  auto a = torch::randn({n, n}, opts), b = torch::randn({n, n}, opts);
+  // Constant inputs: timing does not depend on the values, and the global RNG (which a resumed
+  // run has just restored) must not be consumed here.
+  auto a = torch::full({n, n}, 0.5, opts), b = torch::full({n, n}, 0.25, opts);
   (void)torch::mm(a, b).sum().item<double>();  // warm-up
   const int iters = cuda ? 20 : 3;
   auto t0 = Clock::now();
@@ -285,6 +288,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       c.recipe_yaml = r.yaml;
       auto dir = save_checkpoint(run_dir, c, static_cast<int>(tc.keep_checkpoints));
       MF_INFO("checkpoint " << dir);
+      // Test hook: an interruption right after this checkpoint (resume tests).
+      const char* kill_after = std::getenv("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT");
+      if (kill_after && std::to_string(state.step) == kill_after) std::raise(SIGKILL);
     }
   }
 

@@ -1,0 +1,199 @@
+// End to end: the moeforge binary and run_training on a small prepared corpus.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "corpus.h"
+#include "test_util.h"
+#include "train/checkpoint.h"
+#include "train/recipe.h"
+#include "train/trainer.h"
+
+using namespace moeforge;
+namespace fs = std::filesystem;
+
+namespace {
+
+const char* kModel = R"(
+model:
+  name: e2e
+  vocab_size: 320
+  hidden_size: 32
+  intermediate_size: 48
+  num_layers: 2
+  num_attention_heads: 4
+  num_key_value_heads: 2
+  max_position_embeddings: 64
+  rope_theta: 10000.0
+  moe:
+    num_experts: 4
+    num_experts_per_tok: 2
+    aux_loss_coef: 0.01
+    z_loss_coef: 0.001
+    router_jitter: 0.1
+)";
+
+std::string write_recipe(const test::TempDir& dir, const std::string& data_dir, const std::string& out,
+                         int steps, int ckpt_every, const std::string& extra = "") {
+  std::string path = dir / ("recipe_" + fs::path(out).filename().string() + ".yaml");
+  std::ofstream(path) << kModel << "data:\n  dir: " << data_dir << "\ntrain:\n  micro_batch_size: 4\n  seq_len: 32\n"
+                      << "  grad_accum: 2\n  max_steps: " << steps << "\n  log_interval: 1\n  eval_interval: " << steps
+                      << "\n  eval_batches: 4\n  checkpoint_interval: " << ckpt_every
+                      << "\n  keep_checkpoints: 3\n  seed: 11\noptim:\n  lr: 1.0e-2\n  min_lr: 1.0e-3\n  warmup_steps: 3\n"
+                      << "runtime:\n  threads: 1\noutput_dir: " << out << "\n" << extra;
+  return path;
+}
+
+struct CliRun {
+  int status;
+  std::string err;
+};
+
+CliRun run_cli(const std::string& args, const std::string& env = "") {
+  std::string err_file = fs::temp_directory_path() / ("moeforge_e2e_err_" + std::to_string(::getpid()));
+  std::string cmd = env + " " + std::string(MOEFORGE_BINARY) + " " + args + " >/dev/null 2>" + err_file;
+  int rc = std::system(cmd.c_str());
+  std::ifstream in(err_file);
+  std::string err((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  fs::remove(err_file);
+  int status = WIFEXITED(rc) ? WEXITSTATUS(rc) : (WIFSIGNALED(rc) ? 128 + WTERMSIG(rc) : -1);
+  // The shell reports a child killed by a signal as 128 + signal.
+  return {status, err};
+}
+
+std::vector<std::string> losses(const std::string& run_dir) {
+  std::vector<std::string> out;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains("loss")) out.push_back(std::to_string(j["step"].get<int>()) + ":" + j["loss"].dump());
+  }
+  return out;
+}
+
+void expect_user_error(const CliRun& r, const std::string& needle) {
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_NE(r.err.find(needle), std::string::npos) << "'" << needle << "' not in: " << r.err;
+}
+
+}  // namespace
+
+TEST(Pretrain, LossFallsBelowUnigramEntropy) {
+  test::TempDir dir("lossfalls");
+  std::string data = test::make_prepared(dir, 150);
+  auto recipe = write_recipe(dir, data, dir / "run", 60, 60);
+  auto r = train::load_recipe(recipe, {});
+  auto res = train::run_training(r, false);
+  auto l = losses(dir / "run");
+  ASSERT_EQ(l.size(), 60u);
+  auto first = std::stod(l.front().substr(l.front().find(':') + 1));
+  auto last = std::stod(l.back().substr(l.back().find(':') + 1));
+  EXPECT_LT(last, first - 2.0) << "first " << first << " last " << last;
+  std::ifstream in(dir / "run/summary.json");
+  auto s = nlohmann::json::parse(in);
+  for (auto k : {"final_val_loss", "unigram_entropy", "tokens_per_second", "mfu"}) EXPECT_TRUE(s.contains(k)) << k;
+  EXPECT_LT(s["final_val_loss"].get<double>(), s["unigram_entropy"].get<double>() - 0.5);
+  EXPECT_NEAR(s["final_val_loss"].get<double>(), res.final_val_loss, 1e-12);
+  EXPECT_GT(s["mfu"].get<double>(), 0.0);
+  EXPECT_TRUE(fs::exists(dir / "run/config.yaml"));
+  bool has_events = false;
+  for (auto& e : fs::directory_iterator(dir / "run/tensorboard"))
+    has_events |= e.path().filename().string().find("tfevents") != std::string::npos;
+  EXPECT_TRUE(has_events);
+  // The checkpoint is self-contained and `eval --json` reproduces the trainer's validation loss.
+  auto ck = train::latest_checkpoint(dir / "run");
+  ASSERT_TRUE(ck.has_value());
+  for (auto f : {"config.yaml", "tokenizer.model", "model.safetensors", "optimizer.safetensors", "trainer_state.json"})
+    EXPECT_TRUE(fs::exists(*ck + "/" + f)) << f;
+  std::string out = dir / "eval.json";
+  int rc = std::system((std::string(MOEFORGE_BINARY) + " eval " + *ck + " --data " + data +
+                        " --batch-size 4 --batches 4 --json > " + out).c_str());
+  ASSERT_EQ(rc, 0);
+  std::ifstream ein(out);
+  auto ej = nlohmann::json::parse(ein);
+  EXPECT_NEAR(ej["loss"].get<double>(), s["final_val_loss"].get<double>(), 1e-5);
+  EXPECT_NEAR(ej["perplexity"].get<double>(), std::exp(ej["loss"].get<double>()), 1e-6 * ej["perplexity"].get<double>());
+  // --text: tokens counted with <s> first, windows of the training length.
+  std::ofstream(dir / "t.txt") << "The cat sees the moon. A dog likes the winter sky.";
+  rc = std::system((std::string(MOEFORGE_BINARY) + " eval " + *ck + " --text " + (dir / "t.txt") + " --json > " + out).c_str());
+  ASSERT_EQ(rc, 0);
+  std::ifstream tin(out);
+  auto tj = nlohmann::json::parse(tin);
+  EXPECT_GT(tj["tokens"].get<int64_t>(), 5);
+  EXPECT_LT(tj["loss"].get<double>(), std::log(320.0));
+}
+
+TEST(Pretrain, InterruptedAndResumedRunReproducesLossesBitwise) {
+  test::TempDir dir("resume");
+  std::string data = test::make_prepared(dir, 100);
+  auto straight = write_recipe(dir, data, dir / "straight", 12, 6);
+  auto broken = write_recipe(dir, data, dir / "broken", 12, 6);
+  ASSERT_EQ(run_cli("train " + straight).status, 0);
+  // Killed right after its step-6 checkpoint, then resumed.
+  CliRun killed = run_cli("train " + broken, "MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=6");
+  EXPECT_EQ(killed.status, 128 + SIGKILL) << killed.err;
+  EXPECT_EQ(losses(dir / "broken").size(), 6u);
+  ASSERT_EQ(run_cli("train " + broken + " --resume").status, 0);
+  auto a = losses(dir / "straight"), b = losses(dir / "broken");
+  ASSERT_EQ(a.size(), 12u);
+  EXPECT_EQ(a, b);  // the same doubles, printed at round-trip precision
+}
+
+TEST(Pretrain, KillWhileWritingCheckpointKeepsThePreviousOne) {
+  test::TempDir dir("kill");
+  std::string data = test::make_prepared(dir, 100);
+  auto recipe = write_recipe(dir, data, dir / "run", 12, 4, "resume: auto\n");
+  CliRun killed = run_cli("train " + recipe, "MOEFORGE_TEST_KILL_IN_CHECKPOINT=8");
+  EXPECT_EQ(killed.status, 128 + SIGKILL);
+  auto latest = train::latest_checkpoint(dir / "run");
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(fs::path(*latest).filename().string(), "step_00000004");
+  // The half-written one is only a temp directory.
+  bool tmp_left = false;
+  for (auto& e : fs::directory_iterator(dir / "run/checkpoints"))
+    tmp_left |= e.path().filename().string().rfind(".tmp-", 0) == 0;
+  EXPECT_TRUE(tmp_left);
+  // The previous checkpoint loads, and resume: auto picks it up and finishes the run.
+  ModelConfig cfg = train::read_checkpoint_config(*latest);
+  MixtralForCausalLM m(cfg);
+  EXPECT_NO_THROW(train::load_model_weights(*latest, m));
+  ASSERT_EQ(run_cli("train " + recipe).status, 0);
+  EXPECT_EQ(fs::path(*train::latest_checkpoint(dir / "run")).filename().string(), "step_00000012");
+  EXPECT_EQ(losses(dir / "run").size(), 12u);
+}
+
+TEST(Pretrain, BadInputIsOneLineAndExit2) {
+  test::TempDir dir("bad");
+  std::string data = test::make_prepared(dir, 60);
+  // Missing tokenizer, empty corpus.
+  expect_user_error(run_cli("prepare --tokenizer " + (dir / "none.model") + " --input " + (dir / "corpus.jsonl") +
+                            " --out " + (dir / "p")),
+                    "none.model");
+  std::ofstream(dir / "empty.txt") << "";
+  expect_user_error(run_cli("prepare --tokenizer " + (dir / "tok/tokenizer.model") + " --input " + (dir / "empty.txt") +
+                            " --out " + (dir / "p")),
+                    "empty corpus");
+  EXPECT_FALSE(fs::exists(dir / "p"));
+  // Recipe typo, sequence length above max_position_embeddings.
+  auto recipe = write_recipe(dir, data, dir / "run", 2, 2, "trian:\n  seq_len: 8\n");
+  expect_user_error(run_cli("train " + recipe), "did you mean 'train'");
+  auto good = write_recipe(dir, data, dir / "run", 2, 2);
+  expect_user_error(run_cli("train " + good + " --set train.seq_len=65"), "max_position_embeddings");
+  // A corrupt (truncated) shard.
+  fs::copy(data, dir / "corrupt", fs::copy_options::recursive);
+  fs::resize_file(dir / "corrupt/train-00000.bin", fs::file_size(dir / "corrupt/train-00000.bin") - 3);
+  expect_user_error(run_cli("train " + good + " --set data.dir=" + (dir / "corrupt")), "train-00000.bin");
+  // An existing run directory without resume: refused, nothing touched.
+  ASSERT_EQ(run_cli("train " + good).status, 0);
+  auto before = losses(dir / "run");
+  auto mtime = fs::last_write_time(dir / "run/metrics.jsonl");
+  expect_user_error(run_cli("train " + good), "already exists");
+  EXPECT_EQ(losses(dir / "run"), before);
+  EXPECT_EQ(fs::last_write_time(dir / "run/metrics.jsonl"), mtime);
+  // Eval on something that is not a checkpoint.
+  expect_user_error(run_cli("eval " + (dir / "nothing") + " --data " + data), "nothing");
+}
