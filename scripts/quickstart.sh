@@ -1,10 +1,34 @@
 #!/usr/bin/env bash
-# The main job: set-up, build, then the shipped model configs' parameter counts and memory.
+# The main job, end to end on a fresh machine: set-up, build, the Brown corpus, a SentencePiece
+# tokenizer, token shards, pretraining configs/tiny.yaml (recipes/quickstart.yaml), evaluation.
+# Everything lands under runs/quickstart/. Re-running resumes or skips what is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$(date +%s)
 bash scripts/setup.sh
-bash scripts/build.sh
-for c in configs/tiny.yaml configs/small.yaml configs/mixtral-8x7b.yaml configs/mixtral-8x22b.yaml; do
-  ./build/moeforge info "$c"
-  echo
-done
+TARGET=moeforge bash scripts/build.sh
+MF=./build/moeforge
+Q=runs/quickstart
+
+echo "== model"
+$MF info configs/tiny.yaml
+
+echo "== data: Brown corpus"
+bash data/get_brown.sh data/brown
+if [ ! -f "$Q/tokenizer/tokenizer.model" ]; then
+  $MF tokenizer train --input data/brown/brown.jsonl --vocab-size 4096 --out "$Q/tokenizer"
+fi
+if [ ! -f "$Q/data/meta.json" ]; then
+  $MF prepare --tokenizer "$Q/tokenizer/tokenizer.model" --input data/brown/brown.jsonl \
+    --out "$Q/data" --val-fraction 0.05 --seed 1234 --domain-field domain
+fi
+
+echo "== pretraining (recipes/quickstart.yaml)"
+$MF train recipes/quickstart.yaml --resume
+
+echo "== evaluation"
+ckpt=$(ls -d "$Q"/train/checkpoints/step_* | sort | tail -1)
+$MF eval "$ckpt" --data "$Q/data"
+echo "summary ($Q/train/summary.json):"
+cat "$Q/train/summary.json"
+echo "quickstart: $(( $(date +%s) - start )) s; checkpoint $ckpt"

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
 
 #include <cmath>
 #include <thread>
@@ -38,6 +39,28 @@ at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k
   return at::scaled_dot_product_attention(q, k, v, allowed_mask, /*dropout_p=*/0.0, /*is_causal=*/false);
 #else
   return attention_reference(q, k, v, allowed_mask);
+#endif
+}
+
+CudaBf16Autocast::CudaBf16Autocast(bool enabled) : enabled_(enabled) {
+  if (!enabled_) return;
+#if MOEFORGE_HAS_DEVICE_AUTOCAST
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+#else
+  at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+  at::autocast::set_enabled(true);
+#endif
+  at::autocast::increment_nesting();
+}
+
+CudaBf16Autocast::~CudaBf16Autocast() {
+  if (!enabled_) return;
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+#if MOEFORGE_HAS_DEVICE_AUTOCAST
+  at::autocast::set_autocast_enabled(at::kCUDA, false);
+#else
+  at::autocast::set_enabled(false);
 #endif
 }
 

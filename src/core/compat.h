@@ -34,6 +34,19 @@ at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k
 at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& allowed_mask);
 
+// bf16 autocast on CUDA for the scope of the guard (mixed precision: fp32 weights, bf16 matmuls).
+// Does nothing when `enabled` is false.
+class CudaBf16Autocast {
+ public:
+  explicit CudaBf16Autocast(bool enabled);
+  ~CudaBf16Autocast();
+  CudaBf16Autocast(const CudaBf16Autocast&) = delete;
+  CudaBf16Autocast& operator=(const CudaBf16Autocast&) = delete;
+
+ private:
+  bool enabled_;
+};
+
 // Intra-op threads: `requested` > 0 wins, else the number of cores.
 int configure_threads(int requested);
 

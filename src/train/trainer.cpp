@@ -171,6 +171,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   MetricsLog metrics(run_dir, state.step);  // drops lines a killed run wrote after its last checkpoint
 
   const std::string dev_name = device.is_cuda() ? "cuda" : "cpu";
+  const bool bf16 = device.is_cuda() && r.runtime.precision == "bf16";
   const double peak = measure_peak_gflops(dev_name);
   const double flops_per_token = training_flops_per_token(cfg, tc.seq_len);
   const ParamCounts pc = count_params(cfg);
@@ -201,7 +202,10 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     int64_t step_tokens = 0;
     for (int64_t a = 0; a < tc.grad_accum; ++a) {
       auto batch = train_sampler.batch(state.samples_seen, tc.micro_batch_size);
-      LmLoss l = lm_loss(model, batch, device);
+      LmLoss l = [&] {
+        compat::CudaBf16Autocast autocast(bf16);
+        return lm_loss(model, batch, device);
+      }();
       (l.total / static_cast<double>(tc.grad_accum)).backward();
       state.samples_seen += tc.micro_batch_size;
       step_tokens += l.tokens;
