@@ -10,6 +10,7 @@ PACKAGES=(
   libyaml-cpp-dev libsentencepiece-dev nlohmann-json3-dev
   libgtest-dev googletest
   cmake g++ ninja-build ccache pkg-config
+  python3-torch python3-numpy  # the independent Mixtral reference that checks exported checkpoints
 )
 
 missing=()

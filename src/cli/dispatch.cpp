@@ -20,6 +20,9 @@ const char* kUsage =
     "                                               pretrain (stage: pretrain) as the recipe says\n"
     "  eval CHECKPOINT (--data DIR | --text FILE) [--json] [--batches N] [--seq-len T]\n"
     "                                               validation loss and perplexity\n"
+    "  export CHECKPOINT --format hf|gguf --out PATH [--dtype bf16|fp16|fp32] [--max-shard-size 5GB]\n"
+    "                                               Hugging Face safetensors directory or llama.cpp GGUF file\n"
+    "  import HF_DIR --out CHECKPOINT                a Hugging Face MixtralForCausalLM directory\n"
     "  info CONFIG [--json] [--set key=value ...]   parameter counts and memory of a model config\n"
     "  bench moe [--tokens N --hidden H ...]        MoE block forward+backward speed vs a plain matmul\n"
     "  version                                       versions of moeforge and LibTorch\n"
@@ -40,11 +43,13 @@ int run(const Args& argv) {
   if (cmd == "prepare") return cmd_prepare(rest);
   if (cmd == "train") return cmd_train(rest);
   if (cmd == "eval") return cmd_eval(rest);
+  if (cmd == "export") return cmd_export(rest);
+  if (cmd == "import") return cmd_import(rest);
   if (cmd == "version" || cmd == "--version") {
     std::cout << "moeforge " << MOEFORGE_VERSION << " (LibTorch " << compat::torch_version() << ")\n";
     return 0;
   }
-  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version", "tokenizer", "prepare", "train", "eval"}) +
+  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version", "tokenizer", "prepare", "train", "eval", "export", "import"}) +
                   "; run 'moeforge --help'");
 }
 

@@ -14,6 +14,8 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/hf_checkpoint.h"
+#include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "io/yaml_reader.h"
 #include "train/optimizer.h"
@@ -143,6 +145,38 @@ void load_model_weights(const std::string& ckpt_dir, MixtralForCausalLM& model) 
   };
   for (auto& p : model->named_parameters()) copy_in(p.key(), p.value(), true);
   for (auto& b : model->named_buffers()) copy_in(b.key(), b.value(), false);
+}
+
+void load_hf_weights(const std::string& hf_dir, MixtralForCausalLM& model) {
+  io::HfCheckpoint hf(hf_dir);
+  std::vector<std::string> names;
+  torch::NoGradGuard ng;
+  for (auto& p : model->named_parameters()) {
+    names.push_back(p.key());
+    if (p.key() == "lm_head.weight" && !hf.has(p.key()))
+      throw UserError(hf_dir + ": 'lm_head.weight' is missing and tie_word_embeddings is false");
+    auto t = hf.get(p.key());
+    if (t.sizes() != p.value().sizes())
+      throw UserError(hf_dir + ": tensor '" + p.key() + "' has shape " + c10::str(t.sizes()) + ", config.json implies " +
+                      c10::str(p.value().sizes()));
+    p.value().copy_(t.to(p.value().scalar_type()));
+  }
+  auto extra = hf.unexplained(names);
+  if (!extra.empty())
+    throw UserError(hf_dir + ": " + std::to_string(extra.size()) + " tensors do not belong to a Mixtral of this config, e.g. '" +
+                    extra.front() + "'");
+  for (auto& b : model->named_buffers())
+    if (b.key().find("expert_bias") != std::string::npos) b.value().zero_();
+}
+
+ModelConfig read_init_config(const std::string& init_from) {
+  if (init_from.rfind("hf:", 0) == 0) return io::read_hf_config_file(init_from.substr(3) + "/config.json");
+  return read_checkpoint_config(init_from);
+}
+
+void load_init_weights(const std::string& init_from, MixtralForCausalLM& model) {
+  if (init_from.rfind("hf:", 0) == 0) load_hf_weights(init_from.substr(3), model);
+  else load_model_weights(init_from, model);
 }
 
 void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& state) {

@@ -51,6 +51,12 @@ std::optional<std::string> latest_checkpoint(const std::string& run_dir);
 ModelConfig read_checkpoint_config(const std::string& ckpt_dir);
 // Copies weights into `model`: every parameter must be present with its shape (UserError otherwise).
 void load_model_weights(const std::string& ckpt_dir, MixtralForCausalLM& model);
+// Copies weights from a Hugging Face Mixtral directory (per-expert or fused layout) into `model`;
+// shapes must match, and tensors the model does not explain are an error.
+void load_hf_weights(const std::string& hf_dir, MixtralForCausalLM& model);
+// "hf:DIR" (a Hugging Face directory) or a moeforge checkpoint directory.
+ModelConfig read_init_config(const std::string& init_from);
+void load_init_weights(const std::string& init_from, MixtralForCausalLM& model);
 void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& state);
 // A checkpoint's tokenizer path ("" when it has none).
 std::string checkpoint_tokenizer(const std::string& ckpt_dir);

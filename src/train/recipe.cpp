@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "io/yaml_reader.h"
+#include "train/checkpoint.h"
 
 namespace moeforge::train {
 
@@ -67,9 +68,15 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   r.path = path;
   io::YamlMap m(root, path);
   r.stage = m.get_enum("stage", {"pretrain"}, "pretrain");
-  // model: a path to a config file, or the config inline.
-  if (!m.has("model")) m.fail("model", "required: a model config file or an inline mapping");
-  if (root["model"].IsScalar()) {
+  // model: a path to a config file, or the config inline; absent: the init_from checkpoint's.
+  r.init_from = m.get_string("init_from", "");
+  if (!m.has("model") && !r.init_from.empty()) {
+    m.get_string("model", "");  // marks the key as known
+    r.model_source = r.init_from;
+    r.model = read_init_config(r.init_from);
+  } else if (!m.has("model")) {
+    m.fail("model", "required: a model config file or an inline mapping (or give init_from)");
+  } else if (root["model"].IsScalar()) {
     r.model_source = m.get_string("model");
     YAML::Node mn = io::load_yaml_file(r.model_source);
     r.model = parse_model_config(mn, r.model_source);
@@ -147,7 +154,6 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   r.output_dir = m.get_string("output_dir", r.output_dir);
   if (r.output_dir.empty()) m.fail("output_dir", "must not be empty");
   r.resume = m.get_enum("resume", {"never", "auto"}, r.resume);
-  r.init_from = m.get_string("init_from", "");
   m.finish();
   r.yaml = emit(r);
   return r;

@@ -132,7 +132,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   torch::manual_seed(tc.seed);  // the global generator drives router jitter only
   MixtralForCausalLM model(cfg);
   init_weights(*model, cfg.init_std, tc.seed);
-  if (!r.init_from.empty()) load_model_weights(r.init_from, model);
+  if (!r.init_from.empty()) load_init_weights(r.init_from, model);
   model->to(device);
   model->train();
   std::vector<std::pair<std::string, torch::Tensor>> named;

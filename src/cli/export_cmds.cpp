@@ -1,0 +1,108 @@
+// moeforge export CHECKPOINT --format hf|gguf --out PATH ... ; moeforge import HF_DIR --out CHECKPOINT
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <map>
+
+#include "cli/cli.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "data/tokenizer.h"
+#include "io/gguf_export.h"
+#include "io/hf_checkpoint.h"
+#include "train/checkpoint.h"
+
+namespace moeforge::cli {
+
+namespace fs = std::filesystem;
+
+int cmd_export(const Args& in) {
+  Args args = in;
+  std::string format, out, dtype, shard = "5GB";
+  if (!take_option(args, "--format", &format)) throw UserError("export: --format hf|gguf is required");
+  if (!take_option(args, "--out", &out)) throw UserError("export: --out PATH is required");
+  take_option(args, "--dtype", &dtype);
+  take_option(args, "--max-shard-size", &shard);
+  reject_unknown_flags(args, "export", {"--format", "--out", "--dtype", "--max-shard-size"});
+  if (args.size() != 1) throw UserError("export: expected one CHECKPOINT directory");
+  if (format != "hf" && format != "gguf") throw UserError("export: --format must be hf or gguf, got '" + format + "'");
+  const std::string ckpt = args[0];
+  ModelConfig cfg = train::read_checkpoint_config(ckpt);
+  MixtralForCausalLM model(cfg);
+  train::load_model_weights(ckpt, model);
+  for (auto& b : model->named_buffers()) {
+    if (b.key().find("expert_bias") != std::string::npos && b.value().abs().max().item<double>() > 0) {
+      MF_WARN("the aux-loss-free expert biases are not part of MixtralForCausalLM or llama.cpp's Mixtral; "
+              "the exported model selects experts from the unbiased router logits");
+      break;
+    }
+  }
+  std::vector<std::pair<std::string, torch::Tensor>> weights;
+  for (auto& p : model->named_parameters()) weights.emplace_back(p.key(), p.value().detach());
+  const std::string tok = train::checkpoint_tokenizer(ckpt);
+  if (format == "hf") {
+    io::HfExportOptions o;
+    o.out_dir = out;
+    o.dtype = dtype.empty() ? "bf16" : dtype;
+    o.max_shard_bytes = io::parse_size(shard, "--max-shard-size");
+    o.tokenizer_path = tok;
+    if (tok.empty()) MF_WARN(ckpt << " has no tokenizer.model; the export has weights and config only");
+    io::export_hf(cfg, weights, o);
+    std::printf("exported %s -> %s (Hugging Face MixtralForCausalLM, %s)\n", ckpt.c_str(), out.c_str(), o.dtype.c_str());
+    return 0;
+  }
+  if (tok.empty()) throw UserError(ckpt + ": has no tokenizer.model, which GGUF needs for its vocabulary");
+  data::Tokenizer t(tok);
+  if (t.vocab_size() > cfg.vocab_size)
+    throw UserError(tok + ": has " + std::to_string(t.vocab_size()) + " pieces, more than the model's vocab_size");
+  io::GgufVocab v;
+  for (int i = 0; i < cfg.vocab_size; ++i) {
+    if (i < t.vocab_size()) {
+      v.pieces.push_back(t.piece(i));
+      v.scores.push_back(t.score(i));
+      v.types.push_back(t.is_unknown(i) ? 2 : t.is_control(i) ? 3 : t.is_byte(i) ? 6 : 1);
+    } else {  // the embedding is larger than the tokenizer: unused rows
+      v.pieces.push_back("<unused" + std::to_string(i) + ">");
+      v.scores.push_back(0.0f);
+      v.types.push_back(5);
+    }
+  }
+  v.bos = t.bos_id();
+  v.eos = t.eos_id();
+  v.unk = t.unk_id();
+  if (cfg.sliding_window)
+    MF_WARN("llama.cpp's llama architecture has no sliding window: the GGUF model attends to the whole context");
+  std::string d = dtype.empty() ? "f16" : dtype == "fp16" ? "f16" : dtype == "fp32" ? "f32" : dtype;
+  std::map<std::string, torch::Tensor> wm(weights.begin(), weights.end());
+  io::export_gguf(cfg, wm, v, out, d);
+  std::printf("exported %s -> %s (GGUF v3, llama architecture with %ld experts, %s)\n", ckpt.c_str(), out.c_str(),
+              (long)cfg.moe.num_experts, d.c_str());
+  return 0;
+}
+
+int cmd_import(const Args& in) {
+  Args args = in;
+  std::string out;
+  if (!take_option(args, "--out", &out)) throw UserError("import: --out CHECKPOINT is required");
+  reject_unknown_flags(args, "import", {"--out"});
+  if (args.size() != 1) throw UserError("import: expected one Hugging Face model directory");
+  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)))
+    throw UserError(out + ": already exists; choose a new --out directory");
+  const std::string dir = args[0];
+  io::HfCheckpoint hf(dir);
+  ModelConfig cfg = hf.config();
+  MixtralForCausalLM model(cfg);
+  train::load_hf_weights(dir, model);
+  train::CheckpointContents c;
+  c.config = &cfg;
+  c.model = model;
+  c.tokenizer_path = hf.tokenizer_path();
+  if (fs::exists(out)) fs::remove(out);
+  if (fs::path(out).has_parent_path()) fs::create_directories(fs::path(out).parent_path());
+  train::write_checkpoint_dir(out, c);
+  std::printf("imported %s (%s layout) -> %s\n", dir.c_str(), hf.layout().c_str(), out.c_str());
+  return 0;
+}
+
+}  // namespace moeforge::cli

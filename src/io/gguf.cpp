@@ -1,0 +1,317 @@
+#include "io/gguf.h"
+
+#include <ATen/ATen.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <set>
+
+#include "core/error.h"
+
+namespace moeforge::io {
+
+namespace {
+
+constexpr uint32_t kMagic = 0x46554747;  // "GGUF" little-endian
+
+uint64_t ggml_type_size(GgmlType t) { return t == GgmlType::F32 ? 4 : 2; }
+
+at::ScalarType scalar_of(GgmlType t) {
+  return t == GgmlType::F32 ? at::kFloat : t == GgmlType::F16 ? at::kHalf : at::kBFloat16;
+}
+
+struct Out {
+  std::string buf;
+  void raw(const void* p, size_t n) { buf.append(static_cast<const char*>(p), n); }
+  template <class T>
+  void put(T v) { raw(&v, sizeof v); }
+  void str(const std::string& s) {
+    put<uint64_t>(s.size());
+    raw(s.data(), s.size());
+  }
+};
+
+void write_value(Out& o, const GgufValue& v) {
+  switch (v.type) {
+    case GgufType::U32: o.put<uint32_t>(static_cast<uint32_t>(v.u)); break;
+    case GgufType::I32: o.put<int32_t>(static_cast<int32_t>(v.i)); break;
+    case GgufType::F32: o.put<float>(static_cast<float>(v.f)); break;
+    case GgufType::BOOL: o.put<uint8_t>(v.u ? 1 : 0); break;
+    case GgufType::STRING: o.str(v.s); break;
+    case GgufType::ARRAY:
+      o.put<uint32_t>(static_cast<uint32_t>(v.array_type));
+      o.put<uint64_t>(v.array.size());
+      for (const auto& e : v.array) write_value(o, e);
+      break;
+    default: MF_CHECK(false, "value type not written by moeforge");
+  }
+}
+
+}  // namespace
+
+void GgufWriter::add_u32(const std::string& k, uint32_t v) { GgufValue x; x.type = GgufType::U32; x.u = v; kv_.emplace_back(k, x); }
+void GgufWriter::add_i32(const std::string& k, int32_t v) { GgufValue x; x.type = GgufType::I32; x.i = v; kv_.emplace_back(k, x); }
+void GgufWriter::add_f32(const std::string& k, float v) { GgufValue x; x.type = GgufType::F32; x.f = v; kv_.emplace_back(k, x); }
+void GgufWriter::add_bool(const std::string& k, bool v) { GgufValue x; x.type = GgufType::BOOL; x.u = v; kv_.emplace_back(k, x); }
+void GgufWriter::add_string(const std::string& k, const std::string& v) { GgufValue x; x.type = GgufType::STRING; x.s = v; kv_.emplace_back(k, x); }
+
+void GgufWriter::add_string_array(const std::string& k, const std::vector<std::string>& v) {
+  GgufValue x;
+  x.type = GgufType::ARRAY;
+  x.array_type = GgufType::STRING;
+  for (const auto& s : v) { GgufValue e; e.type = GgufType::STRING; e.s = s; x.array.push_back(e); }
+  kv_.emplace_back(k, x);
+}
+void GgufWriter::add_f32_array(const std::string& k, const std::vector<float>& v) {
+  GgufValue x;
+  x.type = GgufType::ARRAY;
+  x.array_type = GgufType::F32;
+  for (float f : v) { GgufValue e; e.type = GgufType::F32; e.f = f; x.array.push_back(e); }
+  kv_.emplace_back(k, x);
+}
+void GgufWriter::add_i32_array(const std::string& k, const std::vector<int32_t>& v) {
+  GgufValue x;
+  x.type = GgufType::ARRAY;
+  x.array_type = GgufType::I32;
+  for (int32_t i : v) { GgufValue e; e.type = GgufType::I32; e.i = i; x.array.push_back(e); }
+  kv_.emplace_back(k, x);
+}
+
+void GgufWriter::add_tensor(const std::string& name, const at::Tensor& t, GgmlType type) {
+  Tensor x;
+  x.name = name;
+  x.shape = t.sizes().vec();
+  x.type = type;
+  x.data = t.detach().to(at::kCPU).to(scalar_of(type)).contiguous();
+  tensors_.push_back(std::move(x));
+}
+
+void GgufWriter::write(const std::string& path, uint32_t alignment) const {
+  Out o;
+  o.put<uint32_t>(kMagic);
+  o.put<uint32_t>(3);
+  o.put<uint64_t>(tensors_.size());
+  o.put<uint64_t>(kv_.size() + 1);
+  o.str("general.alignment");
+  o.put<uint32_t>(static_cast<uint32_t>(GgufType::U32));
+  o.put<uint32_t>(alignment);
+  for (const auto& [k, v] : kv_) {
+    o.str(k);
+    o.put<uint32_t>(static_cast<uint32_t>(v.type));
+    write_value(o, v);
+  }
+  uint64_t offset = 0;
+  std::vector<uint64_t> offsets;
+  for (const auto& t : tensors_) {
+    o.str(t.name);
+    o.put<uint32_t>(static_cast<uint32_t>(t.shape.size()));
+    for (auto it = t.shape.rbegin(); it != t.shape.rend(); ++it) o.put<uint64_t>(static_cast<uint64_t>(*it));
+    o.put<uint32_t>(static_cast<uint32_t>(t.type));
+    o.put<uint64_t>(offset);
+    offsets.push_back(offset);
+    offset += static_cast<uint64_t>(t.data.numel()) * ggml_type_size(t.type);
+    offset = (offset + alignment - 1) / alignment * alignment;
+  }
+  std::ofstream out(path, std::ios::binary);
+  if (!out) throw UserError(path + ": cannot create: " + std::strerror(errno));
+  out.write(o.buf.data(), static_cast<std::streamsize>(o.buf.size()));
+  uint64_t pos = o.buf.size();
+  auto pad_to = [&](uint64_t target) {
+    static const char zeros[64] = {};
+    while (pos < target) {
+      uint64_t n = std::min<uint64_t>(64, target - pos);
+      out.write(zeros, static_cast<std::streamsize>(n));
+      pos += n;
+    }
+  };
+  const uint64_t data_start = (pos + alignment - 1) / alignment * alignment;
+  pad_to(data_start);
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    pad_to(data_start + offsets[i]);
+    const auto& d = tensors_[i].data;
+    const uint64_t n = static_cast<uint64_t>(d.numel()) * ggml_type_size(tensors_[i].type);
+    out.write(static_cast<const char*>(d.data_ptr()), static_cast<std::streamsize>(n));
+    pos += n;
+  }
+  out.close();
+  if (!out) throw UserError(path + ": write failed");
+}
+
+// ---- reader ----------------------------------------------------------------------------------
+
+namespace {
+
+struct Cursor {
+  const uint8_t* p;
+  uint64_t size, pos = 0;
+  const std::string& path;
+  [[noreturn]] void fail(const std::string& what) const {
+    throw UserError(path + ": corrupt GGUF file (" + what + " at byte " + std::to_string(pos) + ")");
+  }
+  void need(uint64_t n) const {
+    if (n > size - pos) fail("unexpected end of file");
+  }
+  template <class T>
+  T get() {
+    need(sizeof(T));
+    T v;
+    std::memcpy(&v, p + pos, sizeof v);
+    pos += sizeof v;
+    return v;
+  }
+  std::string str() {
+    uint64_t n = get<uint64_t>();
+    need(n);
+    std::string s(reinterpret_cast<const char*>(p + pos), n);
+    pos += n;
+    return s;
+  }
+};
+
+GgufValue read_value(Cursor& c, GgufType type, int depth) {
+  GgufValue v;
+  v.type = type;
+  switch (type) {
+    case GgufType::U8: v.u = c.get<uint8_t>(); break;
+    case GgufType::I8: v.i = c.get<int8_t>(); break;
+    case GgufType::U16: v.u = c.get<uint16_t>(); break;
+    case GgufType::I16: v.i = c.get<int16_t>(); break;
+    case GgufType::U32: v.u = c.get<uint32_t>(); break;
+    case GgufType::I32: v.i = c.get<int32_t>(); break;
+    case GgufType::F32: v.f = c.get<float>(); break;
+    case GgufType::BOOL: {
+      uint8_t b = c.get<uint8_t>();
+      if (b > 1) c.fail("boolean value " + std::to_string(b));
+      v.u = b;
+      break;
+    }
+    case GgufType::STRING: v.s = c.str(); break;
+    case GgufType::U64: v.u = c.get<uint64_t>(); break;
+    case GgufType::I64: v.i = c.get<int64_t>(); break;
+    case GgufType::F64: v.f = c.get<double>(); break;
+    case GgufType::ARRAY: {
+      if (depth > 2) c.fail("arrays nested too deeply");
+      uint32_t et = c.get<uint32_t>();
+      if (et > 12) c.fail("unknown array element type " + std::to_string(et));
+      v.array_type = static_cast<GgufType>(et);
+      uint64_t n = c.get<uint64_t>();
+      // Every element takes at least one byte: a count beyond the remaining bytes is a lie.
+      if (n > c.size - c.pos) c.fail("array of " + std::to_string(n) + " elements longer than the file");
+      v.array.reserve(static_cast<size_t>(n));
+      for (uint64_t i = 0; i < n; ++i) v.array.push_back(read_value(c, v.array_type, depth + 1));
+      break;
+    }
+    default: c.fail("unknown value type " + std::to_string(static_cast<uint32_t>(type)));
+  }
+  return v;
+}
+
+}  // namespace
+
+GgufFile GgufFile::open(const std::string& path) {
+  GgufFile f;
+  f.path_ = path;
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw UserError(path + ": cannot open: " + std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw UserError(path + ": not a regular file");
+  }
+  f.size_ = static_cast<size_t>(st.st_size);
+  if (f.size_ < 24) {
+    ::close(fd);
+    throw UserError(path + ": corrupt GGUF file (shorter than its header)");
+  }
+  f.map_ = ::mmap(nullptr, f.size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (f.map_ == MAP_FAILED) {
+    f.map_ = nullptr;
+    throw UserError(path + ": cannot map: " + std::strerror(errno));
+  }
+  Cursor c{static_cast<const uint8_t*>(f.map_), f.size_, 0, path};
+  if (c.get<uint32_t>() != kMagic) c.fail("bad magic; not a GGUF file");
+  f.version_ = c.get<uint32_t>();
+  if (f.version_ != 2 && f.version_ != 3) c.fail("unsupported version " + std::to_string(f.version_));
+  uint64_t n_tensors = c.get<uint64_t>(), n_kv = c.get<uint64_t>();
+  if (n_tensors > f.size_ / 8 || n_kv > f.size_ / 8) c.fail("counts larger than the file allows");
+  for (uint64_t i = 0; i < n_kv; ++i) {
+    std::string key = c.str();
+    uint32_t t = c.get<uint32_t>();
+    if (t > 12) c.fail("unknown value type " + std::to_string(t) + " for key '" + key + "'");
+    if (f.kv_.count(key)) c.fail("duplicate key '" + key + "'");
+    f.kv_[key] = read_value(c, static_cast<GgufType>(t), 0);
+  }
+  if (f.kv_.count("general.alignment")) {
+    const auto& a = f.kv_["general.alignment"];
+    if (a.type != GgufType::U32 || a.u == 0 || (a.u & (a.u - 1)) != 0 || a.u > 4096) c.fail("bad general.alignment");
+    f.alignment_ = static_cast<uint32_t>(a.u);
+  }
+  std::set<std::string> names;
+  for (uint64_t i = 0; i < n_tensors; ++i) {
+    GgufTensorInfo t;
+    t.name = c.str();
+    if (!names.insert(t.name).second) c.fail("duplicate tensor '" + t.name + "'");
+    uint32_t nd = c.get<uint32_t>();
+    if (nd == 0 || nd > 4) c.fail("tensor '" + t.name + "' has " + std::to_string(nd) + " dimensions");
+    uint64_t numel = 1;
+    for (uint32_t d = 0; d < nd; ++d) {
+      uint64_t x = c.get<uint64_t>();
+      if (x != 0 && numel > (uint64_t{1} << 62) / x) c.fail("tensor '" + t.name + "' is impossibly large");
+      numel *= x;
+      t.ne.push_back(x);
+    }
+    uint32_t type = c.get<uint32_t>();
+    if (type != 0 && type != 1 && type != 30)
+      c.fail("tensor '" + t.name + "' has ggml type " + std::to_string(type) + " (only F32, F16, BF16 are read)");
+    t.type = static_cast<GgmlType>(type);
+    t.offset = c.get<uint64_t>();
+    if (t.offset % f.alignment_ != 0) c.fail("tensor '" + t.name + "' is not aligned");
+    t.bytes = numel * ggml_type_size(t.type);
+    f.tensors_.push_back(t);
+  }
+  f.data_offset_ = (c.pos + f.alignment_ - 1) / f.alignment_ * f.alignment_;
+  if (f.data_offset_ > f.size_) c.fail("data section beyond the end of the file");
+  const uint64_t data_size = f.size_ - f.data_offset_;
+  std::vector<std::pair<uint64_t, uint64_t>> spans;
+  for (const auto& t : f.tensors_) {
+    if (t.offset > data_size || t.bytes > data_size - t.offset)
+      throw UserError(path + ": corrupt GGUF file (tensor '" + t.name + "' extends beyond the end of the file)");
+    if (t.bytes) spans.emplace_back(t.offset, t.offset + t.bytes);
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i)
+    if (spans[i].first < spans[i - 1].second) throw UserError(path + ": corrupt GGUF file (tensor data overlaps)");
+  return f;
+}
+
+GgufFile::GgufFile(GgufFile&& o) noexcept
+    : path_(std::move(o.path_)), map_(o.map_), size_(o.size_), version_(o.version_), alignment_(o.alignment_),
+      data_offset_(o.data_offset_), kv_(std::move(o.kv_)), tensors_(std::move(o.tensors_)) {
+  o.map_ = nullptr;
+}
+
+GgufFile::~GgufFile() {
+  if (map_) ::munmap(map_, size_);
+}
+
+const GgufTensorInfo& GgufFile::tensor(const std::string& name) const {
+  for (const auto& t : tensors_)
+    if (t.name == name) return t;
+  throw UserError(path_ + ": no tensor '" + name + "'");
+}
+
+at::Tensor GgufFile::get(const std::string& name) const {
+  const auto& t = tensor(name);
+  std::vector<int64_t> shape(t.ne.rbegin(), t.ne.rend());
+  auto out = at::empty(shape, at::TensorOptions().dtype(scalar_of(t.type)));
+  std::memcpy(out.data_ptr(), static_cast<const uint8_t*>(map_) + data_offset_ + t.offset, t.bytes);
+  return out.to(at::kFloat);
+}
+
+}  // namespace moeforge::io

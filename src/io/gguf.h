@@ -1,0 +1,93 @@
+// GGUF v3 (llama.cpp's file format): a writer, and a validating, memory-mapped reader.
+// Layout: "GGUF" | u32 version | u64 tensor_count | u64 kv_count | key-values | tensor infos |
+// padding to `general.alignment` (32) | tensor data (each tensor aligned). Strings are u64 length + bytes.
+// Tensor dims are written fastest-first (ggml's ne[]): a row-major [rows, cols] tensor has ne = [cols, rows].
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace moeforge::io {
+
+enum class GgufType : uint32_t {
+  U8 = 0, I8 = 1, U16 = 2, I16 = 3, U32 = 4, I32 = 5, F32 = 6, BOOL = 7, STRING = 8, ARRAY = 9,
+  U64 = 10, I64 = 11, F64 = 12
+};
+enum class GgmlType : uint32_t { F32 = 0, F16 = 1, BF16 = 30 };
+
+struct GgufValue {
+  GgufType type = GgufType::U32;
+  GgufType array_type = GgufType::U32;  // for ARRAY
+  uint64_t u = 0;                        // unsigned / bool
+  int64_t i = 0;
+  double f = 0;
+  std::string s;
+  std::vector<GgufValue> array;
+};
+
+class GgufWriter {
+ public:
+  void add_u32(const std::string& key, uint32_t v);
+  void add_i32(const std::string& key, int32_t v);
+  void add_f32(const std::string& key, float v);
+  void add_bool(const std::string& key, bool v);
+  void add_string(const std::string& key, const std::string& v);
+  void add_string_array(const std::string& key, const std::vector<std::string>& v);
+  void add_f32_array(const std::string& key, const std::vector<float>& v);
+  void add_i32_array(const std::string& key, const std::vector<int32_t>& v);
+  // A row-major tensor (converted to `type`); dims are reversed into ggml order on write.
+  void add_tensor(const std::string& name, const at::Tensor& t, GgmlType type);
+  void write(const std::string& path, uint32_t alignment = 32) const;
+
+ private:
+  struct Tensor {
+    std::string name;
+    std::vector<int64_t> shape;  // row-major
+    GgmlType type;
+    at::Tensor data;             // CPU, contiguous, converted
+  };
+  std::vector<std::pair<std::string, GgufValue>> kv_;
+  std::vector<Tensor> tensors_;
+};
+
+struct GgufTensorInfo {
+  std::string name;
+  std::vector<uint64_t> ne;  // ggml order (fastest first)
+  GgmlType type;
+  uint64_t offset;           // relative to the data section
+  uint64_t bytes;
+};
+
+class GgufFile {
+ public:
+  // Validates everything (magic, version, counts, strings, arrays, dims, types, alignment, spans);
+  // a bad file is a UserError naming it.
+  static GgufFile open(const std::string& path);
+  GgufFile(GgufFile&&) noexcept;
+  GgufFile(const GgufFile&) = delete;
+  ~GgufFile();
+  uint32_t version() const { return version_; }
+  uint32_t alignment() const { return alignment_; }
+  const std::map<std::string, GgufValue>& kv() const { return kv_; }
+  const std::vector<GgufTensorInfo>& tensors() const { return tensors_; }
+  const GgufTensorInfo& tensor(const std::string& name) const;
+  // A copy as a row-major fp32 tensor (shape = reversed ne).
+  at::Tensor get(const std::string& name) const;
+  uint64_t data_offset() const { return data_offset_; }
+
+ private:
+  GgufFile() = default;
+  std::string path_;
+  void* map_ = nullptr;
+  size_t size_ = 0;
+  uint32_t version_ = 0, alignment_ = 32;
+  uint64_t data_offset_ = 0;
+  std::map<std::string, GgufValue> kv_;
+  std::vector<GgufTensorInfo> tensors_;
+};
+
+}  // namespace moeforge::io

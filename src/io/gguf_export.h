@@ -1,0 +1,31 @@
+// A Mixtral as llama.cpp loads it from GGUF: architecture "llama" with expert_count, experts stacked
+// per layer (ffn_gate_exps / ffn_up_exps / ffn_down_exps), the router as ffn_gate_inp, q/k rows
+// permuted from rotate-half to llama.cpp's interleaved RoPE, and the SentencePiece vocabulary.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "io/gguf.h"
+#include "model/config.h"
+
+namespace moeforge::io {
+
+struct GgufVocab {
+  std::vector<std::string> pieces;
+  std::vector<float> scores;
+  std::vector<int32_t> types;  // llama.cpp token types: 1 normal, 2 unknown, 3 control, 6 byte
+  int32_t bos = 1, eos = 2, unk = 0;
+};
+
+// Rows of a q or k projection [n_heads * D, H] reordered from HF's rotate-half pairing (i, i + D/2)
+// to llama.cpp's interleaved pairing (2i, 2i + 1), head by head.
+at::Tensor permute_rope_rows(const at::Tensor& w, int64_t n_heads);
+
+// `weights` are HF-named parameters. dtype: "f32" | "f16" | "bf16" (1-D tensors stay f32).
+void export_gguf(const ModelConfig& c, const std::map<std::string, at::Tensor>& weights, const GgufVocab& vocab,
+                 const std::string& path, const std::string& dtype);
+
+}  // namespace moeforge::io

@@ -1,0 +1,263 @@
+#include "io/hf_checkpoint.h"
+
+#include <ATen/ATen.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "core/error.h"
+#include "io/hf_config.h"
+
+namespace moeforge::io {
+
+namespace fs = std::filesystem;
+
+uint64_t parse_size(const std::string& s, const std::string& what) {
+  size_t i = 0;
+  while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '.')) ++i;
+  if (i == 0) throw UserError(what + ": expected a size like 5GB, 500MB or 1000000, got '" + s + "'");
+  double v = std::stod(s.substr(0, i));
+  std::string unit = s.substr(i);
+  for (auto& ch : unit) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  double mult = unit.empty() || unit == "B" ? 1 : unit == "KB" ? 1e3 : unit == "MB" ? 1e6 : unit == "GB" ? 1e9
+              : unit == "KIB" ? 1024.0 : unit == "MIB" ? 1048576.0 : unit == "GIB" ? 1073741824.0 : -1;
+  if (mult < 0) throw UserError(what + ": unknown size unit '" + s.substr(i) + "' (use B, KB, MB, GB, KiB, MiB, GiB)");
+  if (v * mult < 1) throw UserError(what + ": size must be positive");
+  return static_cast<uint64_t>(v * mult);
+}
+
+const char* mistral_chat_template() {
+  // <s>[INST] {system}\n\n{user} [/INST]{assistant}</s>[INST] {user} [/INST]...
+  return "{{ bos_token }}{% set ns = namespace(system='') %}"
+         "{% for message in messages %}"
+         "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\\n\\n' %}"
+         "{% elif message['role'] == 'user' %}"
+         "{{ '[INST] ' + ns.system + message['content'] + ' [/INST]' }}{% set ns.system = '' %}"
+         "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+         "{% else %}{{ raise_exception('Only system, user and assistant roles are supported') }}{% endif %}"
+         "{% endfor %}";
+}
+
+namespace {
+
+void write_json(const std::string& path, const nlohmann::json& j) {
+  std::ofstream out(path);
+  out << j.dump(2) << "\n";
+  if (!out) throw UserError(path + ": write failed");
+}
+
+at::ScalarType export_dtype(const std::string& d) {
+  if (d == "bf16") return at::kBFloat16;
+  if (d == "fp16") return at::kHalf;
+  if (d == "fp32") return at::kFloat;
+  throw UserError("--dtype must be bf16, fp16 or fp32, got '" + d + "'");
+}
+
+}  // namespace
+
+void export_hf(const ModelConfig& c, const std::vector<std::pair<std::string, at::Tensor>>& weights,
+               const HfExportOptions& opt) {
+  const auto dtype = export_dtype(opt.dtype);
+  std::string out = opt.out_dir;
+  while (out.size() > 1 && out.back() == '/') out.pop_back();
+  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)))
+    throw UserError(out + ": already exists; choose a new --out directory");
+  const std::string tmp = out + ".tmp-" + std::to_string(::getpid());
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  try {
+    const std::string torch_dtype = dtype == at::kBFloat16 ? "bfloat16" : dtype == at::kHalf ? "float16" : "float32";
+    write_json(tmp + "/config.json", to_hf_config(c, torch_dtype));
+    write_json(tmp + "/generation_config.json", {{"_from_model_config", true}, {"bos_token_id", 1}, {"eos_token_id", 2}});
+    // Shards: tensors in model order, a new shard when the next tensor would overflow the limit.
+    std::vector<std::vector<size_t>> shards(1);
+    uint64_t cur = 0, total = 0;
+    const uint64_t elem = at::elementSize(dtype);
+    for (size_t i = 0; i < weights.size(); ++i) {
+      uint64_t bytes = static_cast<uint64_t>(weights[i].second.numel()) * elem;
+      if (!shards.back().empty() && cur + bytes > opt.max_shard_bytes) {
+        shards.emplace_back();
+        cur = 0;
+      }
+      shards.back().push_back(i);
+      cur += bytes;
+      total += bytes;
+    }
+    nlohmann::json weight_map = nlohmann::json::object();
+    for (size_t s = 0; s < shards.size(); ++s) {
+      char name[64];
+      if (shards.size() == 1) std::snprintf(name, sizeof name, "model.safetensors");
+      else std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", s + 1, shards.size());
+      std::vector<std::pair<std::string, at::Tensor>> part;
+      for (size_t i : shards[s]) {
+        part.emplace_back(weights[i].first, weights[i].second.detach().to(at::kCPU).to(dtype).contiguous());
+        weight_map[weights[i].first] = name;
+      }
+      write_safetensors(tmp + "/" + name, part, {{"format", "pt"}});
+    }
+    if (shards.size() > 1)
+      write_json(tmp + "/model.safetensors.index.json", {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}});
+    if (!opt.tokenizer_path.empty()) {
+      fs::copy_file(opt.tokenizer_path, tmp + "/tokenizer.model");
+      write_json(tmp + "/tokenizer_config.json",
+                 {{"tokenizer_class", "LlamaTokenizer"}, {"add_bos_token", true}, {"add_eos_token", false},
+                  {"bos_token", "<s>"}, {"eos_token", "</s>"}, {"unk_token", "<unk>"}, {"pad_token", nullptr},
+                  {"legacy", false}, {"clean_up_tokenization_spaces", false}, {"spaces_between_special_tokens", false},
+                  {"model_max_length", c.max_position_embeddings}, {"chat_template", mistral_chat_template()}});
+      write_json(tmp + "/special_tokens_map.json", {{"bos_token", "<s>"}, {"eos_token", "</s>"}, {"unk_token", "<unk>"}});
+    }
+  } catch (...) {
+    fs::remove_all(tmp);
+    throw;
+  }
+  if (fs::exists(out)) fs::remove(out);  // the empty directory
+  if (fs::path(out).has_parent_path()) fs::create_directories(fs::path(out).parent_path());
+  fs::rename(tmp, out);
+}
+
+HfCheckpoint::HfCheckpoint(const std::string& dir) : dir_(dir) {
+  if (!fs::is_directory(dir)) throw UserError(dir + ": not a directory (expected a Hugging Face model directory)");
+  config_ = read_hf_config_file(dir + "/config.json");
+  if (config_.name == "unnamed") config_.name = fs::path(dir).filename().string();
+  std::vector<std::string> files;
+  const std::string index = dir + "/model.safetensors.index.json";
+  if (fs::exists(index)) {
+    std::ifstream in(index);
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(in);
+    } catch (const nlohmann::json::exception&) {
+      throw UserError(index + ": invalid JSON");
+    }
+    if (!j.contains("weight_map") || !j["weight_map"].is_object()) throw UserError(index + ": no 'weight_map' object");
+    std::set<std::string> uniq;
+    for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
+      if (!it.value().is_string()) throw UserError(index + ": weight_map values must be file names");
+      std::string f = it.value().get<std::string>();
+      if (f.find('/') != std::string::npos || f.find("..") != std::string::npos)
+        throw UserError(index + ": shard name '" + f + "' must be a plain file name");
+      uniq.insert(f);
+    }
+    files.assign(uniq.begin(), uniq.end());
+  } else if (fs::exists(dir + "/model.safetensors")) {
+    files.push_back("model.safetensors");
+  } else {
+    for (auto& e : fs::directory_iterator(dir))
+      if (e.path().extension() == ".safetensors") files.push_back(e.path().filename().string());
+    std::sort(files.begin(), files.end());
+  }
+  if (files.empty()) throw UserError(dir + ": no .safetensors weights (pickled .bin checkpoints are not read)");
+  for (const auto& f : files) {
+    files_.push_back(std::make_unique<SafetensorsFile>(SafetensorsFile::open(dir + "/" + f)));
+    for (const auto& n : files_.back()->names()) {
+      if (where_.count(n)) throw UserError(dir + "/" + f + ": tensor '" + n + "' also appears in another shard");
+      where_[n] = files_.size() - 1;
+    }
+  }
+  if (where_.count("model.layers.0.block_sparse_moe.gate.weight")) layout_ = "per-expert";
+  else if (where_.count("model.layers.0.mlp.experts.gate_up_proj")) layout_ = "fused";
+  else throw UserError(dir + ": neither the per-expert (block_sparse_moe.experts.E.w1) nor the fused "
+                             "(mlp.experts.gate_up_proj) Mixtral layout found");
+}
+
+const SafetensorsFile* HfCheckpoint::file_of(const std::string& n) const {
+  auto it = where_.find(n);
+  return it == where_.end() ? nullptr : files_[it->second].get();
+}
+
+at::Tensor HfCheckpoint::stored(const std::string& n) const {
+  const SafetensorsFile* f = file_of(n);
+  if (!f) throw UserError(dir_ + ": tensor '" + n + "' is missing");
+  auto t = f->get(n);
+  if (!at::isFloatingType(t.scalar_type())) throw UserError(f->path() + ": tensor '" + n + "' is not floating point");
+  return t.to(at::kFloat);
+}
+
+namespace {
+// "model.layers.3.block_sparse_moe.experts.5.w1.weight" -> layer 3, expert 5, "w1"
+bool parse_expert_name(const std::string& n, std::string* layer_prefix, int64_t* expert, std::string* w) {
+  const std::string key = ".block_sparse_moe.experts.";
+  auto p = n.find(key);
+  if (p == std::string::npos) return false;
+  *layer_prefix = n.substr(0, p);
+  auto rest = n.substr(p + key.size());  // "5.w1.weight"
+  auto dot = rest.find('.');
+  if (dot == std::string::npos) return false;
+  *expert = std::stoll(rest.substr(0, dot));
+  *w = rest.substr(dot + 1, 2);
+  return true;
+}
+}  // namespace
+
+bool HfCheckpoint::has(const std::string& name) const {
+  if (layout_ == "per-expert") return where_.count(name) > 0;
+  std::string prefix, w;
+  int64_t e;
+  if (parse_expert_name(name, &prefix, &e, &w))
+    return where_.count(prefix + (w == "w2" ? ".mlp.experts.down_proj" : ".mlp.experts.gate_up_proj")) > 0;
+  std::string n = name;
+  auto p = n.find(".block_sparse_moe.");
+  if (p != std::string::npos) n.replace(p, 18, ".mlp.");
+  return where_.count(n) > 0;
+}
+
+at::Tensor HfCheckpoint::get(const std::string& name) const {
+  if (layout_ == "per-expert") return stored(name);
+  std::string prefix, w;
+  int64_t e;
+  if (parse_expert_name(name, &prefix, &e, &w)) {
+    const int64_t I = config_.intermediate_size, H = config_.hidden_size, E = config_.moe.num_experts;
+    if (w == "w2") {
+      auto t = stored(prefix + ".mlp.experts.down_proj");
+      if (t.dim() != 3 || t.size(0) != E || t.size(1) != H || t.size(2) != I)
+        throw UserError(dir_ + ": " + prefix + ".mlp.experts.down_proj must be [E, H, I] = [" + std::to_string(E) +
+                        ", " + std::to_string(H) + ", " + std::to_string(I) + "]");
+      return t[e].clone();
+    }
+    auto t = stored(prefix + ".mlp.experts.gate_up_proj");
+    if (t.dim() != 3 || t.size(0) != E || t.size(1) != 2 * I || t.size(2) != H)
+      throw UserError(dir_ + ": " + prefix + ".mlp.experts.gate_up_proj must be [E, 2I, H] = [" + std::to_string(E) +
+                      ", " + std::to_string(2 * I) + ", " + std::to_string(H) + "]");
+    return t[e].narrow(0, w == "w1" ? 0 : I, I).clone();  // w1 (gate) rows first, then w3 (up)
+  }
+  std::string n = name;
+  auto p = n.find(".block_sparse_moe.");
+  if (p != std::string::npos) n.replace(p, 18, ".mlp.");
+  return stored(n);
+}
+
+std::vector<std::string> HfCheckpoint::unexplained(const std::vector<std::string>& expected) const {
+  std::set<std::string> used;
+  for (const auto& name : expected) {
+    std::string prefix, w;
+    int64_t e;
+    if (layout_ == "fused" && parse_expert_name(name, &prefix, &e, &w)) {
+      used.insert(prefix + (w == "w2" ? ".mlp.experts.down_proj" : ".mlp.experts.gate_up_proj"));
+      continue;
+    }
+    std::string n = name;
+    auto p = n.find(".block_sparse_moe.");
+    if (layout_ == "fused" && p != std::string::npos) n.replace(p, 18, ".mlp.");
+    used.insert(n);
+  }
+  std::vector<std::string> out;
+  for (const auto& [n, i] : where_) {
+    if (used.count(n)) continue;
+    const std::string buf = "rotary_emb.inv_freq";  // a buffer older transformers saved
+    if (n.size() >= buf.size() && n.compare(n.size() - buf.size(), buf.size(), buf) == 0) continue;
+    out.push_back(n);
+  }
+  return out;
+}
+
+std::string HfCheckpoint::tokenizer_path() const {
+  return fs::exists(dir_ + "/tokenizer.model") ? dir_ + "/tokenizer.model" : "";
+}
+
+}  // namespace moeforge::io

@@ -1,0 +1,61 @@
+// Hugging Face checkpoint directories (MixtralForCausalLM): export and import.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/safetensors.h"
+#include "model/config.h"
+
+namespace moeforge::io {
+
+struct HfExportOptions {
+  std::string out_dir;
+  std::string dtype = "bf16";            // bf16 | fp16 | fp32
+  uint64_t max_shard_bytes = 5000000000;  // "5GB" (decimal, as transformers counts)
+  std::string tokenizer_path;            // copied as tokenizer.model when set
+};
+
+// Parses "5GB", "500MB", "100KB", "123" (bytes); UserError otherwise.
+uint64_t parse_size(const std::string& s, const std::string& what);
+
+// Writes config.json, generation_config.json, the weights (per-expert layout, sharded with
+// model.safetensors.index.json when above the shard size), tokenizer.model, tokenizer_config.json
+// (with the Mistral chat template) and special_tokens_map.json. `weights` are HF-named parameters.
+// Written into a temp directory and renamed into place; an existing out_dir is an error.
+void export_hf(const ModelConfig& c, const std::vector<std::pair<std::string, at::Tensor>>& weights,
+               const HfExportOptions& opt);
+
+// The Jinja chat template written into tokenizer_config.json (Mixtral-Instruct's format).
+const char* mistral_chat_template();
+
+// Reads a Hugging Face Mixtral directory: config.json, single-file or sharded safetensors, the
+// per-expert layout or transformers v5's fused one (mlp.experts.gate_up_proj [E, 2I, H] with the w1
+// rows first, mlp.experts.down_proj [E, H, I]), any float dtype. Tensors are served under our
+// (per-expert, HF v4) names, converted to fp32.
+class HfCheckpoint {
+ public:
+  explicit HfCheckpoint(const std::string& dir);
+  const ModelConfig& config() const { return config_; }
+  const std::string& layout() const { return layout_; }  // "per-expert" | "fused"
+  bool has(const std::string& name) const;
+  at::Tensor get(const std::string& name) const;  // UserError naming the directory when missing
+  // Tensors in the files that no parameter of `expected` explains (e.g. a different architecture).
+  std::vector<std::string> unexplained(const std::vector<std::string>& expected) const;
+  std::string tokenizer_path() const;  // dir/tokenizer.model or ""
+
+ private:
+  const SafetensorsFile* file_of(const std::string& stored_name) const;
+  at::Tensor stored(const std::string& stored_name) const;
+  std::string dir_;
+  ModelConfig config_;
+  std::string layout_;
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, size_t> where_;  // stored tensor name -> file index
+};
+
+}  // namespace moeforge::io

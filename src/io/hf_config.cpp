@@ -1,0 +1,105 @@
+#include "io/hf_config.h"
+
+#include <fstream>
+
+#include "core/error.h"
+
+namespace moeforge::io {
+
+nlohmann::json to_hf_config(const ModelConfig& c, const std::string& torch_dtype) {
+  nlohmann::json j;
+  j["architectures"] = {"MixtralForCausalLM"};
+  j["model_type"] = "mixtral";
+  j["vocab_size"] = c.vocab_size;
+  j["hidden_size"] = c.hidden_size;
+  j["intermediate_size"] = c.intermediate_size;
+  j["num_hidden_layers"] = c.num_layers;
+  j["num_attention_heads"] = c.num_attention_heads;
+  j["num_key_value_heads"] = c.num_key_value_heads;
+  j["head_dim"] = c.resolved_head_dim();
+  j["hidden_act"] = "silu";
+  j["max_position_embeddings"] = c.max_position_embeddings;
+  j["sliding_window"] = c.sliding_window ? nlohmann::json(*c.sliding_window) : nlohmann::json(nullptr);
+  j["rope_theta"] = c.rope_theta;
+  j["rms_norm_eps"] = c.rms_norm_eps;
+  j["initializer_range"] = c.init_std;
+  j["num_local_experts"] = c.moe.num_experts;
+  j["num_experts_per_tok"] = c.moe.num_experts_per_tok;
+  j["router_aux_loss_coef"] = c.moe.aux_loss_coef;
+  j["router_jitter_noise"] = c.moe.router_jitter;
+  j["output_router_logits"] = false;
+  j["tie_word_embeddings"] = c.tie_word_embeddings;
+  j["attention_dropout"] = 0.0;
+  j["use_cache"] = true;
+  j["bos_token_id"] = 1;
+  j["eos_token_id"] = 2;
+  j["torch_dtype"] = torch_dtype;
+  return j;
+}
+
+namespace {
+int64_t get_int(const nlohmann::json& j, const std::string& key, const std::string& path,
+                std::optional<int64_t> dflt = std::nullopt) {
+  if (!j.contains(key) || j[key].is_null()) {
+    if (dflt) return *dflt;
+    throw UserError(path + ": key '" + key + "' is missing");
+  }
+  if (!j[key].is_number_integer()) throw UserError(path + ": key '" + key + "' must be an integer");
+  return j[key].get<int64_t>();
+}
+double get_num(const nlohmann::json& j, const std::string& key, const std::string& path, double dflt) {
+  if (!j.contains(key) || j[key].is_null()) return dflt;
+  if (!j[key].is_number()) throw UserError(path + ": key '" + key + "' must be a number");
+  return j[key].get<double>();
+}
+}  // namespace
+
+ModelConfig from_hf_config(const nlohmann::json& j, const std::string& path) {
+  if (!j.is_object()) throw UserError(path + ": expected a JSON object");
+  const std::string type = j.value("model_type", "");
+  if (type != "mixtral")
+    throw UserError(path + ": key 'model_type' is '" + type + "'; only Mixtral checkpoints (mixtral) can be imported");
+  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null())
+    throw UserError(path + ": key 'rope_scaling' is set; RoPE scaling is not supported");
+  if (j.contains("hidden_act") && j["hidden_act"] != "silu")
+    throw UserError(path + ": key 'hidden_act' must be 'silu' (SwiGLU experts)");
+  ModelConfig c;
+  c.vocab_size = get_int(j, "vocab_size", path);
+  c.hidden_size = get_int(j, "hidden_size", path);
+  c.intermediate_size = get_int(j, "intermediate_size", path);
+  c.num_layers = get_int(j, "num_hidden_layers", path);
+  c.num_attention_heads = get_int(j, "num_attention_heads", path);
+  c.num_key_value_heads = get_int(j, "num_key_value_heads", path, c.num_attention_heads);
+  if (j.contains("head_dim") && !j["head_dim"].is_null()) c.head_dim = get_int(j, "head_dim", path);
+  c.max_position_embeddings = get_int(j, "max_position_embeddings", path, 32768);
+  if (j.contains("sliding_window") && !j["sliding_window"].is_null()) c.sliding_window = get_int(j, "sliding_window", path);
+  c.rope_theta = get_num(j, "rope_theta", path, 1e6);
+  c.rms_norm_eps = get_num(j, "rms_norm_eps", path, 1e-5);
+  c.init_std = get_num(j, "initializer_range", path, 0.02);
+  c.tie_word_embeddings = j.value("tie_word_embeddings", false);
+  c.moe.num_experts = get_int(j, "num_local_experts", path, 8);
+  c.moe.num_experts_per_tok = get_int(j, "num_experts_per_tok", path, 2);
+  c.moe.aux_loss_coef = get_num(j, "router_aux_loss_coef", path, 0.001);
+  c.moe.router_jitter = get_num(j, "router_jitter_noise", path, 0.0);
+  // Same checks as a YAML config, reported against config.json.
+  try {
+    validate_model_config(c, path);
+  } catch (const UserError& e) {
+    throw UserError(std::string(e.what()) + " (from the Hugging Face config)");
+  }
+  return c;
+}
+
+ModelConfig read_hf_config_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw UserError(path + ": not found");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception&) {
+    throw UserError(path + ": invalid JSON");
+  }
+  return from_hf_config(j, path);
+}
+
+}  // namespace moeforge::io
