@@ -197,3 +197,31 @@ TEST(Pretrain, BadInputIsOneLineAndExit2) {
   // Eval on something that is not a checkpoint.
   expect_user_error(run_cli("eval " + (dir / "nothing") + " --data " + data), "nothing");
 }
+
+TEST(ExportImport, CliRoundTripAndFineTuneFromHf) {
+  test::TempDir dir("cliexport");
+  std::string data = test::make_prepared(dir, 80);
+  auto recipe = write_recipe(dir, data, dir / "run", 4, 4);
+  ASSERT_EQ(run_cli("train " + recipe).status, 0);
+  auto ck = *train::latest_checkpoint(dir / "run");
+  ASSERT_EQ(run_cli("export " + ck + " --format hf --dtype fp32 --out " + (dir / "hf")).status, 0);
+  ASSERT_EQ(run_cli("export " + ck + " --format gguf --dtype f32 --out " + (dir / "m.gguf")).status, 0);
+  ASSERT_EQ(run_cli("import " + (dir / "hf") + " --out " + (dir / "imported")).status, 0);
+  // The imported checkpoint evaluates exactly like the original.
+  auto eval_json = [&](const std::string& c) {
+    std::string out = dir / "e.json";
+    EXPECT_EQ(std::system((std::string(MOEFORGE_BINARY) + " eval " + c + " --data " + data + " --seq-len 32 --json > " + out).c_str()), 0);
+    std::ifstream in(out);
+    return nlohmann::json::parse(in)["loss"].get<double>();
+  };
+  EXPECT_EQ(eval_json(ck), eval_json(dir / "imported"));
+  // Exporting onto an existing path is refused; a recipe can start from the HF directory.
+  expect_user_error(run_cli("export " + ck + " --format hf --out " + (dir / "hf")), "already exists");
+  expect_user_error(run_cli("export " + ck + " --format onnx --out " + (dir / "x")), "hf or gguf");
+  std::string ft = dir / "ft.yaml";
+  std::ofstream(ft) << "init_from: hf:" << (dir / "hf") << "\ndata:\n  dir: " << data
+                    << "\ntrain:\n  micro_batch_size: 4\n  seq_len: 32\n  max_steps: 2\n  eval_batches: 2\n"
+                    << "runtime:\n  threads: 1\noutput_dir: " << (dir / "ft") << "\n";
+  ASSERT_EQ(run_cli("train " + ft).status, 0);
+  EXPECT_TRUE(train::latest_checkpoint(dir / "ft").has_value());
+}
