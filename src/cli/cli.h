@@ -16,6 +16,7 @@ int cmd_train(const Args& args);
 int cmd_eval(const Args& args);
 int cmd_export(const Args& args);
 int cmd_import(const Args& args);
+int cmd_generate(const Args& args);
 
 // Small flag helpers shared by the subcommands.
 bool take_flag(Args& args, const std::string& flag);                           // --json

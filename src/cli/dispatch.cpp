@@ -23,6 +23,8 @@ const char* kUsage =
     "  export CHECKPOINT --format hf|gguf --out PATH [--dtype bf16|fp16|fp32] [--max-shard-size 5GB]\n"
     "                                               Hugging Face safetensors directory or llama.cpp GGUF file\n"
     "  import HF_DIR --out CHECKPOINT                a Hugging Face MixtralForCausalLM directory\n"
+    "  generate CHECKPOINT --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]\n"
+    "                                               continue a prompt (KV cache; streams tokens)\n"
     "  info CONFIG [--json] [--set key=value ...]   parameter counts and memory of a model config\n"
     "  bench moe [--tokens N --hidden H ...]        MoE block forward+backward speed vs a plain matmul\n"
     "  version                                       versions of moeforge and LibTorch\n"
@@ -45,11 +47,12 @@ int run(const Args& argv) {
   if (cmd == "eval") return cmd_eval(rest);
   if (cmd == "export") return cmd_export(rest);
   if (cmd == "import") return cmd_import(rest);
+  if (cmd == "generate") return cmd_generate(rest);
   if (cmd == "version" || cmd == "--version") {
     std::cout << "moeforge " << MOEFORGE_VERSION << " (LibTorch " << compat::torch_version() << ")\n";
     return 0;
   }
-  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version", "tokenizer", "prepare", "train", "eval", "export", "import"}) +
+  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version", "tokenizer", "prepare", "train", "eval", "export", "import", "generate"}) +
                   "; run 'moeforge --help'");
 }
 

@@ -58,3 +58,43 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BTH, const torch::Te
 }
 
 }  // namespace moeforge
+
+namespace moeforge {
+
+torch::Tensor AttentionImpl::forward_cached(const torch::Tensor& x_BTH, const torch::Tensor& cos,
+                                            const torch::Tensor& sin, const torch::Tensor& pos_new,
+                                            std::optional<int64_t> window, LayerKVCache& cache) {
+  const auto B = x_BTH.size(0), n = x_BTH.size(1);
+  auto q = q_proj(x_BTH).view({B, n, num_heads, head_dim}).transpose(1, 2);
+  auto k = k_proj(x_BTH).view({B, n, num_kv_heads, head_dim}).transpose(1, 2);
+  auto v = v_proj(x_BTH).view({B, n, num_kv_heads, head_dim}).transpose(1, 2);
+  q = apply_rope(q, cos, sin);
+  k = apply_rope(k, cos, sin);
+  // Keys: the filled slots of the cache, then the new ones; the mask comes from absolute positions,
+  // so the slot order of the rolling buffer does not matter.
+  auto filled = cache.pos.ge(0).nonzero().view({-1});
+  auto k_all = torch::cat({cache.k.index_select(2, filled), k}, 2);
+  auto v_all = torch::cat({cache.v.index_select(2, filled), v}, 2);
+  auto pos_all = torch::cat({cache.pos.index_select(0, filled), pos_new});
+  auto dist = pos_new.unsqueeze(1) - pos_all.unsqueeze(0);  // [n, m + n]
+  auto allowed = dist.ge(0);
+  if (window) allowed = allowed.logical_and(dist.lt(*window));
+  const int64_t groups = num_heads / num_kv_heads;
+  auto out = compat::scaled_dot_product_attention(q, repeat_kv(k_all, groups), repeat_kv(v_all, groups),
+                                                  allowed.view({1, 1, n, -1}));
+  // Store the new keys/values (only the last `capacity` of them can survive).
+  const int64_t cap = cache.pos.size(0);
+  const int64_t first = std::max<int64_t>(0, n - cap);
+  {
+    torch::NoGradGuard ng;
+    auto keep = torch::arange(first, n, pos_new.options());
+    auto slots = pos_new.index_select(0, keep).remainder(cap);
+    cache.k.index_copy_(2, slots, k.index_select(2, keep));
+    cache.v.index_copy_(2, slots, v.index_select(2, keep));
+    cache.pos.index_copy_(0, slots, pos_new.index_select(0, keep));
+  }
+  out = out.transpose(1, 2).reshape({B, n, num_heads * head_dim});
+  return o_proj(out);
+}
+
+}  // namespace moeforge

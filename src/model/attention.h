@@ -3,6 +3,7 @@
 #include <torch/nn/modules/linear.h>
 
 #include "model/config.h"
+#include "model/kv_cache.h"
 
 namespace moeforge {
 
@@ -21,6 +22,11 @@ class AttentionImpl : public torch::nn::Module {
   // x [B, T, H]; cos/sin [B, T, D]; mask from build_attention_mask (may be undefined).
   torch::Tensor forward(const torch::Tensor& x_BTH, const torch::Tensor& cos, const torch::Tensor& sin,
                         const torch::Tensor& mask);
+
+  // Incremental decoding: x [B, n, H] holds the tokens at positions pos_new [n]; attends to the cached
+  // keys and to the new ones (causal, within `window`), then stores the new keys and values.
+  torch::Tensor forward_cached(const torch::Tensor& x_BTH, const torch::Tensor& cos, const torch::Tensor& sin,
+                               const torch::Tensor& pos_new, std::optional<int64_t> window, LayerKVCache& cache);
 
   // Expands kv heads [B, kv, T, D] to [B, kv * groups, T, D] (each kv head shared by `groups` query heads).
   static torch::Tensor repeat_kv(const torch::Tensor& x, int64_t groups);

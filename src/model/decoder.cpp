@@ -23,6 +23,13 @@ torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const torch::Ten
   return h + moe.y;
 }
 
+torch::Tensor DecoderLayerImpl::forward_cached(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                               const torch::Tensor& pos_new, std::optional<int64_t> window,
+                                               LayerKVCache& cache) {
+  auto h = x + self_attn->forward_cached(input_layernorm->forward(x), cos, sin, pos_new, window, cache);
+  return h + block_sparse_moe->forward(post_attention_layernorm->forward(h)).y;
+}
+
 MixtralModelImpl::MixtralModelImpl(const ModelConfig& cfg) {
   embed_tokens = register_module("embed_tokens", torch::nn::Embedding(cfg.vocab_size, cfg.hidden_size));
   auto list = torch::nn::ModuleList();
@@ -69,6 +76,38 @@ ForwardOutput MixtralForCausalLMImpl::forward(const ForwardInputs& in) {
   out.hidden = model->norm->forward(x);
   out.logits = torch::nn::functional::linear(out.hidden, lm_head_weight().to(out.hidden.scalar_type()));
   return out;
+}
+
+KVCache MixtralForCausalLMImpl::make_cache(int64_t batch, int64_t max_len) const {
+  KVCache c;
+  c.window = cfg_.sliding_window;
+  c.capacity = cfg_.sliding_window ? std::min(*cfg_.sliding_window, max_len) : max_len;
+  auto w = model->embed_tokens->weight;
+  auto opts = w.options();
+  for (size_t i = 0; i < model->layers.size(); ++i) {
+    LayerKVCache l;
+    l.k = torch::zeros({batch, cfg_.num_key_value_heads, c.capacity, cfg_.resolved_head_dim()}, opts);
+    l.v = torch::zeros_like(l.k);
+    l.pos = torch::full({c.capacity}, -1, opts.dtype(torch::kLong));
+    c.layers.push_back(l);
+  }
+  return c;
+}
+
+torch::Tensor MixtralForCausalLMImpl::forward_cached(const torch::Tensor& input_ids, KVCache& cache) {
+  MF_CHECK(input_ids.dim() == 2, "input_ids must be [B, n]");
+  const auto B = input_ids.size(0), n = input_ids.size(1);
+  if (!cache.window && cache.next_pos + n > cache.capacity)
+    throw UserError("generation: the sequence would exceed the cache of " + std::to_string(cache.capacity) + " tokens");
+  auto x = model->embed_tokens->forward(input_ids);
+  auto pos = torch::arange(cache.next_pos, cache.next_pos + n, input_ids.options().dtype(torch::kLong));
+  auto cs = rope_cos_sin(pos.unsqueeze(0).expand({B, n}), cfg_.resolved_head_dim(), cfg_.rope_theta, x.scalar_type());
+  for (size_t i = 0; i < model->layers.size(); ++i) {
+    x = model->layers[i]->forward_cached(x, cs.first, cs.second, pos, cfg_.sliding_window, cache.layers[i]);
+  }
+  cache.next_pos += n;
+  auto h = model->norm->forward(x);
+  return torch::nn::functional::linear(h, lm_head_weight().to(h.scalar_type()));
 }
 
 void init_weights(torch::nn::Module& module, double init_std, uint64_t seed) {

@@ -34,6 +34,8 @@ class DecoderLayerImpl : public torch::nn::Module {
   // Returns the block output; the router decision goes to `router_out`.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         const torch::Tensor& mask, RouterOutput* router_out);
+  torch::Tensor forward_cached(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                               const torch::Tensor& pos_new, std::optional<int64_t> window, LayerKVCache& cache);
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};
   MoEBlock block_sparse_moe{nullptr};
@@ -54,6 +56,12 @@ class MixtralForCausalLMImpl : public torch::nn::Module {
   explicit MixtralForCausalLMImpl(const ModelConfig& cfg);
   ForwardOutput forward(const ForwardInputs& in);
   ForwardOutput forward(const torch::Tensor& input_ids) { return forward(ForwardInputs{input_ids, {}, {}}); }
+
+  // An empty cache for `batch` sequences of up to `max_len` tokens (a rolling buffer of
+  // `sliding_window` slots when the model has a window).
+  KVCache make_cache(int64_t batch, int64_t max_len) const;
+  // Incremental forward: input_ids [B, n] continue the sequences held in `cache`; returns logits [B, n, V].
+  torch::Tensor forward_cached(const torch::Tensor& input_ids, KVCache& cache);
 
   // The (possibly tied) output projection weight [V, H].
   torch::Tensor lm_head_weight() const;

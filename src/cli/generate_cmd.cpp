@@ -1,0 +1,63 @@
+// moeforge generate CHECKPOINT --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <iostream>
+
+#include "cli/cli.h"
+#include "core/compat.h"
+#include "core/error.h"
+#include "data/tokenizer.h"
+#include "model/generate.h"
+#include "train/checkpoint.h"
+
+namespace moeforge::cli {
+
+int cmd_generate(const Args& in) {
+  Args args = in;
+  std::string prompt, v;
+  if (!take_option(args, "--prompt", &prompt)) throw UserError("generate: --prompt TEXT is required");
+  const bool chat = take_flag(args, "--chat");
+  SamplingOptions o;
+  if (take_option(args, "--max-new-tokens", &v)) o.max_new_tokens = parse_int("--max-new-tokens", v);
+  if (take_option(args, "--temperature", &v)) o.temperature = parse_double("--temperature", v);
+  if (take_option(args, "--top-p", &v)) o.top_p = parse_double("--top-p", v);
+  if (take_option(args, "--seed", &v)) o.seed = static_cast<uint64_t>(parse_int("--seed", v));
+  int64_t threads = 0;
+  if (take_option(args, "--threads", &v)) threads = parse_int("--threads", v);
+  reject_unknown_flags(args, "generate",
+                       {"--prompt", "--chat", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--threads"});
+  if (args.size() != 1) throw UserError("generate: expected one CHECKPOINT directory");
+  if (o.max_new_tokens <= 0) throw UserError("generate: --max-new-tokens must be positive");
+  if (o.temperature < 0) throw UserError("generate: --temperature must be >= 0");
+  if (!(o.top_p > 0 && o.top_p <= 1)) throw UserError("generate: --top-p must be in (0, 1]");
+  compat::configure_threads(static_cast<int>(threads));
+  const std::string ckpt = args[0];
+  ModelConfig cfg = train::read_checkpoint_config(ckpt);
+  const std::string tok_path = train::checkpoint_tokenizer(ckpt);
+  if (tok_path.empty()) throw UserError(ckpt + ": has no tokenizer.model; generation needs one");
+  data::Tokenizer tok(tok_path);
+  MixtralForCausalLM model(cfg);
+  train::load_model_weights(ckpt, model);
+  if (torch::cuda::is_available()) model->to(torch::Device(torch::kCUDA, 0));
+  // Mixtral-Instruct's format: <s>[INST] {prompt} [/INST]
+  std::vector<int64_t> ids{tok.bos_id()};
+  for (int t : tok.encode(chat ? "[INST] " + prompt + " [/INST]" : prompt)) ids.push_back(t);
+  o.eos_id = tok.eos_id();
+  std::vector<int> produced;
+  std::string shown;
+  std::cout << prompt << std::flush;
+  generate(model, ids, o, [&](int64_t t) {
+    // Decode everything produced so far and print what is new (pieces can merge across tokens).
+    produced.push_back(static_cast<int>(t));
+    std::string text = tok.decode(produced);
+    if (text.size() > shown.size() && text.compare(0, shown.size(), shown) == 0) {
+      std::cout << text.substr(shown.size()) << std::flush;
+      shown = text;
+    }
+  });
+  std::cout << "\n";
+  return 0;
+}
+
+}  // namespace moeforge::cli
