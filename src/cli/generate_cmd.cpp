@@ -44,11 +44,12 @@ int cmd_generate(const Args& in) {
   std::vector<int64_t> ids{tok.bos_id()};
   for (int t : tok.encode(chat ? "[INST] " + prompt + " [/INST]" : prompt)) ids.push_back(t);
   o.eos_id = tok.eos_id();
-  std::vector<int> produced;
-  std::string shown;
-  std::cout << prompt << std::flush;
+  // Decode prompt + everything produced so far and print what is new: SentencePiece drops the
+  // leading space of a text's first piece and pieces can merge, so tokens are not decoded alone.
+  std::vector<int> produced(ids.begin() + 1, ids.end());
+  std::string shown = tok.decode(produced);
+  if (!chat) std::cout << shown << std::flush;  // chat: only the answer
   generate(model, ids, o, [&](int64_t t) {
-    // Decode everything produced so far and print what is new (pieces can merge across tokens).
     produced.push_back(static_cast<int>(t));
     std::string text = tok.decode(produced);
     if (text.size() > shown.size() && text.compare(0, shown.size(), shown) == 0) {
