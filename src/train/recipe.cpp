@@ -24,7 +24,10 @@ std::string emit(const Recipe& r) {
   e << YAML::Key << "model_source" << YAML::Value << r.model_source;
   e << YAML::Key << "tokenizer" << YAML::Value << r.tokenizer;
   e << YAML::Key << "data" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value << r.data_dir
+    << YAML::Key << "train" << YAML::Value << r.sft_train << YAML::Key << "val" << YAML::Value << r.sft_val
     << YAML::EndMap;
+  e << YAML::Key << "sft" << YAML::Value << YAML::BeginMap << YAML::Key << "train_on_all" << YAML::Value
+    << r.sft_train_on_all << YAML::Key << "overlong" << YAML::Value << r.sft_overlong << YAML::EndMap;
   const auto& t = r.train;
   e << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "micro_batch_size" << YAML::Value << t.micro_batch_size;
@@ -67,7 +70,7 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   Recipe r;
   r.path = path;
   io::YamlMap m(root, path);
-  r.stage = m.get_enum("stage", {"pretrain"}, "pretrain");
+  r.stage = m.get_enum("stage", {"pretrain", "sft"}, "pretrain");
   // model: a path to a config file, or the config inline; absent: the init_from checkpoint's.
   r.init_from = m.get_string("init_from", "");
   if (!m.has("model") && !r.init_from.empty()) {
@@ -88,8 +91,17 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   m.get_string("model_source", "");  // written back by emit(); ignored on input
   r.tokenizer = m.get_string("tokenizer", "");
   io::YamlMap d = m.get_map("data");
-  r.data_dir = d.get_string("dir");
+  r.data_dir = d.get_string("dir", "");
+  r.sft_train = d.get_string("train", "");
+  r.sft_val = d.get_string("val", "");
+  if (r.stage == "pretrain" && r.data_dir.empty()) d.fail("dir", "required for stage pretrain: a directory made by 'moeforge prepare'");
+  if (r.stage == "sft" && r.sft_train.empty()) d.fail("train", "required for stage sft: a JSONL file of examples");
+  if (r.stage == "sft" && r.sft_val.empty()) d.fail("val", "required for stage sft: a JSONL file of held-out examples");
   d.finish();
+  io::YamlMap sft = m.get_map("sft");
+  r.sft_train_on_all = sft.get_bool("train_on_all", false);
+  r.sft_overlong = sft.get_enum("overlong", {"truncate", "skip"}, "truncate");
+  sft.finish();
 
   io::YamlMap t = m.get_map("train");
   auto& tc = r.train;

@@ -44,11 +44,14 @@ struct RuntimeConfig {
 
 struct Recipe {
   std::string path;                // the recipe file
-  std::string stage = "pretrain";  // pretrain (sft, dpo: later issues)
+  std::string stage = "pretrain";  // pretrain | sft (dpo: next)
   std::string model_source;        // the model config file, or "<inline>"
   ModelConfig model;
   std::string tokenizer;           // SentencePiece model ("" = the prepared data's copy)
-  std::string data_dir;            // prepared data (moeforge prepare)
+  std::string data_dir;            // pretrain: prepared data (moeforge prepare)
+  std::string sft_train, sft_val;  // sft: JSONL examples (data.train, data.val)
+  bool sft_train_on_all = false;   // sft.train_on_all: loss on every token, not only the assistant's
+  std::string sft_overlong = "truncate";  // sft.overlong: truncate | skip
   TrainLoopConfig train;
   OptimConfig optim;
   RuntimeConfig runtime;

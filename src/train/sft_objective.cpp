@@ -41,6 +41,10 @@ SftLoss sft_loss(MixtralForCausalLM& model, const data::PackedBatch& b, const to
   l.z = z.item<double>();
   l.target_tokens = static_cast<int64_t>(n_targets.item<double>());
   l.logits = out.logits;
+  for (auto& r : out.router) {
+    l.load_per_layer.push_back(r.tokens_per_expert.cpu());
+    l.entropy_per_layer.push_back(r.entropy.item<double>());
+  }
   return l;
 }
 

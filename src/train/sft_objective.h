@@ -3,6 +3,8 @@
 #pragma once
 #include <torch/types.h>
 
+#include <vector>
+
 #include "data/sft_dataset.h"
 #include "model/decoder.h"
 
@@ -13,6 +15,8 @@ struct SftLoss {
   torch::Tensor logits;      // [B, T, V] (kept for tests)
   double loss = 0, aux = 0, z = 0, accuracy = 0;
   int64_t target_tokens = 0;
+  std::vector<torch::Tensor> load_per_layer;  // [E] int64, CPU
+  std::vector<double> entropy_per_layer;
 };
 
 // `aux_loss_coef` < 0 uses the model config's coefficient.

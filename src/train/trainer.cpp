@@ -22,6 +22,7 @@
 #include "train/metrics.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
+#include "train/stage_data.h"
 
 namespace moeforge::train {
 
@@ -110,23 +111,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   const ModelConfig& cfg = r.model;
   const auto& tc = r.train;
 
-  // Data.
-  auto train_ds = std::make_shared<data::TokenDataset>(r.data_dir, "train");
-  auto val_ds = std::make_shared<data::TokenDataset>(r.data_dir, "val");
-  if (train_ds->meta().vocab_size > cfg.vocab_size)
-    throw UserError(r.path + ": key 'model.vocab_size': the data's tokenizer has " +
-                    std::to_string(train_ds->meta().vocab_size) + " tokens, more than the model's " +
-                    std::to_string(cfg.vocab_size));
-  const std::string tokenizer = r.tokenizer.empty() ? r.data_dir + "/" + train_ds->meta().tokenizer : r.tokenizer;
-  if (!fs::exists(tokenizer)) throw UserError(tokenizer + ": tokenizer model not found");
-  data::LmSampler train_sampler(std::make_shared<data::TokenStream>(train_ds), tc.seq_len, tc.seed, true);
-  data::LmSampler val_sampler(std::make_shared<data::TokenStream>(val_ds), tc.seq_len, tc.seed, false);
-  if (train_sampler.num_windows() == 0)
-    throw UserError(r.data_dir + ": the training split has fewer than seq_len + 1 = " + std::to_string(tc.seq_len + 1) +
-                    " tokens");
-  if (val_sampler.num_windows() == 0)
-    throw UserError(r.data_dir + ": the validation split has fewer than seq_len + 1 = " +
-                    std::to_string(tc.seq_len + 1) + " tokens; prepare with a larger --val-fraction");
+  // Data: what the stage trains on.
+  std::unique_ptr<StageData> data = make_stage_data(r);
+  const std::string tokenizer = data->tokenizer();
 
   // Model and optimizer.
   torch::manual_seed(tc.seed);  // the global generator drives router jitter only
@@ -180,7 +167,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
                    << threads << " threads; peak matmul " << static_cast<int>(peak) << " GFLOP/s");
   MF_INFO("training " << total_steps << " steps of " << tokens_per_step << " tokens (" << tc.micro_batch_size << " x "
                       << tc.seq_len << " x " << tc.grad_accum << " accumulation); "
-                      << train_sampler.num_windows() << " training windows");
+                      << data->describe());
 
   const int L = static_cast<int>(cfg.num_layers);
   double train_seconds = 0;       // optimizer steps only (no eval, no checkpoints), this process
@@ -196,20 +183,20 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     const double lr = lr_at(state.step, total_steps, r.optim.warmup_steps, r.optim.lr, r.optim.min_lr,
                             r.optim.schedule, r.optim.decay_fraction);
     opt.zero_grad();
-    double ce = 0, aux = 0, z = 0;
+    double ce = 0, aux = 0, z = 0, acc = 0;
     std::vector<torch::Tensor> loads(static_cast<size_t>(L));
     std::vector<double> entropy(static_cast<size_t>(L), 0.0);
     int64_t step_tokens = 0;
     for (int64_t a = 0; a < tc.grad_accum; ++a) {
-      auto batch = train_sampler.batch(state.samples_seen, tc.micro_batch_size);
-      LmLoss l = [&] {
+      BatchLoss l = [&] {
         compat::CudaBf16Autocast autocast(bf16);
-        return lm_loss(model, batch, device);
+        return data->train_batch(model, state.samples_seen, tc.micro_batch_size, device);
       }();
       (l.total / static_cast<double>(tc.grad_accum)).backward();
       state.samples_seen += tc.micro_batch_size;
       step_tokens += l.tokens;
-      ce += l.ce / tc.grad_accum;
+      ce += l.loss / tc.grad_accum;
+      acc += l.accuracy / tc.grad_accum;
       aux += l.aux / tc.grad_accum;
       z += l.z / tc.grad_accum;
       for (int i = 0; i < L; ++i) {
@@ -259,6 +246,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
         ent.push_back(entropy[i]);
       }
       rec["load_max_over_mean"] = worst;
+      if (r.stage == "sft") rec["token_accuracy"] = acc;
       nlohmann::json full = rec;
       full["expert_load"] = load_json;
       full["layer_load_max_over_mean"] = maxmean;
@@ -273,7 +261,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       interval_tokens = 0;
     }
     if (state.step % tc.eval_interval == 0 || state.step == total_steps) {
-      EvalResult ev = evaluate_lm(model, val_sampler, tc.micro_batch_size, tc.eval_batches, device);
+      EvalResult ev = data->evaluate(model, tc.micro_batch_size, tc.eval_batches, device);
       last_val = ev.loss;
       metrics.write({{"step", state.step}, {"val_loss", ev.loss}, {"val_perplexity", ev.perplexity},
                      {"val_tokens", ev.tokens}},
@@ -303,20 +291,19 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   res.steps = state.step;
   res.final_train_loss = last_loss;
   if (std::isnan(last_val)) {
-    EvalResult ev = evaluate_lm(model, val_sampler, tc.micro_batch_size, tc.eval_batches, device);
+    EvalResult ev = data->evaluate(model, tc.micro_batch_size, tc.eval_batches, device);
     last_val = ev.loss;
   }
   res.final_val_loss = last_val;
   res.tokens_per_second = tokens_this_run / std::max(train_seconds, 1e-9);
   res.mfu = flops_per_token * res.tokens_per_second / (peak * 1e9);
-  const double h = unigram_entropy(r.data_dir, "val");
   nlohmann::json summary = {
+      {"stage", r.stage},
       {"steps", state.step},
       {"tokens", state.tokens_seen},
       {"final_train_loss", std::isnan(last_loss) ? nlohmann::json(nullptr) : nlohmann::json(last_loss)},
       {"final_val_loss", last_val},
       {"final_val_perplexity", std::exp(last_val)},
-      {"unigram_entropy", h},
       {"tokens_per_second", res.tokens_per_second},
       {"mfu", res.mfu},
       {"peak_gflops", peak},
@@ -326,7 +313,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       {"device", dev_name},
       {"threads", threads},
       {"elapsed_s", elapsed_before + std::chrono::duration<double>(Clock::now() - run_start).count()}};
+  data->summarize(summary);
   write_json_atomic(run_dir + "/summary.json", summary);
+  const double h = summary.value("unigram_entropy", NAN);
   std::fprintf(stderr,
                "done: %ld steps | final val loss %.4f (unigram entropy of the val tokens %.4f) | %.0f tokens/s | "
                "MFU %.1f%% of a %.0f GFLOP/s matmul\n",

@@ -1,0 +1,41 @@
+// What a stage trains on and how a batch becomes a loss: the one place where pretraining and
+// supervised fine-tuning differ inside the training loop.
+#pragma once
+#include <torch/types.h>
+
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "model/decoder.h"
+#include "train/evaluate.h"
+#include "train/recipe.h"
+
+namespace moeforge::train {
+
+struct BatchLoss {
+  torch::Tensor total;  // backward() runs on this
+  double loss = 0, aux = 0, z = 0, accuracy = 0;
+  int64_t tokens = 0;   // tokens that carried loss
+  std::vector<torch::Tensor> load_per_layer;
+  std::vector<double> entropy_per_layer;
+};
+
+class StageData {
+ public:
+  virtual ~StageData() = default;
+  virtual std::string describe() const = 0;
+  virtual const std::string& tokenizer() const = 0;
+  // Micro-batch of `batch_size` samples starting at global sample index `first`.
+  virtual BatchLoss train_batch(MixtralForCausalLM& model, int64_t first, int64_t batch_size,
+                                const torch::Device& device) = 0;
+  virtual EvalResult evaluate(MixtralForCausalLM& model, int64_t batch_size, int64_t max_batches,
+                              const torch::Device& device) = 0;
+  // Summary extras (e.g. the unigram entropy of the validation tokens).
+  virtual void summarize(nlohmann::json& summary) = 0;
+};
+
+std::unique_ptr<StageData> make_stage_data(const Recipe& r);
+
+}  // namespace moeforge::train
