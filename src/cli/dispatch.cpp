@@ -20,6 +20,8 @@ const char* kUsage =
     "                                               pretrain (stage: pretrain) as the recipe says\n"
     "  eval CHECKPOINT (--data DIR | --text FILE) [--json] [--batches N] [--seq-len T]\n"
     "                                               validation loss and perplexity\n"
+    "  eval CHECKPOINT --generate --data FILE.jsonl [--json] [--max-new-tokens N]\n"
+    "                                               greedy completions, exact match against the reference\n"
     "  export CHECKPOINT --format hf|gguf --out PATH [--dtype bf16|fp16|fp32] [--max-shard-size 5GB]\n"
     "                                               Hugging Face safetensors directory or llama.cpp GGUF file\n"
     "  import HF_DIR --out CHECKPOINT                a Hugging Face MixtralForCausalLM directory\n"

@@ -11,7 +11,9 @@
 #include "cli/cli.h"
 #include "core/compat.h"
 #include "core/error.h"
+#include "data/chat.h"
 #include "data/lm_dataset.h"
+#include "model/generate.h"
 #include "data/prepare.h"
 #include "data/tokenizer.h"
 #include "train/checkpoint.h"
@@ -98,10 +100,68 @@ int cmd_train(const Args& in) {
   return 0;
 }
 
+// Greedy completions for each prompt of a JSONL file ({"prompt", "completion"} or {"messages"} ending in
+// an assistant turn), rendered in the chat format; exact match against the reference after trimming.
+static int eval_generate(const std::string& ckpt, const std::string& file, int64_t max_new, bool json, int threads) {
+  compat::configure_threads(threads);
+  ModelConfig cfg = train::read_checkpoint_config(ckpt);
+  const std::string tok_path = train::checkpoint_tokenizer(ckpt);
+  if (tok_path.empty()) throw UserError(ckpt + ": has no tokenizer.model; --generate needs one");
+  data::Tokenizer tok(tok_path);
+  MixtralForCausalLM model(cfg);
+  train::load_model_weights(ckpt, model);
+  std::ifstream in(file);
+  if (!in) throw UserError(file + ": cannot open");
+  auto trim = [](std::string s) {
+    size_t a = s.find_first_not_of(" \t\r\n"), b = s.find_last_not_of(" \t\r\n");
+    return a == std::string::npos ? std::string() : s.substr(a, b - a + 1);
+  };
+  int64_t n = 0, correct = 0, lineno = 0;
+  for (std::string line; std::getline(in, line);) {
+    ++lineno;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    const std::string where = file + ":" + std::to_string(lineno);
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception&) {
+      throw UserError(where + ": invalid JSON");
+    }
+    bool plain = false;
+    auto messages = data::example_messages(j, where, &plain);
+    if (plain || messages.back().role != "assistant")
+      throw UserError(where + ": --generate needs a prompt and a reference completion");
+    std::string reference = messages.back().content;
+    messages.pop_back();
+    auto ex = data::tokenize_chat(tok, messages, false, where);
+    SamplingOptions o;
+    o.max_new_tokens = max_new;
+    o.eos_id = tok.eos_id();
+    std::vector<int64_t> prompt(ex.ids.begin(), ex.ids.end());
+    auto out = generate(model, prompt, o);
+    std::string text = tok.decode(std::vector<int>(out.begin(), out.end()));
+    ++n;
+    if (trim(text) == trim(reference)) ++correct;
+  }
+  if (n == 0) throw UserError(file + ": no examples");
+  const double em = static_cast<double>(correct) / static_cast<double>(n);
+  if (json) {
+    std::cout << nlohmann::json{{"checkpoint", ckpt}, {"data", file}, {"exact_match", em}, {"n", n}, {"correct", correct}}
+                     .dump()
+              << "\n";
+  } else {
+    std::printf("%s on %s: exact match %.3f (%ld of %ld)\n", ckpt.c_str(), file.c_str(), em, (long)correct, (long)n);
+  }
+  return 0;
+}
+
 int cmd_eval(const Args& in) {
   Args args = in;
   std::string data_dir, text_file, v;
   const bool json = take_flag(args, "--json");
+  const bool gen = take_flag(args, "--generate");
+  int64_t max_new = 64;
+  if (take_option(args, "--max-new-tokens", &v)) max_new = parse_int("--max-new-tokens", v);
   take_option(args, "--data", &data_dir);
   take_option(args, "--text", &text_file);
   int64_t batches = 0, batch_size = 8, seq_len = 0, threads = 0;
@@ -109,7 +169,14 @@ int cmd_eval(const Args& in) {
   if (take_option(args, "--batch-size", &v)) batch_size = parse_int("--batch-size", v);
   if (take_option(args, "--seq-len", &v)) seq_len = parse_int("--seq-len", v);
   if (take_option(args, "--threads", &v)) threads = parse_int("--threads", v);
-  reject_unknown_flags(args, "eval", {"--json", "--data", "--text", "--batches", "--batch-size", "--seq-len", "--threads"});
+  reject_unknown_flags(args, "eval", {"--json", "--data", "--text", "--batches", "--batch-size", "--seq-len", "--threads",
+                                      "--generate", "--max-new-tokens"});
+  if (gen) {
+    if (args.size() != 1 || data_dir.empty())
+      throw UserError("eval --generate: usage: moeforge eval CHECKPOINT --generate --data FILE.jsonl [--json]");
+    if (max_new <= 0) throw UserError("eval: --max-new-tokens must be positive");
+    return eval_generate(args[0], data_dir, max_new, json, static_cast<int>(threads));
+  }
   if (args.size() != 1) throw UserError("eval: expected one CHECKPOINT directory (usage: moeforge eval CHECKPOINT --data DIR | --text FILE [--json])");
   if (data_dir.empty() == text_file.empty()) throw UserError("eval: give exactly one of --data DIR or --text FILE");
   if (batch_size <= 0) throw UserError("eval: --batch-size must be positive");

@@ -83,6 +83,17 @@ TEST(Sft, FineTunesFromAPretrainedCheckpoint) {
   EXPECT_LT(s["final_val_loss"].get<double>(), first);
   // The SFT checkpoint is self-contained (the tokenizer came along).
   EXPECT_TRUE(fs::exists(*train::latest_checkpoint(dir / "sft") + "/tokenizer.model"));
+  // Greedy exact match on the held-out pairs.
+  std::string ej = dir / "em.json";
+  ASSERT_EQ(std::system((std::string(MOEFORGE_BINARY) + " eval " + *train::latest_checkpoint(dir / "sft") +
+                         " --generate --data " + (dir / "val.jsonl") + " --max-new-tokens 12 --json > " + ej).c_str()),
+            0);
+  std::ifstream ein(ej);
+  auto em = nlohmann::json::parse(ein);
+  EXPECT_EQ(em["n"], 12);
+  EXPECT_GE(em["exact_match"].get<double>(), 0.0);
+  EXPECT_LE(em["exact_match"].get<double>(), 1.0);
+  EXPECT_DOUBLE_EQ(em["exact_match"].get<double>(), em["correct"].get<double>() / 12.0);
   // A missing val file is a one-line error with exit 2.
   std::ofstream(dir / "bad.yaml") << "stage: sft\ninit_from: " << pre << "\ndata: {train: " << (dir / "train.jsonl")
                                   << "}\noutput_dir: " << (dir / "bad") << "\n";
