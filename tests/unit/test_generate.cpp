@@ -35,18 +35,22 @@ TEST(Generate, GreedyWithCacheEqualsRecomputingTokenForToken) {
 
 // With a window of 4 the cache holds 4 slots; feeding 20 tokens (a prompt of 7 longer than the window,
 // then one at a time) gives the logits of full windowed attention over the whole sequence.
+// In fp64: the rolling buffer keeps keys in slot order (p % window), so attention sums run in another
+// order than in the full forward; in fp32 that rounding reaches ~1e-5 on these large logits.
 TEST(Generate, RollingBufferEqualsFullWindowedAttention) {
   auto m = gen_model(4);
+  m->to(torch::kDouble);
   torch::NoGradGuard ng;
+  torch::manual_seed(5);
   auto ids = torch::randint(0, 64, {1, 20}, torch::kLong);
   auto full = m->forward(ids).logits;
   KVCache cache = m->make_cache(1, 20);
   EXPECT_EQ(cache.capacity, 4);
   auto first = m->forward_cached(ids.narrow(1, 0, 7), cache);
-  EXPECT_LT(test::max_abs_diff(first, full.narrow(1, 0, 7)), 1e-5);
+  EXPECT_LT(test::max_abs_diff(first, full.narrow(1, 0, 7)), 1e-10);
   for (int64_t t = 7; t < 20; ++t) {
     auto step = m->forward_cached(ids.narrow(1, t, 1), cache);
-    EXPECT_LT(test::max_abs_diff(step[0][0], full[0][t]), 1e-5) << "position " << t;
+    EXPECT_LT(test::max_abs_diff(step[0][0], full[0][t]), 1e-10) << "position " << t;
   }
   EXPECT_EQ(cache.layers[0].pos.sizes(), torch::IntArrayRef({4}));
   EXPECT_EQ(cache.layers[0].pos.max().item<int64_t>(), 19);
