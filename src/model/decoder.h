@@ -78,6 +78,19 @@ class MixtralForCausalLMImpl : public torch::nn::Module {
 };
 TORCH_MODULE(MixtralForCausalLM);
 
+// Puts a model in eval mode for a scope and restores the mode it found.
+class EvalModeGuard {
+ public:
+  explicit EvalModeGuard(MixtralForCausalLM& m) : m_(m), was_training_(m->is_training()) { m_->eval(); }
+  ~EvalModeGuard() { m_->train(was_training_); }
+  EvalModeGuard(const EvalModeGuard&) = delete;
+  EvalModeGuard& operator=(const EvalModeGuard&) = delete;
+
+ private:
+  MixtralForCausalLM& m_;
+  bool was_training_;
+};
+
 // Deterministic initialisation from a seed (independent of the global RNG and of the device):
 // linear and embedding weights ~ N(0, init_std), norm weights 1, expert biases 0.
 void init_weights(torch::nn::Module& model, double init_std, uint64_t seed);

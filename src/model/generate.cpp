@@ -25,19 +25,12 @@ int64_t pick(const torch::Tensor& logits_V, const SamplingOptions& opt, at::Gene
   return torch::multinomial(probs / probs.sum(), 1, /*replacement=*/false, gen).item<int64_t>();
 }
 
-struct EvalMode {
-  explicit EvalMode(MixtralForCausalLM& m) : m_(m), was_(m->is_training()) { m_->eval(); }
-  ~EvalMode() { m_->train(was_); }
-  MixtralForCausalLM& m_;
-  bool was_;
-};
-
 }  // namespace
 
 std::vector<int64_t> generate(MixtralForCausalLM& model, const std::vector<int64_t>& prompt, const SamplingOptions& opt,
                               const std::function<void(int64_t)>& on_token) {
   if (prompt.empty()) throw UserError("generation: the prompt is empty");
-  EvalMode em(model);
+  EvalModeGuard em(model);
   torch::NoGradGuard ng;
   auto device = model->model->embed_tokens->weight.device();
   const int64_t max_len = static_cast<int64_t>(prompt.size()) + opt.max_new_tokens;
@@ -64,7 +57,7 @@ std::vector<int64_t> generate(MixtralForCausalLM& model, const std::vector<int64
 
 std::vector<int64_t> generate_uncached_greedy(MixtralForCausalLM& model, const std::vector<int64_t>& prompt,
                                               int64_t max_new_tokens, int64_t eos_id) {
-  EvalMode em(model);
+  EvalModeGuard em(model);
   torch::NoGradGuard ng;
   std::vector<int64_t> seq = prompt, out;
   for (int64_t step = 0; step < max_new_tokens; ++step) {

@@ -174,6 +174,10 @@ ModelConfig read_init_config(const std::string& init_from) {
   return read_checkpoint_config(init_from);
 }
 
+std::string init_tokenizer(const std::string& init_from) {
+  return checkpoint_tokenizer(init_from.rfind("hf:", 0) == 0 ? init_from.substr(3) : init_from);
+}
+
 void load_init_weights(const std::string& init_from, MixtralForCausalLM& model) {
   if (init_from.rfind("hf:", 0) == 0) load_hf_weights(init_from.substr(3), model);
   else load_model_weights(init_from, model);

@@ -57,6 +57,8 @@ void load_hf_weights(const std::string& hf_dir, MixtralForCausalLM& model);
 // "hf:DIR" (a Hugging Face directory) or a moeforge checkpoint directory.
 ModelConfig read_init_config(const std::string& init_from);
 void load_init_weights(const std::string& init_from, MixtralForCausalLM& model);
+// The tokenizer.model of an init source ("hf:DIR" or a checkpoint), or "" when it has none.
+std::string init_tokenizer(const std::string& init_from);
 void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& state);
 // A checkpoint's tokenizer path ("" when it has none).
 std::string checkpoint_tokenizer(const std::string& ckpt_dir);

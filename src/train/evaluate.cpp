@@ -7,13 +7,6 @@
 namespace moeforge::train {
 
 namespace {
-struct ModeGuard {
-  explicit ModeGuard(MixtralForCausalLM& m) : m_(m), was_training_(m->is_training()) { m_->eval(); }
-  ~ModeGuard() { m_->train(was_training_); }
-  MixtralForCausalLM& m_;
-  bool was_training_;
-};
-
 double sum_ce(MixtralForCausalLM& model, const torch::Tensor& inputs, const torch::Tensor& targets,
               const torch::Device& device) {
   auto out = model->forward(inputs.to(device));
@@ -27,7 +20,7 @@ double sum_ce(MixtralForCausalLM& model, const torch::Tensor& inputs, const torc
 
 EvalResult evaluate_lm(MixtralForCausalLM& model, data::LmSampler& sampler, int64_t batch_size, int64_t max_batches,
                        const torch::Device& device) {
-  ModeGuard mg(model);
+  EvalModeGuard mg(model);
   torch::NoGradGuard ng;
   EvalResult r;
   double total = 0;
@@ -48,7 +41,7 @@ EvalResult evaluate_lm(MixtralForCausalLM& model, data::LmSampler& sampler, int6
 
 EvalResult evaluate_tokens(MixtralForCausalLM& model, const std::vector<int64_t>& tokens, int64_t seq_len,
                            const torch::Device& device) {
-  ModeGuard mg(model);
+  EvalModeGuard mg(model);
   torch::NoGradGuard ng;
   EvalResult r;
   double total = 0;

@@ -37,17 +37,24 @@ LmLoss lm_loss(MixtralForCausalLM& model, const data::LmBatch& batch, const torc
     torch::NoGradGuard ng;
     z = router_z_loss(logits);
   }
-  // One host sync for all logged scalars.
-  auto scalars = torch::stack({ce.detach().to(torch::kDouble), aux.detach().to(torch::kDouble),
-                               z.detach().to(torch::kDouble)})
-                     .cpu();
-  l.ce = scalars[0].item<double>();
-  l.aux = scalars[1].item<double>();
-  l.z = scalars[2].item<double>();
-  l.tokens = targets.numel();
+  // Two host syncs for everything logged: the scalars and entropies, then the loads.
+  std::vector<torch::Tensor> scalars{ce.detach().to(torch::kDouble), aux.detach().to(torch::kDouble),
+                                     z.detach().to(torch::kDouble)};
+  std::vector<torch::Tensor> loads;
   for (auto& r : out.router) {
-    l.load_per_layer.push_back(r.tokens_per_expert.cpu());
-    l.entropy_per_layer.push_back(r.entropy.item<double>());
+    scalars.push_back(r.entropy.to(torch::kDouble));
+    loads.push_back(r.tokens_per_expert);
+  }
+  auto s = torch::stack(scalars).cpu();
+  auto loads_cpu = torch::stack(loads).cpu();
+  const double* sv = s.data_ptr<double>();
+  l.ce = sv[0];
+  l.aux = sv[1];
+  l.z = sv[2];
+  l.tokens = targets.numel();
+  for (size_t i = 0; i < out.router.size(); ++i) {
+    l.load_per_layer.push_back(loads_cpu[static_cast<int64_t>(i)]);
+    l.entropy_per_layer.push_back(sv[3 + i]);
   }
   return l;
 }

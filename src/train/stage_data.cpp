@@ -76,10 +76,7 @@ class SftData : public StageData {
  public:
   explicit SftData(const Recipe& r) : r_(r) {
     tokenizer_ = r.tokenizer;
-    if (tokenizer_.empty() && !r.init_from.empty() && r.init_from.rfind("hf:", 0) != 0)
-      tokenizer_ = checkpoint_tokenizer(r.init_from);
-    if (tokenizer_.empty() && r.init_from.rfind("hf:", 0) == 0 && fs::exists(r.init_from.substr(3) + "/tokenizer.model"))
-      tokenizer_ = r.init_from.substr(3) + "/tokenizer.model";
+    if (tokenizer_.empty() && !r.init_from.empty()) tokenizer_ = init_tokenizer(r.init_from);
     if (tokenizer_.empty())
       throw UserError(r.path + ": key 'tokenizer': stage sft needs a tokenizer (set it, or init_from a checkpoint that has one)");
     data::Tokenizer tok(tokenizer_);
@@ -117,8 +114,7 @@ class SftData : public StageData {
   }
   EvalResult evaluate(MixtralForCausalLM& m, int64_t b, int64_t max_batches, const torch::Device& d) override {
     torch::NoGradGuard ng;
-    const bool was = m->is_training();
-    m->eval();
+    EvalModeGuard em(m);
     double sum = 0;
     EvalResult r;
     int64_t batches = 0;
@@ -130,7 +126,6 @@ class SftData : public StageData {
       r.tokens += l.target_tokens;
       ++batches;
     }
-    m->train(was);
     r.loss = r.tokens ? sum / static_cast<double>(r.tokens) : 0.0;
     r.perplexity = std::exp(r.loss);
     return r;

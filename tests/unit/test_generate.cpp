@@ -85,9 +85,8 @@ TEST(Generate, StopsAtEosAndChecksLength) {
   o.max_new_tokens = 10;
   o.eos_id = greedy[3];  // pretend the fourth greedy token is </s>
   auto out = generate(m, prompt, o);
-  std::vector<int64_t> expect(greedy.begin(), greedy.begin() + 3);
   auto first_eos = std::find(greedy.begin(), greedy.end(), greedy[3]) - greedy.begin();
-  expect.assign(greedy.begin(), greedy.begin() + first_eos);
+  std::vector<int64_t> expect(greedy.begin(), greedy.begin() + first_eos);
   EXPECT_EQ(out, expect);
   o.max_new_tokens = 1000;  // beyond max_position_embeddings (128) without a window
   EXPECT_THROW(generate(m, prompt, o), UserError);
