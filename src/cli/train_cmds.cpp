@@ -17,6 +17,12 @@
 #include "data/prepare.h"
 #include "data/tokenizer.h"
 #include "train/checkpoint.h"
+#include "train/dpo_objective.h"
+#include "core/log.h"
+#include "data/preference.h"
+#include "io/jsonl.h"
+#include <yaml-cpp/yaml.h>
+#include <map>
 #include "train/evaluate.h"
 #include "train/recipe.h"
 #include "train/trainer.h"
@@ -110,23 +116,12 @@ static int eval_generate(const std::string& ckpt, const std::string& file, int64
   data::Tokenizer tok(tok_path);
   MixtralForCausalLM model(cfg);
   train::load_model_weights(ckpt, model);
-  std::ifstream in(file);
-  if (!in) throw UserError(file + ": cannot open");
   auto trim = [](std::string s) {
     size_t a = s.find_first_not_of(" \t\r\n"), b = s.find_last_not_of(" \t\r\n");
     return a == std::string::npos ? std::string() : s.substr(a, b - a + 1);
   };
-  int64_t n = 0, correct = 0, lineno = 0;
-  for (std::string line; std::getline(in, line);) {
-    ++lineno;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    const std::string where = file + ":" + std::to_string(lineno);
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception&) {
-      throw UserError(where + ": invalid JSON");
-    }
+  int64_t n = 0, correct = 0;
+  io::for_each_jsonl(file, [&](const nlohmann::json& j, const std::string& where) {
     bool plain = false;
     auto messages = data::example_messages(j, where, &plain);
     if (plain || messages.back().role != "assistant")
@@ -142,7 +137,7 @@ static int eval_generate(const std::string& ckpt, const std::string& file, int64
     std::string text = tok.decode(std::vector<int>(out.begin(), out.end()));
     ++n;
     if (trim(text) == trim(reference)) ++correct;
-  }
+  });
   if (n == 0) throw UserError(file + ": no examples");
   const double em = static_cast<double>(correct) / static_cast<double>(n);
   if (json) {
@@ -155,11 +150,106 @@ static int eval_generate(const std::string& ckpt, const std::string& file, int64
   return 0;
 }
 
+// Seq_len a checkpoint was trained with (trainer_state.json), or the model's limit capped at 2048.
+static int64_t checkpoint_seq_len(const std::string& ckpt, const ModelConfig& cfg) {
+  std::ifstream st(ckpt + "/trainer_state.json");
+  if (st) {
+    try {
+      const auto v = nlohmann::json::parse(st).at("seq_len").get<int64_t>();
+      if (v > 0) return v;
+    } catch (const std::exception&) {
+    }
+  }
+  return std::min<int64_t>(cfg.max_position_embeddings, 2048);
+}
+
+// DPO's implicit rewards of a tuned checkpoint against its reference on held-out preference pairs.
+static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt, const std::string& file, double beta,
+                            const std::string& loss, int64_t batch_size, int64_t seq_len, bool json, int threads) {
+  compat::configure_threads(threads);
+  ModelConfig cfg = train::read_checkpoint_config(ckpt), ref_cfg = train::read_checkpoint_config(ref_ckpt);
+  if (cfg.vocab_size != ref_cfg.vocab_size)
+    throw UserError(ref_ckpt + ": its vocabulary (" + std::to_string(ref_cfg.vocab_size) + ") differs from " + ckpt +
+                    "'s (" + std::to_string(cfg.vocab_size) + ")");
+  const std::string tok_path = train::checkpoint_tokenizer(ckpt);
+  if (tok_path.empty()) throw UserError(ckpt + ": has no tokenizer.model; --preferences needs one");
+  if (beta <= 0) {  // the beta the checkpoint was tuned with, else TRL's default
+    beta = 0.1;
+    std::ifstream rf(ckpt + "/recipe.yaml");
+    if (rf) {
+      try {
+        YAML::Node n = YAML::Load(rf);
+        if (n["stage"] && n["stage"].as<std::string>() == "dpo" && n["dpo"] && n["dpo"]["beta"])
+          beta = n["dpo"]["beta"].as<double>();
+      } catch (const std::exception&) {
+        beta = 0.1;
+      }
+    }
+  }
+  if (seq_len <= 0) seq_len = checkpoint_seq_len(ckpt, cfg);
+  if (seq_len > cfg.max_position_embeddings || seq_len > ref_cfg.max_position_embeddings)
+    throw UserError("eval: --seq-len " + std::to_string(seq_len) + " exceeds a model's max_position_embeddings");
+  data::Tokenizer tok(tok_path);
+  data::PreferenceStats stats;
+  auto pairs = data::load_preference_pairs(file, tok, seq_len, &stats);
+  if (stats.skips.total()) MF_WARN(file << ": skipped " << stats.skips.describe());
+  torch::Device device = torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+  MixtralForCausalLM policy(cfg), ref(ref_cfg);
+  train::load_model_weights(ckpt, policy);
+  train::load_model_weights(ref_ckpt, ref);
+  policy->to(device);
+  ref->to(device);
+  torch::NoGradGuard ng;
+  EvalModeGuard em(policy);
+  train::DpoOptions o;
+  o.beta = beta;
+  o.loss = loss;
+  std::map<std::string, double> sums;
+  double loss_sum = 0;
+  for (size_t a = 0; a < pairs.size(); a += static_cast<size_t>(batch_size)) {
+    std::vector<size_t> idx;
+    for (size_t k = a; k < std::min(pairs.size(), a + static_cast<size_t>(batch_size)); ++k) idx.push_back(k);
+    auto [rc, rr] = train::reference_logps(ref, pairs, idx, batch_size, seq_len, device);
+    auto l = train::dpo_batch(policy, pairs, idx, rc, rr, o, seq_len, device);
+    const double w = static_cast<double>(idx.size());
+    loss_sum += l.loss * w;
+    for (const auto& [k, v] : l.metrics) sums[k] += v * w;
+  }
+  const double n = static_cast<double>(pairs.size());
+  nlohmann::json out = {{"checkpoint", ckpt}, {"reference", ref_ckpt}, {"data", file},  {"n", pairs.size()},
+                        {"beta", beta},       {"loss_type", loss},      {"loss", loss_sum / n},
+                        {"skipped", stats.skips.total()}, {"truncated", stats.truncated}};
+  for (const auto& [k, v] : sums) out[k] = v / n;
+  if (json) {
+    std::cout << out.dump() << "\n";
+  } else {
+    std::printf("%s vs %s on %s (%zu pairs, beta %g): rewards/accuracies %.3f | rewards/margins %.4f | "
+                "rewards/chosen %.4f | rewards/rejected %.4f | %s loss %.4f\n",
+                ckpt.c_str(), ref_ckpt.c_str(), file.c_str(), pairs.size(), beta, out["rewards/accuracies"].get<double>(),
+                out["rewards/margins"].get<double>(), out["rewards/chosen"].get<double>(),
+                out["rewards/rejected"].get<double>(), loss.c_str(), loss_sum / n);
+  }
+  return 0;
+}
+
 int cmd_eval(const Args& in) {
   Args args = in;
   std::string data_dir, text_file, v;
   const bool json = take_flag(args, "--json");
   const bool gen = take_flag(args, "--generate");
+  std::string prefs, ref_ckpt, loss_type = "sigmoid";
+  double beta = 0;
+  take_option(args, "--preferences", &prefs);
+  take_option(args, "--reference", &ref_ckpt);
+  take_option(args, "--loss", &loss_type);
+  if (take_option(args, "--beta", &v)) {
+    try {
+      beta = std::stod(v);
+    } catch (const std::exception&) {
+      beta = -1;
+    }
+    if (!(beta > 0)) throw UserError("eval: --beta must be a positive number, got '" + v + "'");
+  }
   int64_t max_new = 64;
   if (take_option(args, "--max-new-tokens", &v)) max_new = parse_int("--max-new-tokens", v);
   take_option(args, "--data", &data_dir);
@@ -170,7 +260,17 @@ int cmd_eval(const Args& in) {
   if (take_option(args, "--seq-len", &v)) seq_len = parse_int("--seq-len", v);
   if (take_option(args, "--threads", &v)) threads = parse_int("--threads", v);
   reject_unknown_flags(args, "eval", {"--json", "--data", "--text", "--batches", "--batch-size", "--seq-len", "--threads",
-                                      "--generate", "--max-new-tokens"});
+                                      "--generate", "--max-new-tokens", "--preferences", "--reference", "--beta", "--loss"});
+  if (!prefs.empty() || !ref_ckpt.empty()) {
+    if (args.size() != 1 || prefs.empty() || ref_ckpt.empty())
+      throw UserError("eval --preferences: usage: moeforge eval CHECKPOINT --preferences FILE.jsonl --reference "
+                      "REF_CHECKPOINT [--beta B] [--loss sigmoid|ipo|hinge|robust] [--json]");
+    if (loss_type != "sigmoid" && loss_type != "ipo" && loss_type != "hinge" && loss_type != "robust")
+      throw UserError("eval: --loss must be sigmoid, ipo, hinge or robust, got '" + loss_type + "'");
+    if (batch_size <= 0) throw UserError("eval: --batch-size must be positive");
+    return eval_preferences(args[0], ref_ckpt, prefs, beta, loss_type, batch_size, seq_len, json,
+                            static_cast<int>(threads));
+  }
   if (gen) {
     if (args.size() != 1 || data_dir.empty())
       throw UserError("eval --generate: usage: moeforge eval CHECKPOINT --generate --data FILE.jsonl [--json]");
@@ -183,17 +283,7 @@ int cmd_eval(const Args& in) {
   const std::string ckpt = args[0];
   compat::configure_threads(static_cast<int>(threads));
   ModelConfig cfg = train::read_checkpoint_config(ckpt);
-  if (seq_len <= 0) {
-    std::ifstream st(ckpt + "/trainer_state.json");
-    if (st) {
-      try {
-        seq_len = nlohmann::json::parse(st).at("seq_len").get<int64_t>();
-      } catch (const std::exception&) {
-        seq_len = 0;
-      }
-    }
-    if (seq_len <= 0) seq_len = std::min<int64_t>(cfg.max_position_embeddings, 2048);
-  }
+  if (seq_len <= 0) seq_len = checkpoint_seq_len(ckpt, cfg);
   if (seq_len > cfg.max_position_embeddings)
     throw UserError("eval: --seq-len " + std::to_string(seq_len) + " exceeds the model's max_position_embeddings");
   MixtralForCausalLM model(cfg);

@@ -35,6 +35,24 @@ Turns check_turns(const std::vector<Message>& m, const std::string& where) {
 
 }  // namespace
 
+void SkipCounts::add(const std::string& reason, const std::string& message) {
+  if (first.empty()) first = message;
+  ++by_reason[reason];
+}
+
+int64_t SkipCounts::total() const {
+  int64_t n = 0;
+  for (const auto& [k, v] : by_reason) n += v;
+  return n;
+}
+
+std::string SkipCounts::describe() const {
+  if (by_reason.empty()) return "none";
+  std::string s;
+  for (const auto& [k, v] : by_reason) s += (s.empty() ? "" : ", ") + std::to_string(v) + " " + k;
+  return s + " (first: " + first + ")";
+}
+
 std::string render_mistral(const std::vector<Message>& messages, const std::string& where) {
   Turns t = check_turns(messages, where);
   std::string out = "<s>";
@@ -58,7 +76,7 @@ TokenizedExample tokenize_chat(const Tokenizer& tok, const std::vector<Message>&
     add(tok.encode("[INST] " + (p == 0 && !t.system.empty() ? t.system + "\n\n" : "") + t.pairs[p].first + " [/INST]"),
         train_on_all ? 1 : 0);
     if (p + 1 == t.pairs.size() && t.ends_with_user) break;
-    if (t.pairs[p].second.empty()) throw UserError(where + ": assistant message " + std::to_string(p + 1) + " is empty");
+    if (t.pairs[p].second.empty()) throw BadExample("empty completion", where + ": assistant message " + std::to_string(p + 1) + " is empty");
     add(tok.encode(t.pairs[p].second), 1);
     add({tok.eos_id()}, 1);
   }
@@ -69,7 +87,7 @@ TokenizedExample tokenize_chat(const Tokenizer& tok, const std::vector<Message>&
 std::vector<Message> example_messages(const nlohmann::json& j, const std::string& where, bool* is_plain_text) {
   *is_plain_text = false;
   auto str = [&](const nlohmann::json& o, const char* key) -> std::string {
-    if (!o.contains(key)) throw UserError(where + ": missing field '" + key + "'");
+    if (!o.contains(key)) throw BadExample("missing field", where + ": missing field '" + key + "'");
     if (!o[key].is_string()) throw UserError(where + ": field '" + key + "' must be a string");
     return o[key].get<std::string>();
   };
@@ -85,7 +103,7 @@ std::vector<Message> example_messages(const nlohmann::json& j, const std::string
   }
   if (j.contains("prompt") || j.contains("completion")) {
     std::string c = str(j, "completion");
-    if (c.empty()) throw UserError(where + ": 'completion' is empty");
+    if (c.empty()) throw BadExample("empty completion", where + ": 'completion' is empty");
     return {Message{"user", str(j, "prompt")}, Message{"assistant", c}};
   }
   if (j.contains("text")) {

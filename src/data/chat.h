@@ -2,14 +2,33 @@
 // three JSONL example shapes people have. Loss masks mark the tokens a model is trained to produce.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "core/error.h"
 #include "data/tokenizer.h"
 
 namespace moeforge::data {
+
+// An example that cannot be used but harms nothing else (a missing field, an empty completion, a
+// prompt over the length limit): data loaders skip it and count it; elsewhere it is a UserError.
+class BadExample : public UserError {
+ public:
+  BadExample(std::string why, const std::string& msg) : UserError(msg), reason(std::move(why)) {}
+  std::string reason;  // "missing field" | "empty completion" | "prompt over the limit" | ...
+};
+
+// Skipped examples by reason, and the first one's message (file:line: ...), for the log and summary.
+struct SkipCounts {
+  std::map<std::string, int64_t> by_reason;
+  std::string first;
+  void add(const std::string& reason, const std::string& message);
+  int64_t total() const;
+  std::string describe() const;  // "2 missing field, 1 empty completion (first: f.jsonl:3: ...)" or "none"
+};
 
 struct Message {
   std::string role;  // system | user | assistant

@@ -2,47 +2,43 @@
 
 #include <ATen/ATen.h>
 
-#include <fstream>
 
 #include "core/error.h"
+#include "io/jsonl.h"
 
 namespace moeforge::data {
 
 std::vector<TokenizedExample> load_sft_examples(const std::string& path, const Tokenizer& tok, const SftOptions& opt,
                                                 SftStats* stats) {
-  std::ifstream in(path);
-  if (!in) throw UserError(path + ": cannot open");
   if (opt.overlong != "truncate" && opt.overlong != "skip") throw UserError("sft: overlong must be truncate or skip");
   std::vector<TokenizedExample> out;
   SftStats st;
-  int64_t lineno = 0;
-  for (std::string line; std::getline(in, line);) {
-    ++lineno;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    const std::string where = path + ":" + std::to_string(lineno);
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception&) {
-      throw UserError(where + ": invalid JSON");
-    }
-    bool plain = false;
-    auto messages = example_messages(j, where, &plain);
-    TokenizedExample ex;
-    if (plain) {  // a plain document: every token is a target
-      ex.ids.push_back(tok.bos_id());
-      for (int t : tok.encode(messages[0].content)) ex.ids.push_back(t);
-      ex.ids.push_back(tok.eos_id());
-      ex.loss_mask.assign(ex.ids.size(), 1);
-      ex.loss_mask[0] = 0;
-    } else {
-      ex = tokenize_chat(tok, messages, opt.train_on_all, where);
-    }
+  io::for_each_jsonl(path, [&](const nlohmann::json& j, const std::string& where) {
     ++st.examples;
+    TokenizedExample ex;
+    try {
+      bool plain = false;
+      auto messages = example_messages(j, where, &plain);
+      if (plain) {  // a plain document: every token is a target
+        ex.ids.push_back(tok.bos_id());
+        for (int t : tok.encode(messages[0].content)) ex.ids.push_back(t);
+        ex.ids.push_back(tok.eos_id());
+        ex.loss_mask.assign(ex.ids.size(), 1);
+        ex.loss_mask[0] = 0;
+      } else {
+        ex = tokenize_chat(tok, messages, opt.train_on_all, where);
+      }
+    } catch (const BadExample& e) {
+      ++st.skipped;
+      st.skips.add(e.reason, e.what());
+      return;
+    }
     if (static_cast<int64_t>(ex.ids.size()) > opt.max_len + 1) {
       if (opt.overlong == "skip") {
         ++st.skipped;
-        continue;
+        st.skips.add("over the limit", where + ": " + std::to_string(ex.ids.size()) + " tokens, limit " +
+                                           std::to_string(opt.max_len + 1));
+        return;
       }
       ++st.truncated;
       ex.ids.resize(static_cast<size_t>(opt.max_len + 1));
@@ -52,14 +48,16 @@ std::vector<TokenizedExample> load_sft_examples(const std::string& path, const T
     for (size_t i = 1; i < ex.loss_mask.size(); ++i) targets += ex.loss_mask[i];
     if (targets == 0) {  // e.g. the prompt alone filled the limit
       ++st.skipped;
-      continue;
+      st.skips.add("prompt over the limit", where + ": no completion token within " + std::to_string(opt.max_len + 1) +
+                                                  " tokens");
+      return;
     }
     st.target_tokens += targets;
     out.push_back(std::move(ex));
-  }
+  });
   if (stats) *stats = st;
-  if (out.empty()) throw UserError(path + ": no usable examples (" + std::to_string(st.examples) + " read, " +
-                                   std::to_string(st.skipped) + " skipped)");
+  if (out.empty()) throw UserError(path + ": no usable examples (" + std::to_string(st.examples) + " read, skipped: " +
+                                   st.skips.describe() + ")");
   return out;
 }
 

@@ -21,10 +21,12 @@ struct SftOptions {
 
 struct SftStats {
   int64_t examples = 0, truncated = 0, skipped = 0, target_tokens = 0;
+  SkipCounts skips;  // why the skipped ones were skipped
 };
 
 // Reads and tokenizes a JSONL file of examples ({"messages"}, {"prompt", "completion"} or {"text"});
-// malformed lines are UserErrors naming file:line; over-long examples are truncated or skipped and counted.
+// a line that is not JSON (or not an object of a known shape) is a UserError naming file:line; examples
+// with a missing field or an empty completion are skipped and counted, over-long ones truncated or skipped.
 std::vector<TokenizedExample> load_sft_examples(const std::string& path, const Tokenizer& tok, const SftOptions& opt,
                                                 SftStats* stats);
 

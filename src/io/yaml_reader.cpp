@@ -131,6 +131,20 @@ std::optional<int64_t> YamlMap::get_optional_int(const std::string& key, std::op
   return get_int(key);
 }
 
+std::optional<double> YamlMap::get_optional_double(const std::string& key, std::optional<double> dflt) {
+  YAML::Node n = lookup(key);
+  known_.pop_back();
+  if (!n) {
+    known_.push_back(key);
+    return dflt;
+  }
+  if (n.IsNull()) {
+    known_.push_back(key);
+    return std::nullopt;
+  }
+  return get_double(key);
+}
+
 double YamlMap::get_double(const std::string& key, std::optional<double> dflt) {
   YAML::Node n = lookup(key);
   if (!n || n.IsNull()) {

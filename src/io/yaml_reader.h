@@ -27,6 +27,8 @@ class YamlMap {
   // Integer or null; absent gives `dflt`.
   std::optional<int64_t> get_optional_int(const std::string& key, std::optional<int64_t> dflt);
   double get_double(const std::string& key, std::optional<double> dflt = std::nullopt);
+  // Absent: dflt; null: nullopt.
+  std::optional<double> get_optional_double(const std::string& key, std::optional<double> dflt);
   bool get_bool(const std::string& key, std::optional<bool> dflt = std::nullopt);
   std::string get_string(const std::string& key, std::optional<std::string> dflt = std::nullopt);
   std::string get_enum(const std::string& key, const std::vector<std::string>& allowed,

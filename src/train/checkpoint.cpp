@@ -80,7 +80,8 @@ void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
     st.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
     io::write_safetensors(tmp + "/optimizer.safetensors", st);
     nlohmann::json j = {{"step", c.state->step},         {"samples_seen", c.state->samples_seen},
-                        {"tokens_seen", c.state->tokens_seen}, {"seq_len", c.state->seq_len},
+                        {"tokens_seen", c.state->tokens_seen},
+                        {"target_tokens_seen", c.state->target_tokens_seen}, {"seq_len", c.state->seq_len},
                         {"elapsed_s", c.state->elapsed_s}, {"seed", c.state->seed}};
     write_text(tmp + "/trainer_state.json", j.dump(2) + "\n");
   }
@@ -192,6 +193,7 @@ void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& 
     state.step = j.at("step").get<int64_t>();
     state.samples_seen = j.at("samples_seen").get<int64_t>();
     state.tokens_seen = j.at("tokens_seen").get<int64_t>();
+    state.target_tokens_seen = j.value("target_tokens_seen", state.tokens_seen);
     state.seq_len = j.at("seq_len").get<int64_t>();
     state.elapsed_s = j.at("elapsed_s").get<double>();
     state.seed = j.at("seed").get<uint64_t>();

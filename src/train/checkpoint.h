@@ -24,7 +24,8 @@ class AdamW;
 struct TrainerState {
   int64_t step = 0;          // optimizer steps done
   int64_t samples_seen = 0;  // global sample index of the next batch
-  int64_t tokens_seen = 0;
+  int64_t tokens_seen = 0;         // real tokens the forwards ran on
+  int64_t target_tokens_seen = 0;  // tokens that carried loss (fine-tuning: the completions)
   int64_t seq_len = 0;
   double elapsed_s = 0;
   uint64_t seed = 0;

@@ -1,6 +1,9 @@
 #pragma once
 #include <torch/types.h>
 
+#include <map>
+#include <string>
+
 #include "data/lm_dataset.h"
 #include "model/decoder.h"
 
@@ -10,6 +13,7 @@ struct EvalResult {
   double loss = 0;        // mean next-token cross-entropy, nats
   double perplexity = 0;  // exp(loss)
   int64_t tokens = 0;
+  std::map<std::string, double> metrics;  // stage-specific (DPO: rewards/accuracies, ...)
 };
 
 // Mean cross-entropy over the first `max_batches` batches (all when <= 0) of `sampler`'s

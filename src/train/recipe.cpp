@@ -27,7 +27,17 @@ std::string emit(const Recipe& r) {
     << YAML::Key << "train" << YAML::Value << r.sft_train << YAML::Key << "val" << YAML::Value << r.sft_val
     << YAML::EndMap;
   e << YAML::Key << "sft" << YAML::Value << YAML::BeginMap << YAML::Key << "train_on_all" << YAML::Value
-    << r.sft_train_on_all << YAML::Key << "overlong" << YAML::Value << r.sft_overlong << YAML::EndMap;
+    << r.sft_train_on_all << YAML::Key << "overlong" << YAML::Value << r.sft_overlong << YAML::Key << "aux_loss_coef"
+    << YAML::Value;
+  if (r.sft_aux_loss_coef) e << *r.sft_aux_loss_coef; else e << YAML::Null;
+  e << YAML::EndMap;
+  e << YAML::Key << "dpo" << YAML::Value << YAML::BeginMap << YAML::Key << "beta" << YAML::Value << r.dpo.beta
+    << YAML::Key << "loss" << YAML::Value << r.dpo.loss << YAML::Key << "label_smoothing" << YAML::Value
+    << r.dpo.label_smoothing << YAML::Key << "reference" << YAML::Value << r.dpo.reference << YAML::Key
+    << "aux_loss_coef" << YAML::Value;
+  if (r.dpo.aux_loss_coef) e << *r.dpo.aux_loss_coef; else e << YAML::Null;
+  e << YAML::Key << "rpo_alpha" << YAML::Value << r.dpo.rpo_alpha;
+  e << YAML::EndMap;
   const auto& t = r.train;
   e << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "micro_batch_size" << YAML::Value << t.micro_batch_size;
@@ -70,7 +80,7 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   Recipe r;
   r.path = path;
   io::YamlMap m(root, path);
-  r.stage = m.get_enum("stage", {"pretrain", "sft"}, "pretrain");
+  r.stage = m.get_enum("stage", {"pretrain", "sft", "dpo"}, "pretrain");
   // model: a path to a config file, or the config inline; absent: the init_from checkpoint's.
   r.init_from = m.get_string("init_from", "");
   if (!m.has("model") && !r.init_from.empty()) {
@@ -97,11 +107,29 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   if (r.stage == "pretrain" && r.data_dir.empty()) d.fail("dir", "required for stage pretrain: a directory made by 'moeforge prepare'");
   if (r.stage == "sft" && r.sft_train.empty()) d.fail("train", "required for stage sft: a JSONL file of examples");
   if (r.stage == "sft" && r.sft_val.empty()) d.fail("val", "required for stage sft: a JSONL file of held-out examples");
+  if (r.stage == "dpo" && r.sft_train.empty()) d.fail("train", "required for stage dpo: a JSONL file of preference pairs");
+  if (r.stage == "dpo" && r.sft_val.empty()) d.fail("val", "required for stage dpo: a JSONL file of held-out pairs");
+  if (r.stage == "dpo" && r.init_from.empty())
+    m.fail("init_from", "required for stage dpo: the checkpoint to tune (it is also the reference model)");
   d.finish();
   io::YamlMap sft = m.get_map("sft");
   r.sft_train_on_all = sft.get_bool("train_on_all", false);
   r.sft_overlong = sft.get_enum("overlong", {"truncate", "skip"}, "truncate");
+  r.sft_aux_loss_coef = sft.get_optional_double("aux_loss_coef", std::nullopt);
+  if (r.sft_aux_loss_coef) non_negative(sft, "aux_loss_coef", *r.sft_aux_loss_coef);
   sft.finish();
+  io::YamlMap dpo = m.get_map("dpo");
+  r.dpo.beta = dpo.get_double("beta", r.dpo.beta);
+  if (!(r.dpo.beta > 0)) dpo.fail("beta", "must be positive");
+  r.dpo.loss = dpo.get_enum("loss", {"sigmoid", "ipo", "hinge", "robust"}, r.dpo.loss);
+  r.dpo.label_smoothing = dpo.get_double("label_smoothing", r.dpo.label_smoothing);
+  if (r.dpo.label_smoothing < 0 || r.dpo.label_smoothing >= 0.5) dpo.fail("label_smoothing", "must be in [0, 0.5)");
+  r.dpo.reference = dpo.get_enum("reference", {"frozen", "precompute"}, r.dpo.reference);
+  r.dpo.aux_loss_coef = dpo.get_optional_double("aux_loss_coef", std::nullopt);
+  if (r.dpo.aux_loss_coef) non_negative(dpo, "aux_loss_coef", *r.dpo.aux_loss_coef);
+  r.dpo.rpo_alpha = dpo.get_double("rpo_alpha", r.dpo.rpo_alpha);
+  non_negative(dpo, "rpo_alpha", r.dpo.rpo_alpha);
+  dpo.finish();
 
   io::YamlMap t = m.get_map("train");
   auto& tc = r.train;

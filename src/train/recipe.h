@@ -42,16 +42,27 @@ struct RuntimeConfig {
   int threads = 0;                 // 0 = number of cores
 };
 
+struct DpoConfig {
+  double beta = 0.1;
+  std::string loss = "sigmoid";       // sigmoid | ipo | hinge | robust
+  double label_smoothing = 0.0;       // sigmoid/robust: assumed probability that a label is flipped
+  std::string reference = "frozen";   // frozen: a copy of init_from in memory | precompute: log-probs stored first
+  std::optional<double> aux_loss_coef;  // unset: the model config's
+  double rpo_alpha = 0.0;             // > 0: + alpha x NLL of the chosen completions (TRL's rpo_alpha)
+};
+
 struct Recipe {
   std::string path;                // the recipe file
-  std::string stage = "pretrain";  // pretrain | sft (dpo: next)
+  std::string stage = "pretrain";  // pretrain | sft | dpo
   std::string model_source;        // the model config file, or "<inline>"
   ModelConfig model;
   std::string tokenizer;           // SentencePiece model ("" = the prepared data's copy)
   std::string data_dir;            // pretrain: prepared data (moeforge prepare)
-  std::string sft_train, sft_val;  // sft: JSONL examples (data.train, data.val)
+  std::string sft_train, sft_val;  // sft, dpo: JSONL examples or preference pairs (data.train, data.val)
   bool sft_train_on_all = false;   // sft.train_on_all: loss on every token, not only the assistant's
   std::string sft_overlong = "truncate";  // sft.overlong: truncate | skip
+  std::optional<double> sft_aux_loss_coef;  // sft.aux_loss_coef (unset: the model config's)
+  DpoConfig dpo;
   TrainLoopConfig train;
   OptimConfig optim;
   RuntimeConfig runtime;

@@ -4,6 +4,8 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
@@ -12,7 +14,9 @@
 #include "core/log.h"
 #include "data/lm_dataset.h"
 #include "data/sft_dataset.h"
+#include "data/preference.h"
 #include "train/checkpoint.h"
+#include "train/dpo_objective.h"
 #include "train/lm_objective.h"
 #include "train/sft_objective.h"
 #include "train/trainer.h"
@@ -55,6 +59,7 @@ class PretrainData : public StageData {
     o.aux = l.aux;
     o.z = l.z;
     o.tokens = l.tokens;
+    o.processed = l.tokens;
     o.load_per_layer = l.load_per_layer;
     o.entropy_per_layer = l.entropy_per_layer;
     return o;
@@ -91,6 +96,8 @@ class SftData : public StageData {
     val_rows_ = data::pack_rows(val_ex_, r.train.seq_len);
     MF_INFO("sft: " << train_stats_.examples << " training examples (" << train_stats_.truncated << " truncated, "
                     << train_stats_.skipped << " skipped), " << val_stats_.examples << " held out");
+    if (train_stats_.skipped) MF_WARN(r.sft_train << ": skipped " << train_stats_.skips.describe());
+    if (val_stats_.skipped) MF_WARN(r.sft_val << ": skipped " << val_stats_.skips.describe());
   }
   std::string describe() const override {
     return std::to_string(train_ex_.size()) + " SFT examples, " + std::to_string(train_stats_.target_tokens) +
@@ -100,7 +107,8 @@ class SftData : public StageData {
   BatchLoss train_batch(MixtralForCausalLM& m, int64_t first, int64_t b, const torch::Device& d) override {
     std::vector<std::vector<size_t>> rows;
     for (int64_t g = first; g < first + b; ++g) rows.push_back(row(g));
-    SftLoss l = sft_loss(m, data::make_packed_batch(train_ex_, rows, r_.train.seq_len), d);
+    const auto batch = data::make_packed_batch(train_ex_, rows, r_.train.seq_len);
+    SftLoss l = sft_loss(m, batch, d, r_.sft_aux_loss_coef.value_or(-1.0));
     BatchLoss o;
     o.total = l.total;
     o.loss = l.loss;
@@ -108,6 +116,7 @@ class SftData : public StageData {
     o.z = l.z;
     o.accuracy = l.accuracy;
     o.tokens = l.target_tokens;
+    o.processed = static_cast<int64_t>(batch.valid.sum().item<double>());
     o.load_per_layer = l.load_per_layer;
     o.entropy_per_layer = l.entropy_per_layer;
     return o;
@@ -134,6 +143,7 @@ class SftData : public StageData {
     s["sft_examples"] = train_stats_.examples;
     s["sft_truncated"] = train_stats_.truncated;
     s["sft_skipped"] = train_stats_.skipped;
+    s["sft_skipped_by_reason"] = train_stats_.skips.by_reason;
   }
 
  private:
@@ -176,10 +186,186 @@ class SftData : public StageData {
   std::vector<std::vector<size_t>> epoch_rows_;
 };
 
+// Preference pairs in a seeded order per epoch; a sample is a pair. The reference log-probs come from a
+// frozen copy of init_from kept in memory, or from a table computed once into the run directory.
+class DpoData : public StageData {
+ public:
+  explicit DpoData(const Recipe& r) : r_(r) {
+    tokenizer_ = r.tokenizer.empty() ? init_tokenizer(r.init_from) : r.tokenizer;
+    if (tokenizer_.empty())
+      throw UserError(r.path + ": key 'tokenizer': stage dpo needs a tokenizer (set it, or init_from a checkpoint that has one)");
+    data::Tokenizer tok(tokenizer_);
+    if (tok.vocab_size() > r.model.vocab_size) throw UserError(tokenizer_ + ": has more pieces than the model's vocab_size");
+    train_ = data::load_preference_pairs(r.sft_train, tok, r.train.seq_len, &train_stats_);
+    val_ = data::load_preference_pairs(r.sft_val, tok, r.train.seq_len, &val_stats_);
+    MF_INFO("dpo: " << train_.size() << " training pairs (" << train_stats_.truncated << " truncated, "
+                    << train_stats_.skips.total() << " skipped), " << val_.size() << " held out; loss " << r.dpo.loss
+                    << ", beta " << r.dpo.beta << ", reference " << r.dpo.reference);
+    if (train_stats_.skips.total()) MF_WARN(r.sft_train << ": skipped " << train_stats_.skips.describe());
+    if (val_stats_.skips.total()) MF_WARN(r.sft_val << ": skipped " << val_stats_.skips.describe());
+    opt_.beta = r.dpo.beta;
+    opt_.loss = r.dpo.loss;
+    opt_.label_smoothing = r.dpo.label_smoothing;
+    opt_.aux_loss_coef = r.dpo.aux_loss_coef.value_or(-1.0);
+    opt_.rpo_alpha = r.dpo.rpo_alpha;
+  }
+  std::string describe() const override { return std::to_string(train_.size()) + " preference pairs"; }
+  const std::string& tokenizer() const override { return tokenizer_; }
+
+  void start(const std::string& run_dir, const torch::Device& device) override {
+    MixtralForCausalLM ref(r_.model);
+    load_init_weights(r_.init_from, ref);
+    ref->to(device);
+    ref->eval();
+    for (auto& p : ref->parameters()) p.requires_grad_(false);
+    if (r_.dpo.reference == "frozen") {
+      ref_ = ref;
+      return;
+    }
+    const std::string path = run_dir + "/reference_logps.json";
+    const std::string fp = fingerprint();
+    if (load_table(path, fp)) {
+      MF_INFO("dpo: reference log-probs from " << path);
+      return;
+    }
+    MF_INFO("dpo: computing the reference log-probs of " << train_.size() + val_.size() << " pairs into " << path);
+    auto all = [](size_t n) {
+      std::vector<size_t> v(n);
+      std::iota(v.begin(), v.end(), 0);
+      return v;
+    };
+    std::tie(table_[0], table_[1]) = reference_logps(ref, train_, all(train_.size()), r_.train.micro_batch_size, r_.train.seq_len, device);
+    std::tie(table_[2], table_[3]) = reference_logps(ref, val_, all(val_.size()), r_.train.micro_batch_size, r_.train.seq_len, device);
+    nlohmann::json j = {{"init_from", r_.init_from}, {"fingerprint", fp}};
+    const char* names[] = {"train_chosen", "train_rejected", "val_chosen", "val_rejected"};
+    for (int k = 0; k < 4; ++k) {
+      auto t = table_[k].to(torch::kDouble).contiguous();
+      j[names[k]] = std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());
+    }
+    {
+      std::ofstream out(path + ".tmp");
+      out << j.dump() << "\n";
+      if (!out) throw UserError(path + ".tmp: cannot write");
+    }
+    fsync_path(path + ".tmp");
+    fs::rename(path + ".tmp", path);
+  }
+
+  BatchLoss train_batch(MixtralForCausalLM& m, int64_t first, int64_t b, const torch::Device& d) override {
+    std::vector<size_t> idx;
+    for (int64_t g = first; g < first + b; ++g) idx.push_back(pair_at(g));
+    auto [rc, rr] = ref_logps(train_, idx, 0, d);
+    return dpo_batch(m, train_, idx, rc, rr, opt_, r_.train.seq_len, d);
+  }
+
+  EvalResult evaluate(MixtralForCausalLM& m, int64_t b, int64_t max_batches, const torch::Device& d) override {
+    torch::NoGradGuard ng;
+    EvalModeGuard em(m);
+    const size_t n = max_batches > 0 ? std::min(val_.size(), static_cast<size_t>(b * max_batches)) : val_.size();
+    EvalResult r;
+    double loss = 0;
+    std::map<std::string, double> sums;
+    for (size_t a = 0; a < n; a += static_cast<size_t>(b)) {
+      std::vector<size_t> idx;
+      for (size_t k = a; k < std::min(n, a + static_cast<size_t>(b)); ++k) idx.push_back(k);
+      auto [rc, rr] = ref_logps(val_, idx, 2, d);
+      BatchLoss l = dpo_batch(m, val_, idx, rc, rr, opt_, r_.train.seq_len, d);
+      const double w = static_cast<double>(idx.size());
+      loss += l.loss * w;
+      for (const auto& [k, v] : l.metrics) sums[k] += v * w;
+      r.tokens += l.tokens;
+    }
+    r.loss = loss / static_cast<double>(n);
+    r.perplexity = std::exp(r.loss);
+    for (const auto& [k, v] : sums) r.metrics[k] = v / static_cast<double>(n);
+    return r;
+  }
+
+  void summarize(nlohmann::json& s) override {
+    s["dpo_pairs"] = train_.size();
+    s["dpo_truncated"] = train_stats_.truncated;
+    s["dpo_skipped_by_reason"] = train_stats_.skips.by_reason;
+    s["dpo_val_pairs"] = val_.size();
+  }
+
+ private:
+  // Reference log-prob sums of pairs[idx]: from the frozen model, or the table (offset 0 train, 2 val).
+  std::pair<torch::Tensor, torch::Tensor> ref_logps(const std::vector<data::PreferencePair>& pairs,
+                                                    const std::vector<size_t>& idx, int table, const torch::Device& d) {
+    if (!ref_.is_empty()) return reference_logps(ref_, pairs, idx, static_cast<int64_t>(idx.size()), r_.train.seq_len, d);
+    auto ix = torch::tensor(std::vector<int64_t>(idx.begin(), idx.end()), torch::kLong);
+    return {table_[table].index_select(0, ix), table_[table + 1].index_select(0, ix)};
+  }
+
+  size_t pair_at(int64_t g) {
+    const auto n = static_cast<int64_t>(train_.size());
+    const int64_t epoch = g / n;
+    if (epoch != epoch_) {
+      order_.resize(train_.size());
+      std::iota(order_.begin(), order_.end(), 0);
+      std::mt19937_64 rng(r_.train.seed * 1000003ULL + static_cast<uint64_t>(epoch));
+      for (size_t k = order_.size(); k > 1; --k) std::swap(order_[k - 1], order_[rng() % k]);
+      epoch_ = epoch;
+    }
+    return order_[static_cast<size_t>(g % n)];
+  }
+
+  // Identifies what the table was computed from: the init checkpoint, the token ids and masks, seq_len.
+  std::string fingerprint() const {
+    uint64_t h = 1469598103934665603ULL;
+    auto mix = [&](uint64_t v) { h = (h ^ v) * 1099511628211ULL; };
+    for (char c : r_.init_from) mix(static_cast<uint8_t>(c));
+    mix(static_cast<uint64_t>(r_.train.seq_len));
+    for (const auto* set : {&train_, &val_}) {
+      mix(set->size());
+      for (const auto& p : *set)
+        for (const auto* e : {&p.chosen, &p.rejected}) {
+          mix(e->ids.size());
+          for (size_t i = 0; i < e->ids.size(); ++i) mix(static_cast<uint64_t>(e->ids[i]) * 2 + e->loss_mask[i]);
+        }
+    }
+    return std::to_string(h);
+  }
+
+  // A table written by an earlier start of this run (resume); anything unreadable or stale is recomputed.
+  bool load_table(const std::string& path, const std::string& fp) {
+    std::ifstream in(path);
+    if (!in) return false;
+    try {
+      auto j = nlohmann::json::parse(in);
+      if (j.at("fingerprint").get<std::string>() != fp) {
+        MF_WARN(path << ": computed for other data or another init_from; recomputing");
+        return false;
+      }
+      const char* names[] = {"train_chosen", "train_rejected", "val_chosen", "val_rejected"};
+      for (int k = 0; k < 4; ++k) {
+        auto v = j.at(names[k]).get<std::vector<double>>();
+        if (v.size() != (k < 2 ? train_.size() : val_.size())) return false;
+        table_[k] = torch::tensor(v, torch::kDouble).to(torch::kFloat);
+      }
+      return true;
+    } catch (const std::exception&) {
+      MF_WARN(path << ": unreadable; recomputing");
+      return false;
+    }
+  }
+
+  const Recipe& r_;
+  std::string tokenizer_;
+  std::vector<data::PreferencePair> train_, val_;
+  data::PreferenceStats train_stats_, val_stats_;
+  DpoOptions opt_;
+  MixtralForCausalLM ref_{nullptr};
+  torch::Tensor table_[4];
+  int64_t epoch_ = -1;
+  std::vector<size_t> order_;
+};
+
 }  // namespace
 
 std::unique_ptr<StageData> make_stage_data(const Recipe& r) {
   if (r.stage == "sft") return std::make_unique<SftData>(r);
+  if (r.stage == "dpo") return std::make_unique<DpoData>(r);
   return std::make_unique<PretrainData>(r);
 }
 

@@ -1,5 +1,5 @@
-// What a stage trains on and how a batch becomes a loss: the one place where pretraining and
-// supervised fine-tuning differ inside the training loop.
+// What a stage trains on and how a batch becomes a loss: the one place where pretraining, supervised
+// fine-tuning and preference tuning differ inside the training loop.
 #pragma once
 #include <torch/types.h>
 
@@ -9,24 +9,22 @@
 #include <vector>
 
 #include "model/decoder.h"
+#include "train/batch_loss.h"
 #include "train/evaluate.h"
 #include "train/recipe.h"
 
 namespace moeforge::train {
-
-struct BatchLoss {
-  torch::Tensor total;  // backward() runs on this
-  double loss = 0, aux = 0, z = 0, accuracy = 0;
-  int64_t tokens = 0;   // tokens that carried loss
-  std::vector<torch::Tensor> load_per_layer;
-  std::vector<double> entropy_per_layer;
-};
 
 class StageData {
  public:
   virtual ~StageData() = default;
   virtual std::string describe() const = 0;
   virtual const std::string& tokenizer() const = 0;
+  // Called once the run directory exists, before the first batch (DPO builds its reference here).
+  virtual void start(const std::string& run_dir, const torch::Device& device) {
+    (void)run_dir;
+    (void)device;
+  }
   // Micro-batch of `batch_size` samples starting at global sample index `first`.
   virtual BatchLoss train_batch(MixtralForCausalLM& model, int64_t first, int64_t batch_size,
                                 const torch::Device& device) = 0;

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "core/compat.h"
@@ -156,6 +157,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     fs::rename(run_dir + "/config.yaml.tmp", run_dir + "/config.yaml");
   }
   MetricsLog metrics(run_dir, state.step);  // drops lines a killed run wrote after its last checkpoint
+  data->start(run_dir, device);
 
   const std::string dev_name = device.is_cuda() ? "cuda" : "cpu";
   const bool bf16 = device.is_cuda() && r.runtime.precision == "bf16";
@@ -170,10 +172,34 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
                       << data->describe());
 
   const int L = static_cast<int>(cfg.num_layers);
+  // The balancing coefficient this stage trains with (fine-tuning stages may set their own).
+  double aux_coef = cfg.moe.aux_loss_coef;
+  if (r.stage == "sft" && r.sft_aux_loss_coef) aux_coef = *r.sft_aux_loss_coef;
+  if (r.stage == "dpo" && r.dpo.aux_loss_coef) aux_coef = *r.dpo.aux_loss_coef;
+  EvalResult last_eval;
+  auto log_eval = [&](const EvalResult& ev) {
+    nlohmann::json rec = {{"step", state.step}, {"val_loss", ev.loss}, {"val_perplexity", ev.perplexity},
+                          {"val_tokens", ev.tokens}};
+    std::string extra;
+    for (const auto& [k, v] : ev.metrics) {
+      rec["val_" + k] = v;
+      if (k == "rewards/accuracies" || k == "rewards/margins") extra += " | " + k + " " + std::to_string(v).substr(0, 6);
+    }
+    metrics.write(rec, "val/");
+    last_eval = ev;
+    if (r.stage == "dpo")
+      std::fprintf(stderr, "step %6ld/%ld | val loss %.4f%s\n", (long)state.step, (long)total_steps, ev.loss,
+                   extra.c_str());
+    else
+      std::fprintf(stderr, "step %6ld/%ld | val loss %.4f | val ppl %.2f (%ld tokens)\n", (long)state.step,
+                   (long)total_steps, ev.loss, ev.perplexity, (long)ev.tokens);
+  };
+  // Fine-tuning starts from a trained model: record where the held-out numbers begin.
+  if (!resumed && r.stage != "pretrain") log_eval(data->evaluate(model, tc.micro_batch_size, tc.eval_batches, device));
   double train_seconds = 0;       // optimizer steps only (no eval, no checkpoints), this process
   int64_t tokens_this_run = 0;
   double interval_seconds = 0;
-  int64_t interval_tokens = 0;
+  int64_t interval_tokens = 0, interval_steps = 0;
   double last_loss = NAN, last_val = NAN;
   auto run_start = Clock::now();
   const double elapsed_before = state.elapsed_s;
@@ -184,9 +210,10 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
                             r.optim.schedule, r.optim.decay_fraction);
     opt.zero_grad();
     double ce = 0, aux = 0, z = 0, acc = 0;
+    std::map<std::string, double> extra;
     std::vector<torch::Tensor> loads(static_cast<size_t>(L));
     std::vector<double> entropy(static_cast<size_t>(L), 0.0);
-    int64_t step_tokens = 0;
+    int64_t step_tokens = 0, step_targets = 0;
     for (int64_t a = 0; a < tc.grad_accum; ++a) {
       BatchLoss l = [&] {
         compat::CudaBf16Autocast autocast(bf16);
@@ -194,11 +221,13 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       }();
       (l.total / static_cast<double>(tc.grad_accum)).backward();
       state.samples_seen += tc.micro_batch_size;
-      step_tokens += l.tokens;
+      step_tokens += l.processed;
+      step_targets += l.tokens;
       ce += l.loss / tc.grad_accum;
       acc += l.accuracy / tc.grad_accum;
       aux += l.aux / tc.grad_accum;
       z += l.z / tc.grad_accum;
+      for (const auto& [k, v] : l.metrics) extra[k] += v / static_cast<double>(tc.grad_accum);
       for (int i = 0; i < L; ++i) {
         loads[i] = loads[i].defined() ? loads[i] + l.load_per_layer[i] : l.load_per_layer[i];
         entropy[i] += l.entropy_per_layer[i] / tc.grad_accum;
@@ -214,22 +243,23 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     }
     state.step += 1;
     state.tokens_seen += step_tokens;
+    state.target_tokens_seen += step_targets;
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     train_seconds += dt;
     tokens_this_run += step_tokens;
     interval_seconds += dt;
     interval_tokens += step_tokens;
+    ++interval_steps;
     last_loss = ce;
 
     if (state.step % tc.log_interval == 0 || state.step == total_steps) {
       const double tps = interval_tokens / std::max(interval_seconds, 1e-9);
-      const double eta = (total_steps - state.step) * (interval_seconds / std::max<int64_t>(1, interval_tokens)) *
-                         tokens_per_step;
+      const double eta = (total_steps - state.step) * interval_seconds / std::max<int64_t>(1, interval_steps);
       nlohmann::json rec = {{"step", state.step}, {"loss", ce}, {"aux_loss", aux}, {"z_loss", z},
-                            {"total_loss", ce + (cfg.moe.balance == Balance::AuxLoss ? cfg.moe.aux_loss_coef * aux : 0.0) +
+                            {"total_loss", ce + (cfg.moe.balance == Balance::AuxLoss ? aux_coef * aux : 0.0) +
                                                cfg.moe.z_loss_coef * z},
                             {"lr", lr}, {"grad_norm", gnorm}, {"tokens_per_second", tps},
-                            {"tokens", state.tokens_seen},
+                            {"tokens", state.tokens_seen}, {"tokens_trained", state.target_tokens_seen},
                             {"mfu", flops_per_token * tps / (peak * 1e9)}};
       nlohmann::json load_json = nlohmann::json::array(), maxmean = nlohmann::json::array(),
                      cv = nlohmann::json::array(), ent = nlohmann::json::array();
@@ -247,6 +277,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       }
       rec["load_max_over_mean"] = worst;
       if (r.stage == "sft") rec["token_accuracy"] = acc;
+      for (const auto& [k, v] : extra) rec[k] = v;
       nlohmann::json full = rec;
       full["expert_load"] = load_json;
       full["layer_load_max_over_mean"] = maxmean;
@@ -259,15 +290,12 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
                    (long)state.step, (long)total_steps, ce, aux, z, lr, gnorm, tps, worst, fmt_duration(eta).c_str());
       interval_seconds = 0;
       interval_tokens = 0;
+      interval_steps = 0;
     }
     if (state.step % tc.eval_interval == 0 || state.step == total_steps) {
       EvalResult ev = data->evaluate(model, tc.micro_batch_size, tc.eval_batches, device);
       last_val = ev.loss;
-      metrics.write({{"step", state.step}, {"val_loss", ev.loss}, {"val_perplexity", ev.perplexity},
-                     {"val_tokens", ev.tokens}},
-                    "val/");
-      std::fprintf(stderr, "step %6ld/%ld | val loss %.4f | val ppl %.2f (%ld tokens)\n", (long)state.step,
-                   (long)total_steps, ev.loss, ev.perplexity, (long)ev.tokens);
+      log_eval(ev);
     }
     if (state.step % tc.checkpoint_interval == 0 || state.step == total_steps) {
       state.elapsed_s = elapsed_before + std::chrono::duration<double>(Clock::now() - run_start).count();
@@ -293,6 +321,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   if (std::isnan(last_val)) {
     EvalResult ev = data->evaluate(model, tc.micro_batch_size, tc.eval_batches, device);
     last_val = ev.loss;
+    last_eval = ev;
   }
   res.final_val_loss = last_val;
   res.tokens_per_second = tokens_this_run / std::max(train_seconds, 1e-9);
@@ -313,13 +342,16 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       {"device", dev_name},
       {"threads", threads},
       {"elapsed_s", elapsed_before + std::chrono::duration<double>(Clock::now() - run_start).count()}};
+  for (const auto& [k, v] : last_eval.metrics) summary["final_val_" + k] = v;
   data->summarize(summary);
   write_json_atomic(run_dir + "/summary.json", summary);
   const double h = summary.value("unigram_entropy", NAN);
-  std::fprintf(stderr,
-               "done: %ld steps | final val loss %.4f (unigram entropy of the val tokens %.4f) | %.0f tokens/s | "
-               "MFU %.1f%% of a %.0f GFLOP/s matmul\n",
-               (long)state.step, last_val, h, res.tokens_per_second, 100 * res.mfu, peak);
+  std::string extra;
+  if (!std::isnan(h)) extra = " (unigram entropy of the val tokens " + std::to_string(h).substr(0, 6) + ")";
+  for (const char* k : {"rewards/accuracies", "rewards/margins"})
+    if (last_eval.metrics.count(k)) extra += " | val " + std::string(k) + " " + std::to_string(last_eval.metrics.at(k)).substr(0, 6);
+  std::fprintf(stderr, "done: %ld steps | final val loss %.4f%s | %.0f tokens/s | MFU %.1f%% of a %.0f GFLOP/s matmul\n",
+               (long)state.step, last_val, extra.c_str(), res.tokens_per_second, 100 * res.mfu, peak);
   return res;
 }
 

@@ -1,0 +1,117 @@
+#include "train/dpo_objective.h"
+
+#include <torch/torch.h>
+
+#include "data/sft_dataset.h"
+#include "model/load_balance.h"
+#include "train/dpo_loss.h"
+
+namespace moeforge::train {
+
+SequenceLogps sequence_logps(MixtralForCausalLM& model, const std::vector<const data::TokenizedExample*>& seqs,
+                             int64_t seq_len, const torch::Device& device) {
+  std::vector<data::TokenizedExample> ex;
+  ex.reserve(seqs.size());
+  for (const auto* s : seqs) ex.push_back(*s);
+  const auto rows = data::pack_rows(ex, seq_len);
+  const data::PackedBatch b = data::make_packed_batch(ex, rows, seq_len);
+  // Which sequence each (input, target) position belongs to, in the packing's order.
+  auto seq_of = torch::zeros({static_cast<int64_t>(rows.size()), seq_len}, torch::kLong);
+  auto so = seq_of.accessor<int64_t, 2>();
+  for (size_t r = 0; r < rows.size(); ++r) {
+    int64_t col = 0;
+    for (size_t i : rows[r])
+      for (size_t t = 0; t + 1 < ex[i].ids.size(); ++t) so[static_cast<int64_t>(r)][col++] = static_cast<int64_t>(i);
+  }
+  SequenceLogps s;
+  s.out = model->forward(ForwardInputs{b.inputs.to(device), b.position_ids.to(device), b.segment_ids.to(device)});
+  const auto V = s.out.logits.size(-1);
+  auto logp = torch::log_softmax(s.out.logits.reshape({-1, V}).to(torch::kFloat), -1)
+                  .gather(1, b.targets.to(device).reshape({-1, 1}))
+                  .squeeze(1);
+  auto mask = b.loss_mask.to(device).reshape({-1});
+  auto idx = seq_of.to(device).reshape({-1});
+  const auto S = static_cast<int64_t>(seqs.size());
+  auto zeros = torch::zeros({S}, logp.options());
+  s.logps = zeros.index_add(0, idx, logp * mask);
+  s.tokens = zeros.detach().index_add(0, idx, mask);
+  s.valid = b.valid.to(device).reshape({-1});
+  return s;
+}
+
+std::pair<torch::Tensor, torch::Tensor> reference_logps(MixtralForCausalLM& model,
+                                                        const std::vector<data::PreferencePair>& pairs,
+                                                        const std::vector<size_t>& idx, int64_t batch, int64_t seq_len,
+                                                        const torch::Device& device) {
+  torch::NoGradGuard ng;
+  EvalModeGuard em(model);
+  std::vector<torch::Tensor> chosen, rejected;
+  for (size_t a = 0; a < idx.size(); a += static_cast<size_t>(batch)) {
+    const size_t e = std::min(idx.size(), a + static_cast<size_t>(batch));
+    std::vector<const data::TokenizedExample*> seqs;
+    for (size_t k = a; k < e; ++k) seqs.push_back(&pairs[idx[k]].chosen);
+    for (size_t k = a; k < e; ++k) seqs.push_back(&pairs[idx[k]].rejected);
+    auto lp = sequence_logps(model, seqs, seq_len, device).logps.cpu();
+    const auto n = static_cast<int64_t>(e - a);
+    chosen.push_back(lp.slice(0, 0, n));
+    rejected.push_back(lp.slice(0, n, 2 * n));
+  }
+  return {torch::cat(chosen), torch::cat(rejected)};
+}
+
+BatchLoss dpo_batch(MixtralForCausalLM& model, const std::vector<data::PreferencePair>& pairs,
+                    const std::vector<size_t>& idx, const torch::Tensor& ref_chosen, const torch::Tensor& ref_rejected,
+                    const DpoOptions& opt, int64_t seq_len, const torch::Device& device) {
+  const auto& moe = model->config().moe;
+  const auto n = static_cast<int64_t>(idx.size());
+  std::vector<const data::TokenizedExample*> seqs;
+  for (size_t i : idx) seqs.push_back(&pairs[i].chosen);
+  for (size_t i : idx) seqs.push_back(&pairs[i].rejected);
+  SequenceLogps s = sequence_logps(model, seqs, seq_len, device);
+  auto pc = s.logps.slice(0, 0, n), pr = s.logps.slice(0, n, 2 * n);
+  auto rc = ref_chosen.to(device), rr = ref_rejected.to(device);
+  DpoOutput d;
+  if (opt.loss == "ipo") {  // IPO compares mean log-probs per completion token
+    auto nc = s.tokens.slice(0, 0, n).clamp_min(1.0), nr = s.tokens.slice(0, n, 2 * n).clamp_min(1.0);
+    d = dpo_loss(pc / nc, pr / nr, rc / nc, rr / nr, opt.beta, opt.loss, opt.label_smoothing);
+  } else {
+    d = dpo_loss(pc, pr, rc, rr, opt.beta, opt.loss, opt.label_smoothing);
+  }
+  std::vector<torch::Tensor> logits, topk;
+  for (auto& r : s.out.router) {
+    logits.push_back(r.logits_NE);
+    topk.push_back(r.topk_idx_NK);
+  }
+  auto aux = load_balancing_loss(logits, topk, s.valid);
+  auto z = router_z_loss(logits, s.valid);
+  const double coef = opt.aux_loss_coef >= 0 ? opt.aux_loss_coef : moe.aux_loss_coef;
+  auto tc = s.tokens.slice(0, 0, n);
+  auto nll = -pc.sum() / tc.sum().clamp_min(1.0);
+  BatchLoss o;
+  o.total = d.loss;
+  if (opt.rpo_alpha > 0) o.total = o.total + opt.rpo_alpha * nll;
+  if (moe.balance == Balance::AuxLoss && coef > 0) o.total = o.total + coef * aux;
+  if (moe.z_loss_coef > 0) o.total = o.total + moe.z_loss_coef * z;
+  // One host transfer for every logged number.
+  auto stats = torch::stack({d.loss.detach(), aux.detach(), z.detach(), d.chosen_rewards.mean(),
+                             d.rejected_rewards.mean(), pc.detach().mean(), pr.detach().mean(),
+                             s.tokens.sum(), s.valid.sum(), nll.detach()})
+                   .to(torch::kDouble)
+                   .cpu();
+  auto st = stats.accessor<double, 1>();
+  o.loss = st[0];
+  o.aux = st[1];
+  o.z = st[2];
+  o.tokens = static_cast<int64_t>(st[7]);
+  o.processed = static_cast<int64_t>(st[8]);
+  o.accuracy = d.accuracy;
+  o.metrics = {{"rewards/chosen", st[3]},  {"rewards/rejected", st[4]}, {"rewards/accuracies", d.accuracy},
+               {"rewards/margins", d.margin}, {"logps/chosen", st[5]}, {"logps/rejected", st[6]}, {"nll_loss", st[9]}};
+  for (auto& r : s.out.router) {
+    o.load_per_layer.push_back(r.tokens_per_expert.cpu());
+    o.entropy_per_layer.push_back(r.entropy.item<double>());
+  }
+  return o;
+}
+
+}  // namespace moeforge::train

@@ -1,0 +1,127 @@
+// End to end: pretrain a little, then `stage: dpo` twice from that checkpoint, with the reference model
+// in memory and with precomputed reference log-probs; then `eval --preferences` on the result.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "corpus.h"
+#include "train/checkpoint.h"
+
+using namespace moeforge;
+namespace fs = std::filesystem;
+
+namespace {
+const char* kModelYaml = R"(model:
+  name: dpo-e2e
+  vocab_size: 320
+  hidden_size: 32
+  intermediate_size: 48
+  num_layers: 2
+  num_attention_heads: 4
+  num_key_value_heads: 2
+  max_position_embeddings: 64
+  rope_theta: 10000.0
+  moe: {num_experts: 4, num_experts_per_tok: 2, aux_loss_coef: 0.01}
+)";
+
+// Chosen: the object that belongs to the subject; rejected: another one.
+void write_pairs(const std::string& path, int n, int offset) {
+  static const char* subj[] = {"the cat", "a dog", "the old man", "my sister", "the river", "a small bird"};
+  static const char* obj[] = {"the moon.", "a red apple.", "the long road.", "the quiet town.", "a green boat.",
+                              "the winter sky."};
+  std::ofstream out(path);
+  for (int i = 0; i < n; ++i) {
+    const int k = (i + offset) % 6, w = (i + offset + 1 + i % 4) % 6;
+    out << nlohmann::json{{"prompt", std::string(subj[k]) + " sees"}, {"chosen", obj[k]}, {"rejected", obj[w]}}.dump()
+        << "\n";
+  }
+}
+
+std::vector<nlohmann::json> records(const std::string& run_dir, const std::string& key) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains(key)) out.push_back(j);
+  }
+  return out;
+}
+
+int run(const std::string& cmd) { return WEXITSTATUS(std::system((cmd + " 2>/dev/null").c_str())); }
+}  // namespace
+
+TEST(Dpo, PrecomputedAndInMemoryReferenceGiveTheSameLosses) {
+  test::TempDir dir("dpoe2e");
+  std::string data = test::make_prepared(dir, 80);
+  std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+                                  << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 10, eval_batches: 2}\n"
+                                  << "runtime: {threads: 1}\noutput_dir: " << (dir / "pre") << "\n";
+  ASSERT_EQ(run(std::string(MOEFORGE_BINARY) + " train " + (dir / "pre.yaml")), 0);
+  const auto pre = *train::latest_checkpoint(dir / "pre");
+  write_pairs(dir / "train.jsonl", 48, 0);
+  write_pairs(dir / "val.jsonl", 12, 3);
+  auto recipe = [&](const std::string& name, const std::string& reference) {
+    std::ofstream(dir / (name + ".yaml"))
+        << "stage: dpo\ninit_from: " << pre << "\ndata: {train: " << (dir / "train.jsonl") << ", val: "
+        << (dir / "val.jsonl") << "}\n"
+        << "dpo: {beta: 0.5, loss: sigmoid, reference: " << reference << "}\n"
+        << "train: {micro_batch_size: 6, seq_len: 48, max_steps: 8, log_interval: 1, eval_interval: 8, "
+           "eval_batches: 2, checkpoint_interval: 8}\n"
+        << "optim: {lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 0, schedule: constant}\n"
+        << "runtime: {threads: 1}\noutput_dir: " << (dir / name) << "\n";
+    return std::string(MOEFORGE_BINARY) + " train " + (dir / (name + ".yaml"));
+  };
+  ASSERT_EQ(run(recipe("frozen", "frozen")), 0);
+  ASSERT_EQ(run(recipe("precompute", "precompute")), 0);
+  EXPECT_TRUE(fs::exists(dir / "precompute/reference_logps.json"));
+  EXPECT_FALSE(fs::exists(dir / "frozen/reference_logps.json"));
+
+  auto a = records(dir / "frozen", "rewards/accuracies"), b = records(dir / "precompute", "rewards/accuracies");
+  ASSERT_EQ(a.size(), 8u);
+  ASSERT_EQ(b.size(), 8u);
+  // The first step's policy is the reference: loss log 2, rewards 0.
+  EXPECT_NEAR(a[0]["loss"].get<double>(), std::log(2.0), 1e-5);
+  EXPECT_NEAR(a[0]["rewards/margins"].get<double>(), 0.0, 1e-5);
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_NEAR(a[i]["loss"].get<double>(), b[i]["loss"].get<double>(), 1e-5) << "step " << i + 1;
+    EXPECT_NEAR(a[i]["rewards/margins"].get<double>(), b[i]["rewards/margins"].get<double>(), 1e-5) << "step " << i + 1;
+  }
+  EXPECT_LT(a.back()["loss"].get<double>(), a[0]["loss"].get<double>());
+  // Held-out: recorded before training (rewards 0) and after.
+  auto va = records(dir / "frozen", "val_rewards/accuracies"), vb = records(dir / "precompute", "val_rewards/accuracies");
+  ASSERT_EQ(va.size(), 2u);
+  ASSERT_EQ(vb.size(), 2u);
+  EXPECT_EQ(va[0]["step"], 0);
+  EXPECT_NEAR(va[0]["val_rewards/margins"].get<double>(), 0.0, 1e-5);
+  EXPECT_NEAR(va[1]["val_loss"].get<double>(), vb[1]["val_loss"].get<double>(), 1e-5);
+  for (const char* k : {"val_rewards/chosen", "val_rewards/rejected", "val_rewards/margins", "val_logps/chosen",
+                        "val_logps/rejected"})
+    EXPECT_TRUE(va[1].contains(k)) << k;
+
+  // eval --preferences: the tuned checkpoint against its reference, the same numbers as the run's last eval.
+  const auto tuned = *train::latest_checkpoint(dir / "frozen");
+  const std::string out = dir / "prefs.json";
+  ASSERT_EQ(run(std::string(MOEFORGE_BINARY) + " eval " + tuned + " --preferences " + (dir / "val.jsonl") +
+                " --reference " + pre + " --json > " + out),
+            0);
+  std::ifstream in(out);
+  auto e = nlohmann::json::parse(in);
+  EXPECT_EQ(e["n"], 12);
+  EXPECT_DOUBLE_EQ(e["beta"].get<double>(), 0.5);  // read from the checkpoint's recipe
+  EXPECT_NEAR(e["rewards/accuracies"].get<double>(), va[1]["val_rewards/accuracies"].get<double>(), 1e-9);
+  EXPECT_NEAR(e["rewards/margins"].get<double>(), va[1]["val_rewards/margins"].get<double>(), 1e-4);
+
+  // Bad input: no init_from, and a pairs file with nothing usable: exit 2.
+  std::ofstream(dir / "bad.yaml") << "stage: dpo\n" << kModelYaml << "data: {train: " << (dir / "train.jsonl")
+                                  << ", val: " << (dir / "val.jsonl") << "}\noutput_dir: " << (dir / "bad") << "\n";
+  EXPECT_EQ(run(std::string(MOEFORGE_BINARY) + " train " + (dir / "bad.yaml")), 2);
+  std::ofstream(dir / "empty.jsonl") << R"({"prompt": "a", "chosen": "b"})" << "\n";
+  EXPECT_EQ(run(std::string(MOEFORGE_BINARY) + " eval " + tuned + " --preferences " + (dir / "empty.jsonl") +
+                " --reference " + pre),
+            2);
+  EXPECT_FALSE(fs::exists(dir / "bad"));
+}
