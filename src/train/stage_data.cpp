@@ -276,7 +276,7 @@ class DpoData : public StageData {
       r.tokens += l.tokens;
     }
     r.loss = loss / static_cast<double>(n);
-    r.perplexity = std::exp(r.loss);
+    r.perplexity = NAN;  // a DPO loss is not a likelihood
     for (const auto& [k, v] : sums) r.metrics[k] = v / static_cast<double>(n);
     return r;
   }

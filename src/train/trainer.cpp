@@ -178,8 +178,8 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   if (r.stage == "dpo" && r.dpo.aux_loss_coef) aux_coef = *r.dpo.aux_loss_coef;
   EvalResult last_eval;
   auto log_eval = [&](const EvalResult& ev) {
-    nlohmann::json rec = {{"step", state.step}, {"val_loss", ev.loss}, {"val_perplexity", ev.perplexity},
-                          {"val_tokens", ev.tokens}};
+    nlohmann::json rec = {{"step", state.step}, {"val_loss", ev.loss}, {"val_tokens", ev.tokens}};
+    if (!std::isnan(ev.perplexity)) rec["val_perplexity"] = ev.perplexity;
     std::string extra;
     for (const auto& [k, v] : ev.metrics) {
       rec["val_" + k] = v;
@@ -332,7 +332,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       {"tokens", state.tokens_seen},
       {"final_train_loss", std::isnan(last_loss) ? nlohmann::json(nullptr) : nlohmann::json(last_loss)},
       {"final_val_loss", last_val},
-      {"final_val_perplexity", std::exp(last_val)},
+      {"final_val_perplexity", r.stage == "dpo" ? nlohmann::json(nullptr) : nlohmann::json(std::exp(last_val))},
       {"tokens_per_second", res.tokens_per_second},
       {"mfu", res.mfu},
       {"peak_gflops", peak},
