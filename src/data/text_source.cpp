@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "io/jsonl.h"
 
 namespace moeforge::data {
 
@@ -53,34 +54,23 @@ bool is_jsonl(const std::string& f) {
 void for_each_document(const std::vector<std::string>& files, const TextSourceOptions& opt,
                        const std::function<void(const Document&)>& fn) {
   for (const auto& f : files) {
-    std::ifstream in(f, std::ios::binary);
-    if (!in) throw UserError(f + ": cannot open");
     if (is_jsonl(f)) {
-      std::string line;
-      int64_t lineno = 0;
-      while (std::getline(in, line)) {
-        ++lineno;
-        if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-        nlohmann::json j;
-        try {
-          j = nlohmann::json::parse(line);
-        } catch (const std::exception& e) {
-          throw UserError(f + ":" + std::to_string(lineno) + ": invalid JSON");
-        }
+      io::for_each_jsonl(f, [&](const nlohmann::json& j, const std::string& where) {
         if (!j.is_object() || !j.contains(opt.text_field) || !j[opt.text_field].is_string())
-          throw UserError(f + ":" + std::to_string(lineno) + ": expected an object with a string '" + opt.text_field +
-                          "' field");
+          throw UserError(where + ": expected an object with a string '" + opt.text_field + "' field");
         Document d;
         d.text = j[opt.text_field].get<std::string>();
         if (!opt.domain_field.empty() && j.contains(opt.domain_field)) {
           const auto& v = j[opt.domain_field];
           d.domain = v.is_string() ? v.get<std::string>() : v.dump();
         }
-        d.source = f + ":" + std::to_string(lineno);
+        d.source = where;
         if (!d.text.empty()) fn(d);
-      }
+      });
       continue;
     }
+    std::ifstream in(f, std::ios::binary);
+    if (!in) throw UserError(f + ": cannot open");
     std::stringstream ss;
     ss << in.rdbuf();
     std::string all = ss.str();

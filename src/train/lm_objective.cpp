@@ -6,7 +6,7 @@
 
 namespace moeforge::train {
 
-LmLoss lm_loss(MixtralForCausalLM& model, const data::LmBatch& batch, const torch::Device& device) {
+BatchLoss lm_loss(MixtralForCausalLM& model, const data::LmBatch& batch, const torch::Device& device) {
   const auto& moe = model->config().moe;
   auto inputs = batch.inputs.to(device);
   auto targets = batch.targets.to(device);
@@ -18,7 +18,7 @@ LmLoss lm_loss(MixtralForCausalLM& model, const data::LmBatch& batch, const torc
     logits.push_back(r.logits_NE);
     idx.push_back(r.topk_idx_NK);
   }
-  LmLoss l;
+  BatchLoss l;
   l.total = ce;
   const bool use_aux = moe.balance == Balance::AuxLoss && moe.aux_loss_coef > 0;
   const bool use_z = moe.z_loss_coef > 0;
@@ -48,10 +48,11 @@ LmLoss lm_loss(MixtralForCausalLM& model, const data::LmBatch& batch, const torc
   auto s = torch::stack(scalars).cpu();
   auto loads_cpu = torch::stack(loads).cpu();
   const double* sv = s.data_ptr<double>();
-  l.ce = sv[0];
+  l.loss = sv[0];
   l.aux = sv[1];
   l.z = sv[2];
   l.tokens = targets.numel();
+  l.processed = l.tokens;
   for (size_t i = 0; i < out.router.size(); ++i) {
     l.load_per_layer.push_back(loads_cpu[static_cast<int64_t>(i)]);
     l.entropy_per_layer.push_back(sv[3 + i]);

@@ -7,20 +7,15 @@
 
 #include "data/sft_dataset.h"
 #include "model/decoder.h"
+#include "train/batch_loss.h"
 
 namespace moeforge::train {
 
-struct SftLoss {
-  torch::Tensor total;       // for backward
-  torch::Tensor logits;      // [B, T, V] (kept for tests)
-  double loss = 0, aux = 0, z = 0, accuracy = 0;
-  int64_t target_tokens = 0;
-  std::vector<torch::Tensor> load_per_layer;  // [E] int64, CPU
-  std::vector<double> entropy_per_layer;
-};
 
-// `aux_loss_coef` < 0 uses the model config's coefficient.
-SftLoss sft_loss(MixtralForCausalLM& model, const data::PackedBatch& batch, const torch::Device& device,
-                 double aux_loss_coef = -1);
+// `aux_loss_coef` < 0 uses the model config's coefficient. `loss` is the mean cross-entropy over target
+// tokens, `accuracy` the share of them predicted by argmax, `tokens` their count, `processed` the real
+// tokens; `logits_out` (tests) receives the [B, T, V] logits.
+BatchLoss sft_loss(MixtralForCausalLM& model, const data::PackedBatch& batch, const torch::Device& device,
+                   double aux_loss_coef = -1, torch::Tensor* logits_out = nullptr);
 
 }  // namespace moeforge::train

@@ -52,17 +52,7 @@ class PretrainData : public StageData {
   std::string describe() const override { return std::to_string(train_->num_windows()) + " training windows"; }
   const std::string& tokenizer() const override { return tokenizer_; }
   BatchLoss train_batch(MixtralForCausalLM& m, int64_t first, int64_t b, const torch::Device& d) override {
-    LmLoss l = lm_loss(m, train_->batch(first, b), d);
-    BatchLoss o;
-    o.total = l.total;
-    o.loss = l.ce;
-    o.aux = l.aux;
-    o.z = l.z;
-    o.tokens = l.tokens;
-    o.processed = l.tokens;
-    o.load_per_layer = l.load_per_layer;
-    o.entropy_per_layer = l.entropy_per_layer;
-    return o;
+    return lm_loss(m, train_->batch(first, b), d);
   }
   EvalResult evaluate(MixtralForCausalLM& m, int64_t b, int64_t max_batches, const torch::Device& d) override {
     return evaluate_lm(m, *val_, b, max_batches, d);
@@ -107,19 +97,7 @@ class SftData : public StageData {
   BatchLoss train_batch(MixtralForCausalLM& m, int64_t first, int64_t b, const torch::Device& d) override {
     std::vector<std::vector<size_t>> rows;
     for (int64_t g = first; g < first + b; ++g) rows.push_back(row(g));
-    const auto batch = data::make_packed_batch(train_ex_, rows, r_.train.seq_len);
-    SftLoss l = sft_loss(m, batch, d, r_.sft_aux_loss_coef.value_or(-1.0));
-    BatchLoss o;
-    o.total = l.total;
-    o.loss = l.loss;
-    o.aux = l.aux;
-    o.z = l.z;
-    o.accuracy = l.accuracy;
-    o.tokens = l.target_tokens;
-    o.processed = static_cast<int64_t>(batch.valid.sum().item<double>());
-    o.load_per_layer = l.load_per_layer;
-    o.entropy_per_layer = l.entropy_per_layer;
-    return o;
+    return sft_loss(m, data::make_packed_batch(train_ex_, rows, r_.train.seq_len), d, r_.sft_aux_loss_coef.value_or(-1.0));
   }
   EvalResult evaluate(MixtralForCausalLM& m, int64_t b, int64_t max_batches, const torch::Device& d) override {
     torch::NoGradGuard ng;
@@ -130,9 +108,9 @@ class SftData : public StageData {
     for (size_t i = 0; i < val_rows_.size() && (max_batches <= 0 || batches < max_batches); i += static_cast<size_t>(b)) {
       std::vector<std::vector<size_t>> rows(val_rows_.begin() + static_cast<long>(i),
                                             val_rows_.begin() + static_cast<long>(std::min(val_rows_.size(), i + static_cast<size_t>(b))));
-      SftLoss l = sft_loss(m, data::make_packed_batch(val_ex_, rows, r_.train.seq_len), d);
-      sum += l.loss * static_cast<double>(l.target_tokens);
-      r.tokens += l.target_tokens;
+      BatchLoss l = sft_loss(m, data::make_packed_batch(val_ex_, rows, r_.train.seq_len), d);
+      sum += l.loss * static_cast<double>(l.tokens);
+      r.tokens += l.tokens;
       ++batches;
     }
     r.loss = r.tokens ? sum / static_cast<double>(r.tokens) : 0.0;

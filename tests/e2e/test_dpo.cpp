@@ -91,6 +91,18 @@ TEST(Dpo, PrecomputedAndInMemoryReferenceGiveTheSameLosses) {
     EXPECT_NEAR(a[i]["rewards/margins"].get<double>(), b[i]["rewards/margins"].get<double>(), 1e-5) << "step " << i + 1;
   }
   EXPECT_LT(a.back()["loss"].get<double>(), a[0]["loss"].get<double>());
+  // Killed after the step-4 checkpoint and resumed: the reference table is reused and the losses continue
+  // bit for bit.
+  const std::string resumed_cmd = recipe("resumed", "precompute") + " --set train.checkpoint_interval=4";
+  EXPECT_NE(run("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=4 " + resumed_cmd), 0);
+  ASSERT_TRUE(fs::exists(dir / "resumed/reference_logps.json"));
+  const auto table_time = fs::last_write_time(dir / "resumed/reference_logps.json");
+  ASSERT_EQ(run(resumed_cmd + " --resume"), 0);
+  EXPECT_EQ(fs::last_write_time(dir / "resumed/reference_logps.json"), table_time);
+  auto c = records(dir / "resumed", "rewards/accuracies");
+  ASSERT_EQ(c.size(), 8u);
+  for (size_t i = 0; i < c.size(); ++i) EXPECT_EQ(c[i]["loss"].get<double>(), b[i]["loss"].get<double>()) << i + 1;
+
   // Held-out: recorded before training (rewards 0) and after.
   auto va = records(dir / "frozen", "val_rewards/accuracies"), vb = records(dir / "precompute", "val_rewards/accuracies");
   ASSERT_EQ(va.size(), 2u);

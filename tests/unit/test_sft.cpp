@@ -34,37 +34,40 @@ TEST(Sft, PackedRowEqualsExamplesOneByOne) {
   auto rows = pack_rows(ex, 12);
   ASSERT_EQ(rows.size(), 1u);  // 4 + 3 + 2 = 9 predictions fit in 12
   auto packed = make_packed_batch(ex, rows, 12);
-  auto lp = train::sft_loss(m, packed, torch::kCPU);
+  torch::Tensor lp_logits, l_logits, lp2_logits;
+  auto lp = train::sft_loss(m, packed, torch::kCPU, -1, &lp_logits);
   double sum = 0;
   int64_t n = 0;
   for (size_t i = 0; i < ex.size(); ++i) {
     const int64_t len = static_cast<int64_t>(ex[i].ids.size()) - 1;
     auto one = make_packed_batch(ex, {{i}}, len);
-    auto l = train::sft_loss(m, one, torch::kCPU);
-    sum += l.loss * static_cast<double>(l.target_tokens);
-    n += l.target_tokens;
+    auto l = train::sft_loss(m, one, torch::kCPU, -1, &l_logits);
+    sum += l.loss * static_cast<double>(l.tokens);
+    n += l.tokens;
     // Logits of example i inside the packed row equal its logits alone.
     int64_t offset = 0;
     for (size_t k = 0; k < i; ++k) offset += static_cast<int64_t>(ex[k].ids.size()) - 1;
-    EXPECT_LT(test::max_abs_diff(lp.logits[0].narrow(0, offset, len), l.logits[0]), 1e-5) << "example " << i;
+    EXPECT_LT(test::max_abs_diff(lp_logits[0].narrow(0, offset, len), l_logits[0]), 1e-5) << "example " << i;
   }
-  EXPECT_EQ(lp.target_tokens, n);
+  EXPECT_EQ(lp.tokens, n);
+  EXPECT_EQ(lp.processed, 9);
   EXPECT_NEAR(lp.loss, sum / static_cast<double>(n), 1e-5);
   // Changing example 0's tokens does not touch example 1's logits.
   auto ex2 = ex;
   ex2[0].ids = {1, 30, 31, 32, 33};
-  auto lp2 = train::sft_loss(m, make_packed_batch(ex2, rows, 12), torch::kCPU);
-  EXPECT_LT(test::max_abs_diff(lp2.logits[0].narrow(0, 4, 5), lp.logits[0].narrow(0, 4, 5)), 1e-6);
+  train::sft_loss(m, make_packed_batch(ex2, rows, 12), torch::kCPU, -1, &lp2_logits);
+  EXPECT_LT(test::max_abs_diff(lp2_logits[0].narrow(0, 4, 5), lp_logits[0].narrow(0, 4, 5)), 1e-6);
 }
 
 TEST(Sft, PromptTokensGetNoGradientAndTheirLabelsDoNotMatter) {
   auto m = sft_model();
   std::vector<TokenizedExample> ex{example({1, 5, 6, 7, 8, 9}, {0, 0, 0, 1, 1, 1})};
   auto b = make_packed_batch(ex, {{0}}, 5);
-  auto l = train::sft_loss(m, b, torch::kCPU);
-  l.logits.retain_grad();
+  torch::Tensor logits;
+  auto l = train::sft_loss(m, b, torch::kCPU, -1, &logits);
+  logits.retain_grad();
   l.total.backward();
-  auto g = l.logits.grad()[0];  // [T, V]
+  auto g = logits.grad()[0];  // [T, V]
   // Targets 6 and 7 (positions 0, 1) are prompt: zero gradient; positions 2..4 are trained.
   EXPECT_EQ(g[0].abs().sum().item<double>(), 0.0);
   EXPECT_EQ(g[1].abs().sum().item<double>(), 0.0);
