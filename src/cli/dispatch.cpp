@@ -17,11 +17,15 @@ const char* kUsage =
     "          [--domain-field NAME] [--split-blank-lines] [--overwrite]\n"
     "                                               tokenize text / JSONL into train and validation shards\n"
     "  train RECIPE.yaml [--set key=value ...] [--resume]\n"
-    "                                               pretrain (stage: pretrain) as the recipe says\n"
+    "                                               pretrain, SFT or DPO (stage: ...) as the recipe says\n"
     "  eval CHECKPOINT (--data DIR | --text FILE) [--json] [--batches N] [--seq-len T]\n"
     "                                               validation loss and perplexity\n"
     "  eval CHECKPOINT --generate --data FILE.jsonl [--json] [--max-new-tokens N]\n"
     "                                               greedy completions, exact match against the reference\n"
+    "  eval CHECKPOINT --preferences FILE.jsonl --reference REF [--json] [--beta B]\n"
+    "                                               DPO reward accuracy and margin against the reference\n"
+    "  launch --nproc-per-node N [--nnodes M --node-rank R --master-addr A --master-port P] -- COMMAND...\n"
+    "                                               run COMMAND (e.g. train recipe.yaml) as N ranks (Gloo)\n"
     "  export CHECKPOINT --format hf|gguf --out PATH [--dtype bf16|fp16|fp32] [--max-shard-size 5GB]\n"
     "                                               Hugging Face safetensors directory or llama.cpp GGUF file\n"
     "  import HF_DIR --out CHECKPOINT                a Hugging Face MixtralForCausalLM directory\n"
@@ -50,11 +54,12 @@ int run(const Args& argv) {
   if (cmd == "export") return cmd_export(rest);
   if (cmd == "import") return cmd_import(rest);
   if (cmd == "generate") return cmd_generate(rest);
+  if (cmd == "launch") return cmd_launch(rest);
   if (cmd == "version" || cmd == "--version") {
     std::cout << "moeforge " << MOEFORGE_VERSION << " (LibTorch " << compat::torch_version() << ")\n";
     return 0;
   }
-  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version", "tokenizer", "prepare", "train", "eval", "export", "import", "generate"}) +
+  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version", "tokenizer", "prepare", "train", "eval", "export", "import", "generate", "launch"}) +
                   "; run 'moeforge --help'");
 }
 

@@ -165,7 +165,7 @@ static int64_t checkpoint_seq_len(const std::string& ckpt, const ModelConfig& cf
 
 // DPO's implicit rewards of a tuned checkpoint against its reference on held-out preference pairs.
 static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt, const std::string& file, double beta,
-                            const std::string& loss, int64_t batch_size, int64_t seq_len, bool json, int threads) {
+                            std::string loss, int64_t batch_size, int64_t seq_len, bool json, int threads) {
   compat::configure_threads(threads);
   ModelConfig cfg = train::read_checkpoint_config(ckpt), ref_cfg = train::read_checkpoint_config(ref_ckpt);
   if (cfg.vocab_size != ref_cfg.vocab_size)
@@ -173,23 +173,33 @@ static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt
                     "'s (" + std::to_string(cfg.vocab_size) + ")");
   const std::string tok_path = train::checkpoint_tokenizer(ckpt);
   if (tok_path.empty()) throw UserError(ckpt + ": has no tokenizer.model; --preferences needs one");
-  if (beta <= 0) {  // the beta the checkpoint was tuned with, else TRL's default
-    beta = 0.1;
-    std::ifstream rf(ckpt + "/recipe.yaml");
-    if (rf) {
-      try {
-        YAML::Node n = YAML::Load(rf);
-        if (n["stage"] && n["stage"].as<std::string>() == "dpo" && n["dpo"] && n["dpo"]["beta"])
-          beta = n["dpo"]["beta"].as<double>();
-      } catch (const std::exception&) {
-        beta = 0.1;
+  // beta, loss and label smoothing: as given, else as the checkpoint was tuned (its recipe), else TRL's defaults.
+  double tuned_beta = 0.1, label_smoothing = 0.0;
+  std::string tuned_loss = "sigmoid";
+  if (std::ifstream rf(ckpt + "/recipe.yaml"); rf) {
+    try {
+      YAML::Node n = YAML::Load(rf);
+      if (n["stage"] && n["stage"].as<std::string>() == "dpo" && n["dpo"]) {
+        if (n["dpo"]["beta"]) tuned_beta = n["dpo"]["beta"].as<double>();
+        if (n["dpo"]["loss"]) tuned_loss = n["dpo"]["loss"].as<std::string>();
+        if (n["dpo"]["label_smoothing"]) label_smoothing = n["dpo"]["label_smoothing"].as<double>();
       }
+    } catch (const std::exception&) {
+      MF_WARN(ckpt << "/recipe.yaml: unreadable; using beta 0.1, sigmoid loss");
     }
+  }
+  if (beta <= 0) beta = tuned_beta;
+  if (loss.empty()) loss = tuned_loss;
+  if (loss != "sigmoid" && loss != "ipo" && loss != "hinge" && loss != "robust") loss = "sigmoid";
+  if (!(beta > 0) || label_smoothing < 0 || label_smoothing >= 0.5) {
+    beta = 0.1;
+    label_smoothing = 0.0;
   }
   if (seq_len <= 0) seq_len = checkpoint_seq_len(ckpt, cfg);
   if (seq_len > cfg.max_position_embeddings || seq_len > ref_cfg.max_position_embeddings)
     throw UserError("eval: --seq-len " + std::to_string(seq_len) + " exceeds a model's max_position_embeddings");
   data::Tokenizer tok(tok_path);
+  if (tok.vocab_size() > cfg.vocab_size) throw UserError(tok_path + ": has more pieces than the model's vocab_size");
   data::PreferenceStats stats;
   auto pairs = data::load_preference_pairs(file, tok, seq_len, &stats);
   if (stats.skips.total()) MF_WARN(file << ": skipped " << stats.skips.describe());
@@ -204,6 +214,7 @@ static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt
   train::DpoOptions o;
   o.beta = beta;
   o.loss = loss;
+  o.label_smoothing = label_smoothing;
   std::map<std::string, double> sums;
   double loss_sum = 0;
   for (size_t a = 0; a < pairs.size(); a += static_cast<size_t>(batch_size)) {
@@ -217,7 +228,7 @@ static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt
   }
   const double n = static_cast<double>(pairs.size());
   nlohmann::json out = {{"checkpoint", ckpt}, {"reference", ref_ckpt}, {"data", file},  {"n", pairs.size()},
-                        {"beta", beta},       {"loss_type", loss},      {"loss", loss_sum / n},
+                        {"beta", beta},       {"loss_type", loss},  {"label_smoothing", label_smoothing},      {"loss", loss_sum / n},
                         {"skipped", stats.skips.total()}, {"truncated", stats.truncated}};
   for (const auto& [k, v] : sums) out[k] = v / n;
   if (json) {
@@ -237,7 +248,7 @@ int cmd_eval(const Args& in) {
   std::string data_dir, text_file, v;
   const bool json = take_flag(args, "--json");
   const bool gen = take_flag(args, "--generate");
-  std::string prefs, ref_ckpt, loss_type = "sigmoid";
+  std::string prefs, ref_ckpt, loss_type;
   double beta = 0;
   take_option(args, "--preferences", &prefs);
   take_option(args, "--reference", &ref_ckpt);
@@ -265,7 +276,7 @@ int cmd_eval(const Args& in) {
     if (args.size() != 1 || prefs.empty() || ref_ckpt.empty())
       throw UserError("eval --preferences: usage: moeforge eval CHECKPOINT --preferences FILE.jsonl --reference "
                       "REF_CHECKPOINT [--beta B] [--loss sigmoid|ipo|hinge|robust] [--json]");
-    if (loss_type != "sigmoid" && loss_type != "ipo" && loss_type != "hinge" && loss_type != "robust")
+    if (!loss_type.empty() && loss_type != "sigmoid" && loss_type != "ipo" && loss_type != "hinge" && loss_type != "robust")
       throw UserError("eval: --loss must be sigmoid, ipo, hinge or robust, got '" + loss_type + "'");
     if (batch_size <= 0) throw UserError("eval: --batch-size must be positive");
     return eval_preferences(args[0], ref_ckpt, prefs, beta, loss_type, batch_size, seq_len, json,

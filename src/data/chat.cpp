@@ -77,7 +77,10 @@ TokenizedExample tokenize_chat(const Tokenizer& tok, const std::vector<Message>&
         train_on_all ? 1 : 0);
     if (p + 1 == t.pairs.size() && t.ends_with_user) break;
     if (t.pairs[p].second.empty()) throw BadExample("empty completion", where + ": assistant message " + std::to_string(p + 1) + " is empty");
-    add(tok.encode(t.pairs[p].second), 1);
+    auto reply = tok.encode(t.pairs[p].second);
+    if (reply.empty())
+      throw BadExample("empty completion", where + ": assistant message " + std::to_string(p + 1) + " has no tokens");
+    add(reply, 1);
     add({tok.eos_id()}, 1);
   }
   if (train_on_all && !ex.loss_mask.empty()) ex.loss_mask[0] = 0;  // nothing predicts the first token

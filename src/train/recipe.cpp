@@ -66,6 +66,8 @@ std::string emit(const Recipe& r) {
   e << YAML::Key << "device" << YAML::Value << r.runtime.device << YAML::Key << "precision" << YAML::Value
     << r.runtime.precision << YAML::Key << "threads" << YAML::Value << r.runtime.threads;
   e << YAML::EndMap;
+  e << YAML::Key << "parallel" << YAML::Value << YAML::BeginMap << YAML::Key << "timeout_s" << YAML::Value
+    << r.parallel_timeout_s << YAML::EndMap;
   e << YAML::Key << "output_dir" << YAML::Value << r.output_dir;
   e << YAML::Key << "resume" << YAML::Value << r.resume;
   e << YAML::Key << "init_from" << YAML::Value << r.init_from;
@@ -190,6 +192,11 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   r.runtime.threads = static_cast<int>(rt.get_int("threads", r.runtime.threads));
   if (r.runtime.threads < 0) rt.fail("threads", "must be >= 0 (0 = all cores)");
   rt.finish();
+
+  io::YamlMap par = m.get_map("parallel");
+  r.parallel_timeout_s = par.get_int("timeout_s", r.parallel_timeout_s);
+  positive(par, "timeout_s", r.parallel_timeout_s);
+  par.finish();
 
   r.output_dir = m.get_string("output_dir", r.output_dir);
   if (r.output_dir.empty()) m.fail("output_dir", "must not be empty");

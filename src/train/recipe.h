@@ -69,6 +69,7 @@ struct Recipe {
   std::string output_dir = "runs/default";
   std::string resume = "never";    // never | auto
   std::string init_from;           // a checkpoint to start from ("" = fresh init)
+  int64_t parallel_timeout_s = 300;  // parallel.timeout_s: rendezvous and every collective (multi-process runs)
   std::string yaml;                // the fully resolved recipe, as written to the run dir
 };
 

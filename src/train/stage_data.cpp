@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -10,6 +11,7 @@
 #include <numeric>
 #include <random>
 
+#include "core/compat.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "data/lm_dataset.h"
@@ -190,8 +192,23 @@ class DpoData : public StageData {
   std::string describe() const override { return std::to_string(train_.size()) + " preference pairs"; }
   const std::string& tokenizer() const override { return tokenizer_; }
 
-  void start(const std::string& run_dir, const torch::Device& device) override {
-    MixtralForCausalLM ref(r_.model);
+  void start(const std::string& run_dir, const torch::Device& device, bool main_rank) override {
+    bf16_ = device.is_cuda() && r_.runtime.precision == "bf16";
+    const std::string path = run_dir + "/reference_logps.json";
+    const std::string fp = fingerprint();
+    if (r_.dpo.reference == "precompute" && load_table(path, fp)) {
+      MF_INFO("dpo: reference log-probs from " << path);
+      return;
+    }
+    // Building a model draws from the global generator (module constructors); a resumed run has just
+    // restored it, so put it back afterwards.
+    MixtralForCausalLM ref{nullptr};
+    {
+      const auto rng = at::detail::getDefaultCPUGenerator().get_state();
+      ref = MixtralForCausalLM(r_.model);
+      auto gen = at::detail::getDefaultCPUGenerator();
+      gen.set_state(rng);
+    }
     load_init_weights(r_.init_from, ref);
     ref->to(device);
     ref->eval();
@@ -200,20 +217,19 @@ class DpoData : public StageData {
       ref_ = ref;
       return;
     }
-    const std::string path = run_dir + "/reference_logps.json";
-    const std::string fp = fingerprint();
-    if (load_table(path, fp)) {
-      MF_INFO("dpo: reference log-probs from " << path);
-      return;
-    }
     MF_INFO("dpo: computing the reference log-probs of " << train_.size() + val_.size() << " pairs into " << path);
     auto all = [](size_t n) {
       std::vector<size_t> v(n);
       std::iota(v.begin(), v.end(), 0);
       return v;
     };
-    std::tie(table_[0], table_[1]) = reference_logps(ref, train_, all(train_.size()), r_.train.micro_batch_size, r_.train.seq_len, device);
+    {  // the training pairs under the precision the policy trains in (held-out evaluation runs in fp32)
+      compat::CudaBf16Autocast autocast(bf16_);
+      std::tie(table_[0], table_[1]) =
+          reference_logps(ref, train_, all(train_.size()), r_.train.micro_batch_size, r_.train.seq_len, device);
+    }
     std::tie(table_[2], table_[3]) = reference_logps(ref, val_, all(val_.size()), r_.train.micro_batch_size, r_.train.seq_len, device);
+    if (!main_rank) return;  // every rank computed the same table; rank 0 keeps it
     nlohmann::json j = {{"init_from", r_.init_from}, {"fingerprint", fp}};
     const char* names[] = {"train_chosen", "train_rejected", "val_chosen", "val_rejected"};
     for (int k = 0; k < 4; ++k) {
@@ -270,7 +286,10 @@ class DpoData : public StageData {
   // Reference log-prob sums of pairs[idx]: from the frozen model, or the table (offset 0 train, 2 val).
   std::pair<torch::Tensor, torch::Tensor> ref_logps(const std::vector<data::PreferencePair>& pairs,
                                                     const std::vector<size_t>& idx, int table, const torch::Device& d) {
-    if (!ref_.is_empty()) return reference_logps(ref_, pairs, idx, static_cast<int64_t>(idx.size()), r_.train.seq_len, d);
+    if (!ref_.is_empty()) {
+      compat::CudaBf16Autocast autocast(bf16_ && table == 0);  // as the policy: autocast in training only
+      return reference_logps(ref_, pairs, idx, static_cast<int64_t>(idx.size()), r_.train.seq_len, d);
+    }
     auto ix = torch::tensor(std::vector<int64_t>(idx.begin(), idx.end()), torch::kLong);
     return {table_[table].index_select(0, ix), table_[table + 1].index_select(0, ix)};
   }
@@ -288,11 +307,29 @@ class DpoData : public StageData {
     return order_[static_cast<size_t>(g % n)];
   }
 
-  // Identifies what the table was computed from: the init checkpoint, the token ids and masks, seq_len.
+  // Identifies what the table was computed from: the init checkpoint (path, and the size and time of its
+  // files), the model config, the precision, seq_len, the token ids and masks.
   std::string fingerprint() const {
     uint64_t h = 1469598103934665603ULL;
     auto mix = [&](uint64_t v) { h = (h ^ v) * 1099511628211ULL; };
-    for (char c : r_.init_from) mix(static_cast<uint8_t>(c));
+    auto mix_str = [&](const std::string& s) {
+      mix(s.size());
+      for (char c : s) mix(static_cast<uint8_t>(c));
+    };
+    mix_str(r_.init_from);
+    mix_str(model_config_to_yaml(r_.model));
+    mix_str(r_.runtime.precision);
+    std::string dir = r_.init_from.rfind("hf:", 0) == 0 ? r_.init_from.substr(3) : r_.init_from;
+    std::error_code ec;
+    std::vector<std::string> files;
+    for (const auto& e : fs::directory_iterator(dir, ec))
+      if (e.is_regular_file(ec)) files.push_back(e.path().string());
+    std::sort(files.begin(), files.end());
+    for (const auto& f : files) {
+      mix_str(fs::path(f).filename().string());
+      mix(static_cast<uint64_t>(fs::file_size(f, ec)));
+      mix(static_cast<uint64_t>(fs::last_write_time(f, ec).time_since_epoch().count()));
+    }
     mix(static_cast<uint64_t>(r_.train.seq_len));
     for (const auto* set : {&train_, &val_}) {
       mix(set->size());
@@ -334,6 +371,7 @@ class DpoData : public StageData {
   data::PreferenceStats train_stats_, val_stats_;
   DpoOptions opt_;
   MixtralForCausalLM ref_{nullptr};
+  bool bf16_ = false;
   torch::Tensor table_[4];
   int64_t epoch_ = -1;
   std::vector<size_t> order_;

@@ -20,10 +20,12 @@ class StageData {
   virtual ~StageData() = default;
   virtual std::string describe() const = 0;
   virtual const std::string& tokenizer() const = 0;
-  // Called once the run directory exists, before the first batch (DPO builds its reference here).
-  virtual void start(const std::string& run_dir, const torch::Device& device) {
+  // Called once the run directory exists, before the first batch (DPO builds its reference here);
+  // only the main rank writes into the run directory.
+  virtual void start(const std::string& run_dir, const torch::Device& device, bool main_rank) {
     (void)run_dir;
     (void)device;
+    (void)main_rank;
   }
   // Micro-batch of `batch_size` samples starting at global sample index `first`.
   virtual BatchLoss train_batch(MixtralForCausalLM& model, int64_t first, int64_t batch_size,

@@ -2,6 +2,8 @@
 
 #include <torch/torch.h>
 
+#include <thread>
+
 #include <chrono>
 #include <csignal>
 #include <cmath>
@@ -17,6 +19,7 @@
 #include "data/lm_dataset.h"
 #include "model/load_balance.h"
 #include "model/param_count.h"
+#include "parallel/dist.h"
 #include "train/checkpoint.h"
 #include "train/evaluate.h"
 #include "train/lm_objective.h"
@@ -98,10 +101,51 @@ torch::Device pick_device(const RuntimeConfig& rt, const std::string& recipe_pat
   return cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
 }
 
+// Data parallelism: every gradient summed over the ranks in one fp32 bucket, then divided by the world
+// size. A parameter no rank touched (an expert without tokens) keeps no gradient, as in one process.
+void sync_gradients(parallel::Dist& dist, const std::vector<torch::Tensor>& params) {
+  const int64_t P = static_cast<int64_t>(params.size());
+  int64_t total = 0;
+  for (const auto& p : params) total += p.numel();
+  auto buf = torch::zeros({total + P}, torch::kFloat);
+  int64_t off = 0;
+  for (int64_t i = 0; i < P; ++i) {
+    const auto& p = params[static_cast<size_t>(i)];
+    if (p.grad().defined()) {
+      buf.narrow(0, off, p.numel()).copy_(p.grad().reshape({-1}));
+      buf[total + i] = 1.0f;
+    }
+    off += p.numel();
+  }
+  std::vector<torch::Tensor> v{buf};
+  dist.all_reduce_sum(v);
+  const double world = dist.world_size();
+  off = 0;
+  torch::NoGradGuard ng;
+  for (int64_t i = 0; i < P; ++i) {
+    auto p = params[static_cast<size_t>(i)];
+    if (buf[total + i].item<float>() > 0) {
+      auto g = buf.narrow(0, off, p.numel()).view(p.sizes()).div(world).to(p.dtype());
+      if (p.grad().defined()) p.mutable_grad().copy_(g);
+      else p.mutable_grad() = g.clone();
+    }
+    off += p.numel();
+  }
+}
+
 }  // namespace
 
 TrainResult run_training(const Recipe& r, bool force_resume) {
-  const int threads = compat::configure_threads(r.runtime.threads);
+  // Ranks: data parallelism over WORLD_SIZE processes (one process when the variables are not set).
+  const parallel::DistEnv denv = parallel::read_dist_env();
+  const int D = denv.world_size, rank = denv.rank;
+  int want_threads = r.runtime.threads;
+  if (want_threads == 0 && D > 1) {  // share the cores among the ranks of this machine
+    const char* lws = std::getenv("LOCAL_WORLD_SIZE");
+    const int local = lws ? std::max(1, std::atoi(lws)) : D;
+    want_threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local);
+  }
+  const int threads = compat::configure_threads(want_threads);
   const torch::Device device = pick_device(r.runtime, r.path);
   const std::string run_dir = r.output_dir;
   const bool resume = force_resume || r.resume == "auto";
@@ -109,6 +153,11 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   if (fs::exists(run_dir) && !fs::is_empty(run_dir) && !resume)
     throw UserError(run_dir + ": run directory already exists; set 'resume: auto' (or pass --resume) to continue it, "
                               "or choose another output_dir");
+  std::unique_ptr<parallel::Dist> dist =
+      D > 1 ? std::make_unique<parallel::Dist>(denv, std::chrono::milliseconds(r.parallel_timeout_s * 1000))
+            : std::make_unique<parallel::Dist>();
+  dist->barrier();  // every rank has checked the run directory before rank 0 writes into it
+  const bool main_rank = dist->is_main();
   const ModelConfig& cfg = r.model;
   const auto& tc = r.train;
 
@@ -151,13 +200,15 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       MF_INFO("resuming from " << *latest << " (step " << state.step << ")");
     }
   }
-  fs::create_directories(run_dir);
-  {
+  std::unique_ptr<MetricsLog> metrics;
+  if (main_rank) {
+    fs::create_directories(run_dir);
     std::ofstream(run_dir + "/config.yaml.tmp") << r.yaml;
     fs::rename(run_dir + "/config.yaml.tmp", run_dir + "/config.yaml");
+    metrics = std::make_unique<MetricsLog>(run_dir, state.step);  // drops lines written after the last checkpoint
   }
-  MetricsLog metrics(run_dir, state.step);  // drops lines a killed run wrote after its last checkpoint
-  data->start(run_dir, device);
+  dist->barrier();
+  data->start(run_dir, device, main_rank);
 
   const std::string dev_name = device.is_cuda() ? "cuda" : "cpu";
   const bool bf16 = device.is_cuda() && r.runtime.precision == "bf16";
@@ -167,8 +218,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   if (!resumed) MF_INFO("starting a new run in " << run_dir);
   MF_INFO("model " << cfg.name << ": " << pc.total << " parameters, " << pc.active << " active; " << dev_name << ", "
                    << threads << " threads; peak matmul " << static_cast<int>(peak) << " GFLOP/s");
-  MF_INFO("training " << total_steps << " steps of " << tokens_per_step << " tokens (" << tc.micro_batch_size << " x "
-                      << tc.seq_len << " x " << tc.grad_accum << " accumulation); "
+  MF_INFO("training " << total_steps << " steps of " << tokens_per_step * D << " tokens (" << tc.micro_batch_size
+                      << " x " << tc.seq_len << " x " << tc.grad_accum << " accumulation"
+                      << (D > 1 ? " x " + std::to_string(D) + " data-parallel ranks" : std::string()) << "); "
                       << data->describe());
 
   const int L = static_cast<int>(cfg.num_layers);
@@ -185,8 +237,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       rec["val_" + k] = v;
       if (k == "rewards/accuracies" || k == "rewards/margins") extra += " | " + k + " " + std::to_string(v).substr(0, 6);
     }
-    metrics.write(rec, "val/");
+    if (metrics) metrics->write(rec, "val/");
     last_eval = ev;
+    if (!main_rank) return;
     if (r.stage == "dpo")
       std::fprintf(stderr, "step %6ld/%ld | val loss %.4f%s\n", (long)state.step, (long)total_steps, ev.loss,
                    extra.c_str());
@@ -217,10 +270,12 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     for (int64_t a = 0; a < tc.grad_accum; ++a) {
       BatchLoss l = [&] {
         compat::CudaBf16Autocast autocast(bf16);
-        return data->train_batch(model, state.samples_seen, tc.micro_batch_size, device);
+        // Micro-batch a of rank r is global micro-batch a * D + r: D ranks x A steps see what one process
+        // sees with D x A accumulation steps.
+        return data->train_batch(model, state.samples_seen + (a * D + rank) * tc.micro_batch_size,
+                                 tc.micro_batch_size, device);
       }();
       (l.total / static_cast<double>(tc.grad_accum)).backward();
-      state.samples_seen += tc.micro_batch_size;
       step_tokens += l.processed;
       step_targets += l.tokens;
       ce += l.loss / tc.grad_accum;
@@ -232,6 +287,28 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
         loads[i] = loads[i].defined() ? loads[i] + l.load_per_layer[i] : l.load_per_layer[i];
         entropy[i] += l.entropy_per_layer[i] / tc.grad_accum;
       }
+    }
+    state.samples_seen += tc.micro_batch_size * tc.grad_accum * D;
+    if (D > 1) {
+      sync_gradients(*dist, params);
+      // Logged numbers: means over the ranks (token counts and loads: sums).
+      std::vector<double> v{ce, acc, aux, z, static_cast<double>(step_tokens), static_cast<double>(step_targets)};
+      for (double e : entropy) v.push_back(e);
+      for (const auto& [k, x] : extra) v.push_back(x);
+      std::vector<torch::Tensor> buf{torch::tensor(v, torch::kDouble),
+                                     torch::stack(loads).to(torch::kDouble).contiguous()};
+      dist->all_reduce_sum(buf);
+      auto s = buf[0].accessor<double, 1>();
+      ce = s[0] / D;
+      acc = s[1] / D;
+      aux = s[2] / D;
+      z = s[3] / D;
+      step_tokens = static_cast<int64_t>(s[4]);
+      step_targets = static_cast<int64_t>(s[5]);
+      for (int i = 0; i < L; ++i) entropy[i] = s[6 + i] / D;
+      int k = 6 + L;
+      for (auto& [name, x] : extra) x = s[k++] / D;
+      for (int i = 0; i < L; ++i) loads[i] = buf[1][i].to(torch::kLong);
     }
     if (!std::isfinite(ce)) throw UserError("training diverged: loss is " + std::to_string(ce) + " at step " +
                                             std::to_string(state.step + 1) + "; lower optim.lr");
@@ -257,7 +334,8 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       const double eta = (total_steps - state.step) * interval_seconds / std::max<int64_t>(1, interval_steps);
       nlohmann::json rec = {{"step", state.step}, {"loss", ce}, {"aux_loss", aux}, {"z_loss", z},
                             {"total_loss", ce + (cfg.moe.balance == Balance::AuxLoss ? aux_coef * aux : 0.0) +
-                                               cfg.moe.z_loss_coef * z},
+                                               cfg.moe.z_loss_coef * z +
+                                               (r.stage == "dpo" && extra.count("nll_loss") ? r.dpo.rpo_alpha * extra["nll_loss"] : 0.0)},
                             {"lr", lr}, {"grad_norm", gnorm}, {"tokens_per_second", tps},
                             {"tokens", state.tokens_seen}, {"tokens_trained", state.target_tokens_seen},
                             {"mfu", flops_per_token * tps / (peak * 1e9)}};
@@ -283,8 +361,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       full["layer_load_max_over_mean"] = maxmean;
       full["layer_load_cv"] = cv;
       full["layer_router_entropy"] = ent;
-      metrics.write(full, "train/");
-      std::fprintf(stderr,
+      if (metrics) metrics->write(full, "train/");
+      if (main_rank)
+        std::fprintf(stderr,
                    "step %6ld/%ld | loss %.4f | aux %.3f | z %.3f | lr %.2e | gnorm %.3f | %.0f tok/s | "
                    "max/mean load %.2f | ETA %s\n",
                    (long)state.step, (long)total_steps, ce, aux, z, lr, gnorm, tps, worst, fmt_duration(eta).c_str());
@@ -306,8 +385,11 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       c.state = &state;
       c.tokenizer_path = tokenizer;
       c.recipe_yaml = r.yaml;
-      auto dir = save_checkpoint(run_dir, c, static_cast<int>(tc.keep_checkpoints));
-      MF_INFO("checkpoint " << dir);
+      if (main_rank) {  // data parallelism: every rank holds the same weights and optimizer state
+        auto dir = save_checkpoint(run_dir, c, static_cast<int>(tc.keep_checkpoints));
+        MF_INFO("checkpoint " << dir);
+      }
+      dist->barrier();
       // Test hook: an interruption right after this checkpoint (resume tests).
       const char* kill_after = std::getenv("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT");
       if (kill_after && std::to_string(state.step) == kill_after) std::raise(SIGKILL);
@@ -344,13 +426,15 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       {"elapsed_s", elapsed_before + std::chrono::duration<double>(Clock::now() - run_start).count()}};
   for (const auto& [k, v] : last_eval.metrics) summary["final_val_" + k] = v;
   data->summarize(summary);
-  write_json_atomic(run_dir + "/summary.json", summary);
+  summary["data_parallel_ranks"] = D;
+  if (main_rank) write_json_atomic(run_dir + "/summary.json", summary);
   const double h = summary.value("unigram_entropy", NAN);
   std::string extra;
   if (!std::isnan(h)) extra = " (unigram entropy of the val tokens " + std::to_string(h).substr(0, 6) + ")";
   for (const char* k : {"rewards/accuracies", "rewards/margins"})
     if (last_eval.metrics.count(k)) extra += " | val " + std::string(k) + " " + std::to_string(last_eval.metrics.at(k)).substr(0, 6);
-  std::fprintf(stderr, "done: %ld steps | final val loss %.4f%s | %.0f tokens/s | MFU %.1f%% of a %.0f GFLOP/s matmul\n",
+  if (main_rank)
+    std::fprintf(stderr, "done: %ld steps | final val loss %.4f%s | %.0f tokens/s | MFU %.1f%% of a %.0f GFLOP/s matmul\n",
                (long)state.step, last_val, extra.c_str(), res.tokens_per_second, 100 * res.mfu, peak);
   return res;
 }

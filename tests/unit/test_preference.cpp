@@ -45,6 +45,21 @@ TEST(Preference, LoadsBothShapesWithTheMaskOnTheCompletionOnly) {
   for (size_t i = 0; i < prompt1.ids.size(); ++i) masked += pairs[1].rejected.loss_mask[i];
   EXPECT_EQ(masked, 0);
   EXPECT_EQ(pairs[1].rejected.loss_mask.back(), 1);
+  // A completion of several messages: the user turn inside it is not a target.
+  std::ofstream(dir / "multi.jsonl")
+      << R"({"prompt": "Hi", "chosen": [{"role": "assistant", "content": "The cat."}, {"role": "user", "content": "More"},)"
+      << R"( {"role": "assistant", "content": "A dog."}], "rejected": "No."})" << "\n";
+  auto multi = load_preference_pairs(dir / "multi.jsonl", tok, 64, &st);
+  ASSERT_EQ(multi.size(), 1u);
+  auto full = tokenize_chat(tok, {Message{"user", "Hi"}, Message{"assistant", "The cat."}, Message{"user", "More"},
+                                  Message{"assistant", "A dog."}}, false, "x");
+  auto hi = tokenize_chat(tok, {Message{"user", "Hi"}}, false, "x");
+  EXPECT_EQ(multi[0].chosen.ids, full.ids);
+  for (size_t i = 0; i < full.ids.size(); ++i)  // the chat mask (assistant turns) minus the prompt
+    EXPECT_EQ(multi[0].chosen.loss_mask[i], i < hi.ids.size() ? 0 : full.loss_mask[i]) << i;
+  int64_t inner_user = 0;
+  for (size_t i = hi.ids.size(); i < full.ids.size(); ++i) inner_user += full.loss_mask[i] == 0;
+  EXPECT_GT(inner_user, 0);  // "[INST] More [/INST]" stays masked
 }
 
 TEST(Preference, BadInputIsCountedOrNamedNeverACrash) {
@@ -82,6 +97,10 @@ TEST(Preference, BadInputIsCountedOrNamedNeverACrash) {
   expect_error("{oops", "e.jsonl:2: invalid JSON");
   expect_error(R"({"prompt": 3, "chosen": "b", "rejected": "c"})", "e.jsonl:2: field 'prompt'");
   expect_error(R"({"prompt": "a", "chosen": [{"role": "user", "content": "b"}], "rejected": "c"})", "e.jsonl:2");
+  expect_error(R"({"prompt": [], "chosen": "b", "rejected": "c"})", "e.jsonl:2: field 'prompt' must end with a user");
+  expect_error(R"({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "b", "rejected": "c"})",
+               "e.jsonl:2: field 'prompt' must end with a user");
+  expect_error(R"([1, 2])", "e.jsonl:2: expected a JSON object");
   // Nothing usable: an error that says why.
   std::ofstream(dir / "none.jsonl") << R"({"prompt": "a", "chosen": "", "rejected": "c"})" << "\n";
   try {
@@ -161,4 +180,54 @@ TEST(Preference, DpoBatchAgainstItselfIsLog2AndLearns) {
   auto after = train::dpo_batch(m, pairs, idx, rc, rr, o, 16, torch::kCPU);
   EXPECT_LT(after.loss, b.loss);
   EXPECT_GT(after.metrics["rewards/margins"], 0.0);
+}
+
+// dpo_batch against a shifted reference: each loss type, label smoothing and the RPO term equal their
+// formulas on log-probs computed sequence by sequence with the naive loop.
+TEST(Preference, DpoBatchEqualsTheFormulasOnNaiveLogps) {
+  ModelConfig c = test::tiny_config();
+  c.moe.aux_loss_coef = 0.0;
+  c.moe.z_loss_coef = 0.0;
+  MixtralForCausalLM m(c);
+  init_weights(*m, 0.2, 5);
+  m->eval();
+  std::vector<PreferencePair> pairs{{example({1, 5, 6, 20, 2}, {0, 0, 0, 1, 1}), example({1, 5, 6, 21, 22, 2}, {0, 0, 0, 1, 1, 1})},
+                                    {example({1, 7, 22, 23, 2}, {0, 0, 1, 1, 1}), example({1, 7, 24, 2}, {0, 0, 1, 1})}};
+  std::vector<size_t> idx{0, 1};
+  const double pc[2] = {naive_logp(m, pairs[0].chosen), naive_logp(m, pairs[1].chosen)};
+  const double pr[2] = {naive_logp(m, pairs[0].rejected), naive_logp(m, pairs[1].rejected)};
+  const double nc[2] = {2, 3}, nr[2] = {3, 2};  // completion tokens
+  auto rc = torch::tensor({pc[0] - 0.3, pc[1] + 0.2}, torch::kFloat), rr = torch::tensor({pr[0] + 0.1, pr[1] - 0.4}, torch::kFloat);
+  const double rcv[2] = {pc[0] - 0.3, pc[1] + 0.2}, rrv[2] = {pr[0] + 0.1, pr[1] - 0.4};
+  auto ls = [](double x) { return -std::log1p(std::exp(-x)); };
+  const double beta = 0.5, eps = 0.2, alpha = 0.7;
+  for (const char* type : {"sigmoid", "robust", "hinge", "ipo"}) {
+    train::DpoOptions o;
+    o.beta = beta;
+    o.loss = type;
+    o.label_smoothing = std::string(type) == "hinge" || std::string(type) == "ipo" ? 0.0 : eps;
+    o.rpo_alpha = alpha;
+    torch::NoGradGuard ng;
+    auto b = train::dpo_batch(m, pairs, idx, rc, rr, o, 16, torch::kCPU);
+    double want = 0, margin = 0;
+    for (int i = 0; i < 2; ++i) {
+      const bool ipo = std::string(type) == "ipo";
+      const double x = ipo ? (pc[i] / nc[i] - pr[i] / nr[i]) - (rcv[i] / nc[i] - rrv[i] / nr[i])
+                           : (pc[i] - pr[i]) - (rcv[i] - rrv[i]);
+      const double s = o.label_smoothing;
+      double l = 0;
+      if (std::string(type) == "sigmoid") l = -(1 - s) * ls(beta * x) - s * ls(-beta * x);
+      if (std::string(type) == "robust") l = ((1 - s) * -ls(beta * x) + s * ls(-beta * x)) / (1 - 2 * s);
+      if (std::string(type) == "hinge") l = std::max(0.0, 1 - beta * x);
+      if (ipo) l = (x - 1 / (2 * beta)) * (x - 1 / (2 * beta));
+      want += l / 2;
+      margin += (ipo ? beta * ((pc[i] - rcv[i]) / nc[i] - (pr[i] - rrv[i]) / nr[i])
+                     : beta * ((pc[i] - rcv[i]) - (pr[i] - rrv[i]))) / 2;
+    }
+    const double nll = -(pc[0] + pc[1]) / (nc[0] + nc[1]);
+    EXPECT_NEAR(b.loss, want, 1e-4) << type;
+    EXPECT_NEAR(b.metrics["rewards/margins"], margin, 1e-4) << type;
+    EXPECT_NEAR(b.metrics["nll_loss"], nll, 1e-4) << type;
+    EXPECT_NEAR(b.total.item<double>(), want + alpha * nll, 1e-4) << type;
+  }
 }
