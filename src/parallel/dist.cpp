@@ -73,7 +73,14 @@ Dist::Dist(const DistEnv& env, std::chrono::milliseconds timeout) : rank_(env.ra
     opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
   opts->threads = 2;
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>("world", impl_->store);
-  impl_->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, env.rank, env.world_size, opts);
+  try {
+    impl_->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, env.rank, env.world_size, opts);
+  } catch (const std::exception& e) {
+    throw UserError("rank " + std::to_string(env.rank) + ": rendezvous at " + env.master_addr + ":" +
+                    std::to_string(env.master_port) + ": not every one of the " + std::to_string(env.world_size) +
+                    " ranks joined within " + std::to_string(timeout.count() / 1000) + " s (parallel.timeout_s): " +
+                    std::string(e.what()).substr(0, 120));
+  }
 }
 
 Dist::~Dist() = default;

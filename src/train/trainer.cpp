@@ -392,7 +392,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       dist->barrier();
       // Test hook: an interruption right after this checkpoint (resume tests).
       const char* kill_after = std::getenv("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT");
-      if (kill_after && std::to_string(state.step) == kill_after) std::raise(SIGKILL);
+      const char* kill_rank = std::getenv("MOEFORGE_TEST_KILL_RANK");  // only this rank (default: every rank)
+      if (kill_after && std::to_string(state.step) == kill_after && (!kill_rank || std::to_string(rank) == kill_rank))
+        std::raise(SIGKILL);
     }
   }
 

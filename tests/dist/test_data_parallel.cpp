@@ -1,0 +1,188 @@
+// Data parallelism over c10d Gloo on loopback: `moeforge launch` with 2 ranks against one process doing
+// the same global batch with gradient accumulation; the launcher's failure handling; rendezvous errors.
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "corpus.h"
+#include "model/decoder.h"
+#include "train/checkpoint.h"
+
+using namespace moeforge;
+namespace fs = std::filesystem;
+
+namespace {
+const char* kModelYaml = R"(model:
+  name: dp-test
+  vocab_size: 320
+  hidden_size: 32
+  intermediate_size: 48
+  num_layers: 2
+  num_attention_heads: 4
+  num_key_value_heads: 2
+  max_position_embeddings: 64
+  rope_theta: 10000.0
+  moe: {num_experts: 4, num_experts_per_tok: 2, aux_loss_coef: 0.01, router_jitter: 0.0}
+)";
+
+// A port nobody listens on right now (the kernel's pick for port 0).
+int free_port() {
+  int s = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  ::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len);
+  const int port = ntohs(a.sin_port);
+  ::close(s);
+  return port;
+}
+
+int run(const std::string& cmd) { return WEXITSTATUS(std::system((cmd + " > /dev/null 2>&1").c_str())); }
+
+std::vector<nlohmann::json> train_records(const std::string& run_dir) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains("loss")) out.push_back(j);
+  }
+  return out;
+}
+
+double rel(double a, double b) { return std::abs(a - b) / std::max(1e-12, std::max(std::abs(a), std::abs(b))); }
+
+// Losses, gradient norms and token counts per step, and the final parameters, agree.
+void expect_same_run(const std::string& one, const std::string& two, size_t steps) {
+  auto a = train_records(one), b = train_records(two);
+  ASSERT_EQ(a.size(), steps);
+  ASSERT_EQ(b.size(), steps);
+  for (size_t i = 0; i < steps; ++i) {
+    EXPECT_LT(rel(a[i]["loss"].get<double>(), b[i]["loss"].get<double>()), 1e-5) << "step " << i + 1;
+    EXPECT_LT(rel(a[i]["grad_norm"].get<double>(), b[i]["grad_norm"].get<double>()), 1e-5) << "step " << i + 1;
+    EXPECT_EQ(a[i]["tokens"], b[i]["tokens"]) << "step " << i + 1;
+    EXPECT_EQ(a[i]["expert_load"], b[i]["expert_load"]) << "step " << i + 1;
+  }
+  auto ca = *train::latest_checkpoint(one), cb = *train::latest_checkpoint(two);
+  auto cfg = train::read_checkpoint_config(ca);
+  MixtralForCausalLM ma(cfg), mb(cfg);
+  train::load_model_weights(ca, ma);
+  train::load_model_weights(cb, mb);
+  auto pa = ma->named_parameters(), pb = mb->named_parameters();
+  for (const auto& p : pa) {
+    const auto& q = pb[p.key()];
+    const double scale = p.value().abs().max().item<double>();
+    EXPECT_LE((p.value() - q).abs().max().item<double>(), 1e-5 * std::max(1.0, scale)) << p.key();
+  }
+}
+}  // namespace
+
+TEST(DataParallel, TwoRanksEqualOneProcessWithAccumulation) {
+  test::TempDir dir("dp");
+  std::string data = test::make_prepared(dir, 80);
+  std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+                                << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 5, log_interval: 1, "
+                                   "eval_interval: 5, eval_batches: 2, checkpoint_interval: 5}\n"
+                                << "optim: {warmup_steps: 1}\nruntime: {threads: 1}\n";
+  const std::string bin = MOEFORGE_BINARY;
+  ASSERT_EQ(run(bin + " train " + (dir / "r.yaml") + " --set output_dir=" + (dir / "one") + " --set train.grad_accum=4"), 0);
+  ASSERT_EQ(run(bin + " launch --nproc-per-node 2 --master-port " + std::to_string(free_port()) + " -- train " +
+                (dir / "r.yaml") + " --set output_dir=" + (dir / "two") + " --set train.grad_accum=2"),
+            0);
+  expect_same_run(dir / "one", dir / "two", 5);
+  std::ifstream s(dir / "two/summary.json");
+  EXPECT_EQ(nlohmann::json::parse(s)["data_parallel_ranks"], 2);
+}
+
+TEST(DataParallel, DpoTwoRanksEqualOneProcess) {
+  test::TempDir dir("dpdpo");
+  std::string data = test::make_prepared(dir, 80);
+  const std::string bin = MOEFORGE_BINARY;
+  std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+                                  << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 4, eval_batches: 1}\n"
+                                  << "runtime: {threads: 1}\noutput_dir: " << (dir / "pre") << "\n";
+  ASSERT_EQ(run(bin + " train " + (dir / "pre.yaml")), 0);
+  {
+    std::ofstream p(dir / "pairs.jsonl");
+    const char* obj[] = {"the moon.", "a red apple.", "the long road.", "the quiet town."};
+    for (int i = 0; i < 24; ++i)
+      p << nlohmann::json{{"prompt", "the cat sees " + std::to_string(i % 5)}, {"chosen", obj[i % 4]},
+                          {"rejected", obj[(i + 1) % 4]}}.dump()
+        << "\n";
+  }
+  std::ofstream(dir / "dpo.yaml") << "stage: dpo\ninit_from: " << *train::latest_checkpoint(dir / "pre")
+                                  << "\ndata: {train: " << (dir / "pairs.jsonl") << ", val: " << (dir / "pairs.jsonl")
+                                  << "}\ndpo: {beta: 0.5, reference: precompute, rpo_alpha: 0.5}\n"
+                                  << "train: {micro_batch_size: 3, seq_len: 48, max_steps: 5, log_interval: 1, "
+                                     "eval_interval: 5, eval_batches: 2, checkpoint_interval: 5}\n"
+                                  << "optim: {lr: 3.0e-3, warmup_steps: 0, schedule: constant}\nruntime: {threads: 1}\n";
+  ASSERT_EQ(run(bin + " train " + (dir / "dpo.yaml") + " --set output_dir=" + (dir / "one") + " --set train.grad_accum=2"), 0);
+  ASSERT_EQ(run(bin + " launch --nproc-per-node 2 --master-port " + std::to_string(free_port()) + " -- train " +
+                (dir / "dpo.yaml") + " --set output_dir=" + (dir / "two")),
+            0);
+  expect_same_run(dir / "one", dir / "two", 5);
+}
+
+// One rank killed mid-run: the launcher stops the other and returns the failing rank's status, long before
+// the collective timeout would have fired.
+TEST(Launch, AKilledRankStopsTheOthers) {
+  test::TempDir dir("dpkill");
+  std::string data = test::make_prepared(dir, 80);
+  std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+                                << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 50, checkpoint_interval: 2, "
+                                   "eval_interval: 100, eval_batches: 1}\n"
+                                << "parallel: {timeout_s: 600}\nruntime: {threads: 1}\noutput_dir: " << (dir / "run") << "\n";
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string log = dir / "launch.log";
+  const int rc = WEXITSTATUS(std::system(("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=2 MOEFORGE_TEST_KILL_RANK=1 " +
+                                          std::string(MOEFORGE_BINARY) + " launch --nproc-per-node 2 --master-port " +
+                                          std::to_string(free_port()) + " -- train " + (dir / "r.yaml") + " > " + log +
+                                          " 2>&1")
+                                             .c_str()));
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(rc, 128 + 9);  // SIGKILL
+  EXPECT_LT(s, 60.0);
+  std::ifstream in(log);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("launch: rank 1 exited with status 137"), std::string::npos) << text.substr(0, 2000);
+  EXPECT_NE(text.find("[rank 0] "), std::string::npos);
+}
+
+// A rank that never arrives: the others give up at the rendezvous within parallel.timeout_s, exit 2, and
+// say where they waited. Bad environment variables are one-line errors.
+TEST(Launch, MissingRankAndBadEnvironmentAreClearErrors) {
+  test::TempDir dir("dpmiss");
+  std::string data = test::make_prepared(dir, 40);
+  std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+                                << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 2, eval_batches: 1}\n"
+                                << "parallel: {timeout_s: 3}\nruntime: {threads: 1}\noutput_dir: " << (dir / "run") << "\n";
+  const std::string bin = MOEFORGE_BINARY;
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string log = dir / "err.log";
+  const int rc = WEXITSTATUS(std::system(("RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
+                                          std::to_string(free_port()) + " " + bin + " train " + (dir / "r.yaml") +
+                                          " > " + log + " 2>&1")
+                                             .c_str()));
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(rc, 2);
+  EXPECT_LT(s, 30.0);
+  std::ifstream in(log);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("rendezvous at 127.0.0.1:"), std::string::npos) << text;
+  EXPECT_FALSE(fs::exists(dir / "run/checkpoints"));
+  EXPECT_EQ(run("WORLD_SIZE=2 " + bin + " train " + (dir / "r.yaml")), 2);           // no RANK
+  EXPECT_EQ(run("RANK=5 WORLD_SIZE=2 " + bin + " train " + (dir / "r.yaml")), 2);    // out of range
+  EXPECT_EQ(run("RANK=0 WORLD_SIZE=x " + bin + " train " + (dir / "r.yaml")), 2);    // not a number
+  EXPECT_EQ(run(bin + " launch --nproc-per-node 0 -- train " + (dir / "r.yaml")), 2);
+  EXPECT_EQ(run(bin + " launch --nproc-per-node 2"), 2);                              // no command
+}
