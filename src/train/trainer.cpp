@@ -212,7 +212,12 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
 
   const std::string dev_name = device.is_cuda() ? "cuda" : "cpu";
   const bool bf16 = device.is_cuda() && r.runtime.precision == "bf16";
-  const double peak = measure_peak_gflops(dev_name);
+  // MFU compares the tokens of all ranks with the matmul rate of all ranks (each measured with its threads).
+  const double peak = [&] {
+    std::vector<torch::Tensor> v{torch::tensor({measure_peak_gflops(dev_name)}, torch::kDouble)};
+    dist->all_reduce_sum(v);
+    return v[0].item<double>();
+  }();
   const double flops_per_token = training_flops_per_token(cfg, tc.seq_len);
   const ParamCounts pc = count_params(cfg);
   if (!resumed) MF_INFO("starting a new run in " << run_dir);
