@@ -6,6 +6,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "core/error.h"
@@ -41,16 +42,127 @@ DistEnv read_dist_env() {
   return e;
 }
 
-struct Dist::Impl {
-  c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+struct Group::Impl {
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;  // null for a group of one
 };
 
-Dist::Dist() = default;
+Group::Group(std::unique_ptr<Impl> impl, int rank, int size, std::string name)
+    : impl_(std::move(impl)), rank_(rank), size_(size), name_(std::move(name)) {}
+
+Group::~Group() = default;
+
+namespace {
+[[noreturn]] void collective_failed(const std::string& group, int rank, const char* what, const std::exception& e) {
+  throw UserError("rank " + std::to_string(rank) + ": " + what + " in group '" + group +
+                  "' failed (another rank died or timed out; parallel.timeout_s): " + std::string(e.what()).substr(0, 300));
+}
+}  // namespace
+
+void Group::all_reduce_sum(std::vector<at::Tensor>& tensors) {
+  if (size_ == 1 || tensors.empty()) return;
+  for (auto& t : tensors) MF_CHECK(t.is_contiguous() && !t.is_cuda(), "all_reduce_sum takes contiguous CPU tensors");
+  c10d::AllreduceOptions o;
+  o.reduceOp = c10d::ReduceOp::SUM;
+  try {
+    for (auto& t : tensors) {  // callers bucket small tensors into one
+      std::vector<at::Tensor> one{t};
+      impl_->pg->allreduce(one, o)->wait();
+    }
+  } catch (const std::exception& e) {
+    collective_failed(name_, rank_, "all-reduce", e);
+  }
+}
+
+at::Tensor Group::all_to_all(const at::Tensor& x, const std::vector<int64_t>& in_splits,
+                             const std::vector<int64_t>& out_splits) {
+  MF_CHECK(static_cast<int>(in_splits.size()) == size_ && static_cast<int>(out_splits.size()) == size_,
+           "one split per group rank");
+  int64_t out_rows = 0, in_rows = 0;
+  for (auto s : out_splits) out_rows += s;
+  for (auto s : in_splits) in_rows += s;
+  MF_CHECK(in_rows == x.size(0), "in_splits cover the rows of x");
+  if (size_ == 1) return x.clone();
+  // One extra row from this rank to itself, so no buffer is ever empty (a rank may send or receive
+  // nothing); it is dropped again below.
+  auto in_sizes = x.sizes().vec();
+  in_sizes[0] = in_rows + 1;
+  auto in = at::zeros(in_sizes, x.options());
+  int64_t before_in = 0;
+  for (int j = 0; j <= rank_; ++j) before_in += in_splits[static_cast<size_t>(j)];
+  // Layout of `in`: rows for ranks 0..rank (incl. this rank's), the pad row, rows for the ranks after.
+  if (before_in > 0) in.narrow(0, 0, before_in).copy_(x.narrow(0, 0, before_in));
+  if (in_rows - before_in > 0) in.narrow(0, before_in + 1, in_rows - before_in).copy_(x.narrow(0, before_in, in_rows - before_in));
+  std::vector<int64_t> is = in_splits, os = out_splits;
+  is[static_cast<size_t>(rank_)] += 1;
+  os[static_cast<size_t>(rank_)] += 1;
+  auto out_sizes = x.sizes().vec();
+  out_sizes[0] = out_rows + 1;
+  auto out = at::empty(out_sizes, x.options());
+  try {
+    c10d::AllToAllOptions o;
+    impl_->pg->alltoall_base(out, in, os, is, o)->wait();
+  } catch (const std::exception& e) {
+    collective_failed(name_, rank_, "all-to-all", e);
+  }
+  // The pad row is the last row received from this rank.
+  int64_t before_out = 0;
+  for (int j = 0; j <= rank_; ++j) before_out += out_splits[static_cast<size_t>(j)];
+  std::vector<at::Tensor> parts;
+  if (before_out > 0) parts.push_back(out.narrow(0, 0, before_out));
+  if (out_rows - before_out > 0) parts.push_back(out.narrow(0, before_out + 1, out_rows - before_out));
+  if (parts.empty()) return out.narrow(0, 0, 0).clone();
+  return parts.size() == 1 ? parts[0].clone() : at::cat(parts, 0);
+}
+
+void Group::barrier() {
+  if (size_ == 1) return;
+  try {
+    impl_->pg->barrier()->wait();
+  } catch (const std::exception& e) {
+    collective_failed(name_, rank_, "barrier", e);
+  }
+}
+
+struct Dist::Impl {
+  c10::intrusive_ptr<c10d::Store> store;
+  DistEnv env;
+  std::chrono::milliseconds timeout{0};
+};
+
+namespace {
+c10::intrusive_ptr<c10d::ProcessGroupGloo> make_gloo(const c10::intrusive_ptr<c10d::Store>& store,
+                                                     const std::string& prefix, int rank, int size,
+                                                     const DistEnv& env, std::chrono::milliseconds timeout) {
+  auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+  if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname)
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+  else if (env.master_addr == "127.0.0.1" || env.master_addr == "localhost")
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+  else
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+  opts->threads = 2;
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
+  try {
+    return c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, opts);
+  } catch (const std::exception& e) {
+    throw UserError("rank " + std::to_string(env.rank) + ": rendezvous at " + env.master_addr + ":" +
+                    std::to_string(env.master_port) + ": not every one of the " + std::to_string(size) +
+                    " ranks of group '" + prefix + "' joined within " + std::to_string(timeout.count() / 1000) +
+                    " s (parallel.timeout_s): " + std::string(e.what()).substr(0, 120));
+  }
+}
+}  // namespace
+
+Dist::Dist() : world_group_(std::make_shared<Group>(nullptr, 0, 1, "world")) {}
 
 Dist::Dist(const DistEnv& env, std::chrono::milliseconds timeout) : rank_(env.rank), world_(env.world_size) {
-  if (world_ == 1) return;
+  if (world_ == 1) {
+    world_group_ = std::make_shared<Group>(nullptr, 0, 1, "world");
+    return;
+  }
   impl_ = std::make_unique<Impl>();
+  impl_->env = env;
+  impl_->timeout = timeout;
   c10d::TCPStoreOptions so;
   so.port = static_cast<uint16_t>(env.master_port);
   so.isServer = env.rank == 0;
@@ -64,52 +176,22 @@ Dist::Dist(const DistEnv& env, std::chrono::milliseconds timeout) : rank_(env.ra
                     std::to_string(env.master_port) + " failed within " + std::to_string(timeout.count() / 1000) +
                     " s: " + std::string(e.what()).substr(0, 200));
   }
-  auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-  if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname)
-    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
-  else if (env.master_addr == "127.0.0.1" || env.master_addr == "localhost")
-    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-  else
-    opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-  opts->threads = 2;
-  auto prefixed = c10::make_intrusive<c10d::PrefixStore>("world", impl_->store);
-  try {
-    impl_->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, env.rank, env.world_size, opts);
-  } catch (const std::exception& e) {
-    throw UserError("rank " + std::to_string(env.rank) + ": rendezvous at " + env.master_addr + ":" +
-                    std::to_string(env.master_port) + ": not every one of the " + std::to_string(env.world_size) +
-                    " ranks joined within " + std::to_string(timeout.count() / 1000) + " s (parallel.timeout_s): " +
-                    std::string(e.what()).substr(0, 120));
-  }
+  auto gi = std::make_unique<Group::Impl>();
+  gi->pg = make_gloo(impl_->store, "world", env.rank, env.world_size, env, timeout);
+  world_group_ = std::make_shared<Group>(std::move(gi), env.rank, env.world_size, "world");
 }
 
 Dist::~Dist() = default;
 
-void Dist::all_reduce_sum(std::vector<at::Tensor>& tensors) {
-  if (world_ == 1 || tensors.empty()) return;
-  for (auto& t : tensors) MF_CHECK(t.is_contiguous() && !t.is_cuda(), "all_reduce_sum takes contiguous CPU tensors");
-  c10d::AllreduceOptions o;
-  o.reduceOp = c10d::ReduceOp::SUM;
-  try {
-    // One collective per tensor in order; callers bucket small tensors into one.
-    for (auto& t : tensors) {
-      std::vector<at::Tensor> one{t};
-      impl_->pg->allreduce(one, o)->wait();
-    }
-  } catch (const std::exception& e) {
-    throw UserError("rank " + std::to_string(rank_) + ": all-reduce failed (another rank died or timed out): " +
-                    std::string(e.what()).substr(0, 300));
-  }
-}
-
-void Dist::barrier() {
-  if (world_ == 1) return;
-  try {
-    impl_->pg->barrier()->wait();
-  } catch (const std::exception& e) {
-    throw UserError("rank " + std::to_string(rank_) + ": barrier failed (another rank died or timed out): " +
-                    std::string(e.what()).substr(0, 300));
-  }
+std::shared_ptr<Group> Dist::new_group(const std::string& name, const std::vector<int>& ranks) {
+  auto it = std::find(ranks.begin(), ranks.end(), rank_);
+  MF_CHECK(it != ranks.end(), "a group is created by its members");
+  MF_CHECK(std::is_sorted(ranks.begin(), ranks.end()), "group ranks are sorted");
+  const int r = static_cast<int>(it - ranks.begin()), n = static_cast<int>(ranks.size());
+  if (n == 1) return std::make_shared<Group>(nullptr, 0, 1, name);
+  auto gi = std::make_unique<Group::Impl>();
+  gi->pg = make_gloo(impl_->store, name, r, n, impl_->env, impl_->timeout);
+  return std::make_shared<Group>(std::move(gi), r, n, name);
 }
 
 }  // namespace moeforge::parallel

@@ -22,6 +22,30 @@ struct DistEnv {
 // number, out of range, or missing while WORLD_SIZE > 1 is a UserError naming the variable.
 DistEnv read_dist_env();
 
+// A process group: the world, or a subset of its ranks. Collectives on CPU tensors; a group of one
+// performs none.
+class Group {
+ public:
+  struct Impl;
+  Group(std::unique_ptr<Impl> impl, int rank, int size, std::string name);
+  ~Group();
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  const std::string& name() const { return name_; }
+  // In-place sum (fp32/fp64/int64; Gloo in LibTorch 1.13 has no AVG and no bf16).
+  void all_reduce_sum(std::vector<at::Tensor>& tensors);
+  // Rows of x [R, ...]: in_splits[j] rows go to group rank j, in order; returns the rows received,
+  // out_splits[j] of them from group rank j, in rank order.
+  at::Tensor all_to_all(const at::Tensor& x, const std::vector<int64_t>& in_splits,
+                        const std::vector<int64_t>& out_splits);
+  void barrier();
+
+ private:
+  std::unique_ptr<Impl> impl_;
+  int rank_ = 0, size_ = 1;
+  std::string name_;
+};
+
 class Dist {
  public:
   // World of one: every collective is the identity.
@@ -36,14 +60,19 @@ class Dist {
   int rank() const { return rank_; }
   int world_size() const { return world_; }
   bool is_main() const { return rank_ == 0; }
+  Group& world() { return *world_group_; }
 
-  // In-place sum over all ranks (fp32/fp64/int64 CPU tensors; Gloo in LibTorch 1.13 has no AVG and no bf16).
-  void all_reduce_sum(std::vector<at::Tensor>& tensors);
-  void barrier();
+  // A group of the given world ranks (sorted, containing this rank), under its own store prefix `name`.
+  // Every member must create it, with the same name and ranks.
+  std::shared_ptr<Group> new_group(const std::string& name, const std::vector<int>& ranks);
+
+  void all_reduce_sum(std::vector<at::Tensor>& tensors) { world_group_->all_reduce_sum(tensors); }
+  void barrier() { world_group_->barrier(); }
 
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+  std::shared_ptr<Group> world_group_;
   int rank_ = 0, world_ = 1;
 };
 
