@@ -36,7 +36,9 @@ torch::Tensor ExpertBankImpl::forward(const torch::Tensor& x_grouped, const std:
     offset += counts[e];
   }
   MF_CHECK(offset == x_grouped.size(0), "counts must cover every grouped row");
-  if (outs.empty()) return torch::zeros_like(x_grouped);
+  // No rows here (x_grouped is empty): return it through the graph all the same, so that under expert
+  // parallelism the backward all-to-all still runs on this rank as it does on the others.
+  if (outs.empty()) return x_grouped * 0.0;
   return outs.size() == 1 ? outs[0] : torch::cat(outs, 0);
 }
 
