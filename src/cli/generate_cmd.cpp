@@ -33,12 +33,8 @@ int cmd_generate(const Args& in) {
   if (!(o.top_p > 0 && o.top_p <= 1)) throw UserError("generate: --top-p must be in (0, 1]");
   compat::configure_threads(static_cast<int>(threads));
   const std::string ckpt = args[0];
-  ModelConfig cfg = train::read_checkpoint_config(ckpt);
-  const std::string tok_path = train::checkpoint_tokenizer(ckpt);
-  if (tok_path.empty()) throw UserError(ckpt + ": has no tokenizer.model; generation needs one");
-  data::Tokenizer tok(tok_path);
-  MixtralForCausalLM model(cfg);
-  train::load_model_weights(ckpt, model);
+  data::Tokenizer tok(train::require_checkpoint_tokenizer(ckpt, "generation"));
+  MixtralForCausalLM model = train::load_checkpoint_model(ckpt);
   if (torch::cuda::is_available()) model->to(torch::Device(torch::kCUDA, 0));
   // Mixtral-Instruct's format: <s>[INST] {prompt} [/INST]
   std::vector<int64_t> ids{tok.bos_id()};

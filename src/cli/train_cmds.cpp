@@ -110,12 +110,8 @@ int cmd_train(const Args& in) {
 // an assistant turn), rendered in the chat format; exact match against the reference after trimming.
 static int eval_generate(const std::string& ckpt, const std::string& file, int64_t max_new, bool json, int threads) {
   compat::configure_threads(threads);
-  ModelConfig cfg = train::read_checkpoint_config(ckpt);
-  const std::string tok_path = train::checkpoint_tokenizer(ckpt);
-  if (tok_path.empty()) throw UserError(ckpt + ": has no tokenizer.model; --generate needs one");
-  data::Tokenizer tok(tok_path);
-  MixtralForCausalLM model(cfg);
-  train::load_model_weights(ckpt, model);
+  data::Tokenizer tok(train::require_checkpoint_tokenizer(ckpt, "--generate"));
+  MixtralForCausalLM model = train::load_checkpoint_model(ckpt);
   auto trim = [](std::string s) {
     size_t a = s.find_first_not_of(" \t\r\n"), b = s.find_last_not_of(" \t\r\n");
     return a == std::string::npos ? std::string() : s.substr(a, b - a + 1);
@@ -171,8 +167,7 @@ static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt
   if (cfg.vocab_size != ref_cfg.vocab_size)
     throw UserError(ref_ckpt + ": its vocabulary (" + std::to_string(ref_cfg.vocab_size) + ") differs from " + ckpt +
                     "'s (" + std::to_string(cfg.vocab_size) + ")");
-  const std::string tok_path = train::checkpoint_tokenizer(ckpt);
-  if (tok_path.empty()) throw UserError(ckpt + ": has no tokenizer.model; --preferences needs one");
+  const std::string tok_path = train::require_checkpoint_tokenizer(ckpt, "--preferences");
   // beta, loss and label smoothing: as given, else as the checkpoint was tuned (its recipe), else TRL's defaults.
   double tuned_beta = 0.1, label_smoothing = 0.0;
   std::string tuned_loss = "sigmoid";
@@ -209,28 +204,19 @@ static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt
   train::load_model_weights(ref_ckpt, ref);
   policy->to(device);
   ref->to(device);
-  torch::NoGradGuard ng;
-  EvalModeGuard em(policy);
   train::DpoOptions o;
   o.beta = beta;
   o.loss = loss;
   o.label_smoothing = label_smoothing;
-  std::map<std::string, double> sums;
-  double loss_sum = 0;
-  for (size_t a = 0; a < pairs.size(); a += static_cast<size_t>(batch_size)) {
-    std::vector<size_t> idx;
-    for (size_t k = a; k < std::min(pairs.size(), a + static_cast<size_t>(batch_size)); ++k) idx.push_back(k);
-    auto [rc, rr] = train::reference_logps(ref, pairs, idx, batch_size, seq_len, device);
-    auto l = train::dpo_batch(policy, pairs, idx, rc, rr, o, seq_len, device);
-    const double w = static_cast<double>(idx.size());
-    loss_sum += l.loss * w;
-    for (const auto& [k, v] : l.metrics) sums[k] += v * w;
-  }
-  const double n = static_cast<double>(pairs.size());
-  nlohmann::json out = {{"checkpoint", ckpt}, {"reference", ref_ckpt}, {"data", file},  {"n", pairs.size()},
-                        {"beta", beta},       {"loss_type", loss},  {"label_smoothing", label_smoothing},      {"loss", loss_sum / n},
-                        {"skipped", stats.skips.total()}, {"truncated", stats.truncated}};
-  for (const auto& [k, v] : sums) out[k] = v / n;
+  const auto ev = train::evaluate_pairs(
+      policy, pairs, pairs.size(), batch_size,
+      [&](const std::vector<size_t>& idx) { return train::reference_logps(ref, pairs, idx, batch_size, seq_len, device); },
+      o, seq_len, device);
+  nlohmann::json out = {{"checkpoint", ckpt},      {"reference", ref_ckpt}, {"data", file},
+                        {"n", pairs.size()},       {"beta", beta},          {"loss_type", loss},
+                        {"label_smoothing", label_smoothing}, {"loss", ev.loss},
+                        {"skipped", stats.skips.total()},     {"truncated", stats.truncated}};
+  for (const auto& [k, v] : ev.metrics) out[k] = v;
   if (json) {
     std::cout << out.dump() << "\n";
   } else {
@@ -238,7 +224,7 @@ static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt
                 "rewards/chosen %.4f | rewards/rejected %.4f | %s loss %.4f\n",
                 ckpt.c_str(), ref_ckpt.c_str(), file.c_str(), pairs.size(), beta, out["rewards/accuracies"].get<double>(),
                 out["rewards/margins"].get<double>(), out["rewards/chosen"].get<double>(),
-                out["rewards/rejected"].get<double>(), loss.c_str(), loss_sum / n);
+                out["rewards/rejected"].get<double>(), loss.c_str(), ev.loss);
   }
   return 0;
 }

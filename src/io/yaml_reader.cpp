@@ -117,32 +117,30 @@ int64_t YamlMap::get_int(const std::string& key, std::optional<int64_t> dflt) {
   fail(key, "expected an integer, got " + scalar_text(n));
 }
 
-std::optional<int64_t> YamlMap::get_optional_int(const std::string& key, std::optional<int64_t> dflt) {
+// Whether `key` is absent, null or has a value; absent and null keys are marked known here, a value is
+// marked by the typed getter that reads it.
+YamlMap::Presence YamlMap::presence(const std::string& key) {
   YAML::Node n = lookup(key);
   known_.pop_back();
-  if (!n) {
-    known_.push_back(key);
-    return dflt;
+  if (n && !n.IsNull()) return Presence::Value;
+  known_.push_back(key);
+  return n ? Presence::Null : Presence::Absent;
+}
+
+std::optional<int64_t> YamlMap::get_optional_int(const std::string& key, std::optional<int64_t> dflt) {
+  switch (presence(key)) {
+    case Presence::Absent: return dflt;
+    case Presence::Null: return std::nullopt;
+    default: return get_int(key);
   }
-  if (n.IsNull()) {
-    known_.push_back(key);
-    return std::nullopt;
-  }
-  return get_int(key);
 }
 
 std::optional<double> YamlMap::get_optional_double(const std::string& key, std::optional<double> dflt) {
-  YAML::Node n = lookup(key);
-  known_.pop_back();
-  if (!n) {
-    known_.push_back(key);
-    return dflt;
+  switch (presence(key)) {
+    case Presence::Absent: return dflt;
+    case Presence::Null: return std::nullopt;
+    default: return get_double(key);
   }
-  if (n.IsNull()) {
-    known_.push_back(key);
-    return std::nullopt;
-  }
-  return get_double(key);
 }
 
 double YamlMap::get_double(const std::string& key, std::optional<double> dflt) {

@@ -50,6 +50,8 @@ class YamlMap {
 
  private:
   YAML::Node lookup(const std::string& key);
+  enum class Presence { Absent, Null, Value };
+  Presence presence(const std::string& key);
   YAML::Node node_;
   std::string file_;
   std::string prefix_;

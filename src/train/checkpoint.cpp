@@ -215,4 +215,16 @@ std::string checkpoint_tokenizer(const std::string& ckpt_dir) {
   return fs::exists(p) ? p : "";
 }
 
+std::string require_checkpoint_tokenizer(const std::string& ckpt_dir, const std::string& purpose) {
+  std::string p = checkpoint_tokenizer(ckpt_dir);
+  if (p.empty()) throw UserError(ckpt_dir + ": has no tokenizer.model; " + purpose + " needs one");
+  return p;
+}
+
+MixtralForCausalLM load_checkpoint_model(const std::string& ckpt_dir) {
+  MixtralForCausalLM model(read_checkpoint_config(ckpt_dir));
+  load_model_weights(ckpt_dir, model);
+  return model;
+}
+
 }  // namespace moeforge::train

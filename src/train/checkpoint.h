@@ -63,6 +63,10 @@ std::string init_tokenizer(const std::string& init_from);
 void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& state);
 // A checkpoint's tokenizer path ("" when it has none).
 std::string checkpoint_tokenizer(const std::string& ckpt_dir);
+// The tokenizer path, or a UserError saying that `purpose` (e.g. "generation") needs one.
+std::string require_checkpoint_tokenizer(const std::string& ckpt_dir, const std::string& purpose);
+// A checkpoint's model (its config) with its weights loaded, on the CPU.
+MixtralForCausalLM load_checkpoint_model(const std::string& ckpt_dir);
 
 // fsync a file or directory by path (errors ignored for directories on filesystems that refuse).
 void fsync_path(const std::string& path);

@@ -2,6 +2,8 @@
 
 #include <torch/torch.h>
 
+#include <cmath>
+
 #include "data/sft_dataset.h"
 #include "model/load_balance.h"
 #include "train/dpo_loss.h"
@@ -112,6 +114,30 @@ BatchLoss dpo_batch(MixtralForCausalLM& model, const std::vector<data::Preferenc
     o.entropy_per_layer.push_back(r.entropy.item<double>());
   }
   return o;
+}
+
+EvalResult evaluate_pairs(MixtralForCausalLM& model, const std::vector<data::PreferencePair>& pairs, size_t n,
+                          int64_t batch,
+                          const std::function<std::pair<torch::Tensor, torch::Tensor>(const std::vector<size_t>&)>& ref,
+                          const DpoOptions& opt, int64_t seq_len, const torch::Device& device) {
+  torch::NoGradGuard ng;
+  EvalModeGuard em(model);
+  EvalResult r;
+  double loss = 0;
+  for (size_t a = 0; a < n; a += static_cast<size_t>(batch)) {
+    std::vector<size_t> idx;
+    for (size_t k = a; k < std::min(n, a + static_cast<size_t>(batch)); ++k) idx.push_back(k);
+    auto [rc, rr] = ref(idx);
+    BatchLoss l = dpo_batch(model, pairs, idx, rc, rr, opt, seq_len, device);
+    const double w = static_cast<double>(idx.size());
+    loss += l.loss * w;
+    for (const auto& [k, v] : l.metrics) r.metrics[k] += v * w;
+    r.tokens += l.tokens;
+  }
+  r.loss = loss / static_cast<double>(n);
+  r.perplexity = NAN;  // a DPO loss is not a likelihood
+  for (auto& [k, v] : r.metrics) v /= static_cast<double>(n);
+  return r;
 }
 
 }  // namespace moeforge::train

@@ -2,12 +2,14 @@
 #pragma once
 #include <torch/types.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "data/preference.h"
 #include "model/decoder.h"
 #include "train/batch_loss.h"
+#include "train/evaluate.h"
 
 namespace moeforge::train {
 
@@ -46,5 +48,12 @@ std::pair<torch::Tensor, torch::Tensor> reference_logps(MixtralForCausalLM& mode
 BatchLoss dpo_batch(MixtralForCausalLM& model, const std::vector<data::PreferencePair>& pairs,
                     const std::vector<size_t>& idx, const torch::Tensor& ref_chosen, const torch::Tensor& ref_rejected,
                     const DpoOptions& opt, int64_t seq_len, const torch::Device& device);
+
+// Mean DPO loss and metrics (weighted by pairs) over pairs[0, n) in batches of `batch`, without gradient and
+// in eval mode; `ref(idx)` gives the reference log-probs {chosen, rejected} of a batch. perplexity is NaN.
+EvalResult evaluate_pairs(MixtralForCausalLM& model, const std::vector<data::PreferencePair>& pairs, size_t n,
+                          int64_t batch,
+                          const std::function<std::pair<torch::Tensor, torch::Tensor>(const std::vector<size_t>&)>& ref,
+                          const DpoOptions& opt, int64_t seq_len, const torch::Device& device);
 
 }  // namespace moeforge::train

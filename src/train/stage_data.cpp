@@ -253,26 +253,9 @@ class DpoData : public StageData {
   }
 
   EvalResult evaluate(MixtralForCausalLM& m, int64_t b, int64_t max_batches, const torch::Device& d) override {
-    torch::NoGradGuard ng;
-    EvalModeGuard em(m);
     const size_t n = max_batches > 0 ? std::min(val_.size(), static_cast<size_t>(b * max_batches)) : val_.size();
-    EvalResult r;
-    double loss = 0;
-    std::map<std::string, double> sums;
-    for (size_t a = 0; a < n; a += static_cast<size_t>(b)) {
-      std::vector<size_t> idx;
-      for (size_t k = a; k < std::min(n, a + static_cast<size_t>(b)); ++k) idx.push_back(k);
-      auto [rc, rr] = ref_logps(val_, idx, 2, d);
-      BatchLoss l = dpo_batch(m, val_, idx, rc, rr, opt_, r_.train.seq_len, d);
-      const double w = static_cast<double>(idx.size());
-      loss += l.loss * w;
-      for (const auto& [k, v] : l.metrics) sums[k] += v * w;
-      r.tokens += l.tokens;
-    }
-    r.loss = loss / static_cast<double>(n);
-    r.perplexity = NAN;  // a DPO loss is not a likelihood
-    for (const auto& [k, v] : sums) r.metrics[k] = v / static_cast<double>(n);
-    return r;
+    return evaluate_pairs(m, val_, n, b, [&](const std::vector<size_t>& idx) { return ref_logps(val_, idx, 2, d); },
+                          opt_, r_.train.seq_len, d);
   }
 
   void summarize(nlohmann::json& s) override {

@@ -1,10 +1,7 @@
 // Data parallelism over c10d Gloo on loopback: `moeforge launch` with 2 ranks against one process doing
 // the same global batch with gradient accumulation; the launcher's failure handling; rendezvous errors.
 #include <gtest/gtest.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
@@ -13,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "corpus.h"
+#include "run_util.h"
 #include "model/decoder.h"
 #include "train/checkpoint.h"
 
@@ -20,51 +18,18 @@ using namespace moeforge;
 namespace fs = std::filesystem;
 
 namespace {
-const char* kModelYaml = R"(model:
-  name: dp-test
-  vocab_size: 320
-  hidden_size: 32
-  intermediate_size: 48
-  num_layers: 2
-  num_attention_heads: 4
-  num_key_value_heads: 2
-  max_position_embeddings: 64
-  rope_theta: 10000.0
-  moe: {num_experts: 4, num_experts_per_tok: 2, aux_loss_coef: 0.01, router_jitter: 0.0}
-)";
+const std::string kModelYaml = test::small_model_yaml("dp-test", ", router_jitter: 0.0");
+using test::free_port;
+using test::run_quiet;
 
-// A port nobody listens on right now (the kernel's pick for port 0).
-int free_port() {
-  int s = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0;
-  ::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len);
-  const int port = ntohs(a.sin_port);
-  ::close(s);
-  return port;
-}
 
-int run(const std::string& cmd) { return WEXITSTATUS(std::system((cmd + " > /dev/null 2>&1").c_str())); }
 
-std::vector<nlohmann::json> train_records(const std::string& run_dir) {
-  std::vector<nlohmann::json> out;
-  std::ifstream in(run_dir + "/metrics.jsonl");
-  for (std::string line; std::getline(in, line);) {
-    auto j = nlohmann::json::parse(line);
-    if (j.contains("loss")) out.push_back(j);
-  }
-  return out;
-}
 
 double rel(double a, double b) { return std::abs(a - b) / std::max(1e-12, std::max(std::abs(a), std::abs(b))); }
 
 // Losses, gradient norms and token counts per step, and the final parameters, agree.
 void expect_same_run(const std::string& one, const std::string& two, size_t steps) {
-  auto a = train_records(one), b = train_records(two);
+  auto a = test::metric_records(one, "loss"), b = test::metric_records(two, "loss");
   ASSERT_EQ(a.size(), steps);
   ASSERT_EQ(b.size(), steps);
   for (size_t i = 0; i < steps; ++i) {
@@ -95,8 +60,8 @@ TEST(DataParallel, TwoRanksEqualOneProcessWithAccumulation) {
                                    "eval_interval: 5, eval_batches: 2, checkpoint_interval: 5}\n"
                                 << "optim: {warmup_steps: 1}\nruntime: {threads: 1}\n";
   const std::string bin = MOEFORGE_BINARY;
-  ASSERT_EQ(run(bin + " train " + (dir / "r.yaml") + " --set output_dir=" + (dir / "one") + " --set train.grad_accum=4"), 0);
-  ASSERT_EQ(run(bin + " launch --nproc-per-node 2 --master-port " + std::to_string(free_port()) + " -- train " +
+  ASSERT_EQ(run_quiet(bin + " train " + (dir / "r.yaml") + " --set output_dir=" + (dir / "one") + " --set train.grad_accum=4"), 0);
+  ASSERT_EQ(run_quiet(bin + " launch --nproc-per-node 2 --master-port " + std::to_string(free_port()) + " -- train " +
                 (dir / "r.yaml") + " --set output_dir=" + (dir / "two") + " --set train.grad_accum=2"),
             0);
   expect_same_run(dir / "one", dir / "two", 5);
@@ -111,7 +76,7 @@ TEST(DataParallel, DpoTwoRanksEqualOneProcess) {
   std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
                                   << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 4, eval_batches: 1}\n"
                                   << "runtime: {threads: 1}\noutput_dir: " << (dir / "pre") << "\n";
-  ASSERT_EQ(run(bin + " train " + (dir / "pre.yaml")), 0);
+  ASSERT_EQ(run_quiet(bin + " train " + (dir / "pre.yaml")), 0);
   {
     std::ofstream p(dir / "pairs.jsonl");
     const char* obj[] = {"the moon.", "a red apple.", "the long road.", "the quiet town."};
@@ -126,8 +91,8 @@ TEST(DataParallel, DpoTwoRanksEqualOneProcess) {
                                   << "train: {micro_batch_size: 3, seq_len: 48, max_steps: 5, log_interval: 1, "
                                      "eval_interval: 5, eval_batches: 2, checkpoint_interval: 5}\n"
                                   << "optim: {lr: 3.0e-3, warmup_steps: 0, schedule: constant}\nruntime: {threads: 1}\n";
-  ASSERT_EQ(run(bin + " train " + (dir / "dpo.yaml") + " --set output_dir=" + (dir / "one") + " --set train.grad_accum=2"), 0);
-  ASSERT_EQ(run(bin + " launch --nproc-per-node 2 --master-port " + std::to_string(free_port()) + " -- train " +
+  ASSERT_EQ(run_quiet(bin + " train " + (dir / "dpo.yaml") + " --set output_dir=" + (dir / "one") + " --set train.grad_accum=2"), 0);
+  ASSERT_EQ(run_quiet(bin + " launch --nproc-per-node 2 --master-port " + std::to_string(free_port()) + " -- train " +
                 (dir / "dpo.yaml") + " --set output_dir=" + (dir / "two")),
             0);
   expect_same_run(dir / "one", dir / "two", 5);
@@ -180,9 +145,9 @@ TEST(Launch, MissingRankAndBadEnvironmentAreClearErrors) {
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   EXPECT_NE(text.find("rendezvous at 127.0.0.1:"), std::string::npos) << text;
   EXPECT_FALSE(fs::exists(dir / "run/checkpoints"));
-  EXPECT_EQ(run("WORLD_SIZE=2 " + bin + " train " + (dir / "r.yaml")), 2);           // no RANK
-  EXPECT_EQ(run("RANK=5 WORLD_SIZE=2 " + bin + " train " + (dir / "r.yaml")), 2);    // out of range
-  EXPECT_EQ(run("RANK=0 WORLD_SIZE=x " + bin + " train " + (dir / "r.yaml")), 2);    // not a number
-  EXPECT_EQ(run(bin + " launch --nproc-per-node 0 -- train " + (dir / "r.yaml")), 2);
-  EXPECT_EQ(run(bin + " launch --nproc-per-node 2"), 2);                              // no command
+  EXPECT_EQ(run_quiet("WORLD_SIZE=2 " + bin + " train " + (dir / "r.yaml")), 2);           // no RANK
+  EXPECT_EQ(run_quiet("RANK=5 WORLD_SIZE=2 " + bin + " train " + (dir / "r.yaml")), 2);    // out of range
+  EXPECT_EQ(run_quiet("RANK=0 WORLD_SIZE=x " + bin + " train " + (dir / "r.yaml")), 2);    // not a number
+  EXPECT_EQ(run_quiet(bin + " launch --nproc-per-node 0 -- train " + (dir / "r.yaml")), 2);
+  EXPECT_EQ(run_quiet(bin + " launch --nproc-per-node 2"), 2);                              // no command
 }

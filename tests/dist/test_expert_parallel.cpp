@@ -4,8 +4,6 @@
 // routing, routing that sends every token to rank 0's experts (rank 1 receives nothing), and routing
 // that sends nothing from one rank.
 #include <gtest/gtest.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,6 +12,7 @@
 #include <torch/torch.h>
 
 #include "corpus.h"
+#include "run_util.h"
 #include "model/moe_block.h"
 #include "parallel/dist.h"
 #include "parallel/expert_parallel.h"
@@ -64,18 +63,6 @@ torch::Tensor out_weights(const ModelConfig& c, int rank, int mode) {
   return torch::randn({n, c.hidden_size}, g);
 }
 
-int free_port() {
-  int s = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len);
-  const int port = ntohs(a.sin_port);
-  ::close(s);
-  return port;
-}
 
 std::string self_exe() {
   char buf[4096];
@@ -113,7 +100,7 @@ class ExpertParallel : public ::testing::TestWithParam<int> {};
 TEST_P(ExpertParallel, BlockEqualsOneProcess) {
   const int mode = GetParam();
   test::TempDir dir("ep");
-  const int port = free_port();
+  const int port = test::free_port();
   std::vector<pid_t> pids;
   for (int r = 0; r < kWorld; ++r) {
     const pid_t pid = ::fork();

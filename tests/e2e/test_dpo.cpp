@@ -9,24 +9,16 @@
 #include <nlohmann/json.hpp>
 
 #include "corpus.h"
+#include "run_util.h"
 #include "train/checkpoint.h"
 
 using namespace moeforge;
 namespace fs = std::filesystem;
 
 namespace {
-const char* kModelYaml = R"(model:
-  name: dpo-e2e
-  vocab_size: 320
-  hidden_size: 32
-  intermediate_size: 48
-  num_layers: 2
-  num_attention_heads: 4
-  num_key_value_heads: 2
-  max_position_embeddings: 64
-  rope_theta: 10000.0
-  moe: {num_experts: 4, num_experts_per_tok: 2, aux_loss_coef: 0.01, router_jitter: 0.1}
-)";
+const std::string kModelYaml = test::small_model_yaml("dpo-e2e", ", router_jitter: 0.1");
+using test::metric_records;
+using test::run_quiet;
 
 // Chosen: the object that belongs to the subject; rejected: another one.
 void write_pairs(const std::string& path, int n, int offset) {
@@ -41,17 +33,7 @@ void write_pairs(const std::string& path, int n, int offset) {
   }
 }
 
-std::vector<nlohmann::json> records(const std::string& run_dir, const std::string& key) {
-  std::vector<nlohmann::json> out;
-  std::ifstream in(run_dir + "/metrics.jsonl");
-  for (std::string line; std::getline(in, line);) {
-    auto j = nlohmann::json::parse(line);
-    if (j.contains(key)) out.push_back(j);
-  }
-  return out;
-}
 
-int run(const std::string& cmd) { return WEXITSTATUS(std::system((cmd + " 2>/dev/null").c_str())); }
 }  // namespace
 
 TEST(Dpo, PrecomputedAndInMemoryReferenceGiveTheSameLosses) {
@@ -60,7 +42,7 @@ TEST(Dpo, PrecomputedAndInMemoryReferenceGiveTheSameLosses) {
   std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
                                   << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 10, eval_batches: 2}\n"
                                   << "runtime: {threads: 1}\noutput_dir: " << (dir / "pre") << "\n";
-  ASSERT_EQ(run(std::string(MOEFORGE_BINARY) + " train " + (dir / "pre.yaml")), 0);
+  ASSERT_EQ(run_quiet(std::string(MOEFORGE_BINARY) + " train " + (dir / "pre.yaml")), 0);
   const auto pre = *train::latest_checkpoint(dir / "pre");
   write_pairs(dir / "train.jsonl", 48, 0);
   write_pairs(dir / "val.jsonl", 12, 3);
@@ -75,12 +57,12 @@ TEST(Dpo, PrecomputedAndInMemoryReferenceGiveTheSameLosses) {
         << "runtime: {threads: 1}\noutput_dir: " << (dir / name) << "\n";
     return std::string(MOEFORGE_BINARY) + " train " + (dir / (name + ".yaml"));
   };
-  ASSERT_EQ(run(recipe("frozen", "frozen")), 0);
-  ASSERT_EQ(run(recipe("precompute", "precompute")), 0);
+  ASSERT_EQ(run_quiet(recipe("frozen", "frozen")), 0);
+  ASSERT_EQ(run_quiet(recipe("precompute", "precompute")), 0);
   EXPECT_TRUE(fs::exists(dir / "precompute/reference_logps.json"));
   EXPECT_FALSE(fs::exists(dir / "frozen/reference_logps.json"));
 
-  auto a = records(dir / "frozen", "rewards/accuracies"), b = records(dir / "precompute", "rewards/accuracies");
+  auto a = metric_records(dir / "frozen", "rewards/accuracies"), b = metric_records(dir / "precompute", "rewards/accuracies");
   ASSERT_EQ(a.size(), 8u);
   ASSERT_EQ(b.size(), 8u);
   // The first step's policy is the reference; with router jitter (training mode only) it is near log 2.
@@ -93,24 +75,24 @@ TEST(Dpo, PrecomputedAndInMemoryReferenceGiveTheSameLosses) {
   // Killed after the step-4 checkpoint and resumed: the reference table is reused and the losses continue
   // bit for bit (router jitter draws from the restored generator: building a reference must not disturb it).
   const std::string resumed_cmd = recipe("resumed", "precompute") + " --set train.checkpoint_interval=4";
-  EXPECT_NE(run("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=4 " + resumed_cmd), 0);
+  EXPECT_NE(run_quiet("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=4 " + resumed_cmd), 0);
   ASSERT_TRUE(fs::exists(dir / "resumed/reference_logps.json"));
   const auto table_time = fs::last_write_time(dir / "resumed/reference_logps.json");
-  ASSERT_EQ(run(resumed_cmd + " --resume"), 0);
+  ASSERT_EQ(run_quiet(resumed_cmd + " --resume"), 0);
   EXPECT_EQ(fs::last_write_time(dir / "resumed/reference_logps.json"), table_time);
-  auto c = records(dir / "resumed", "rewards/accuracies");
+  auto c = metric_records(dir / "resumed", "rewards/accuracies");
   ASSERT_EQ(c.size(), 8u);
   for (size_t i = 0; i < c.size(); ++i) EXPECT_EQ(c[i]["loss"].get<double>(), b[i]["loss"].get<double>()) << i + 1;
   // The same with the reference in memory (rebuilt from init_from at the restart).
   const std::string frozen_cmd = recipe("resumed_frozen", "frozen") + " --set train.checkpoint_interval=4";
-  EXPECT_NE(run("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=4 " + frozen_cmd), 0);
-  ASSERT_EQ(run(frozen_cmd + " --resume"), 0);
-  auto f = records(dir / "resumed_frozen", "rewards/accuracies");
+  EXPECT_NE(run_quiet("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=4 " + frozen_cmd), 0);
+  ASSERT_EQ(run_quiet(frozen_cmd + " --resume"), 0);
+  auto f = metric_records(dir / "resumed_frozen", "rewards/accuracies");
   ASSERT_EQ(f.size(), 8u);
   for (size_t i = 0; i < f.size(); ++i) EXPECT_EQ(f[i]["loss"].get<double>(), a[i]["loss"].get<double>()) << i + 1;
 
   // Held-out: recorded before training (rewards 0) and after.
-  auto va = records(dir / "frozen", "val_rewards/accuracies"), vb = records(dir / "precompute", "val_rewards/accuracies");
+  auto va = metric_records(dir / "frozen", "val_rewards/accuracies"), vb = metric_records(dir / "precompute", "val_rewards/accuracies");
   ASSERT_EQ(va.size(), 2u);
   ASSERT_EQ(vb.size(), 2u);
   EXPECT_EQ(va[0]["step"], 0);
@@ -125,8 +107,9 @@ TEST(Dpo, PrecomputedAndInMemoryReferenceGiveTheSameLosses) {
   // eval --preferences: the tuned checkpoint against its reference, the same numbers as the run's last eval.
   const auto tuned = *train::latest_checkpoint(dir / "frozen");
   const std::string out = dir / "prefs.json";
-  ASSERT_EQ(run(std::string(MOEFORGE_BINARY) + " eval " + tuned + " --preferences " + (dir / "val.jsonl") +
-                " --reference " + pre + " --json > " + out),
+  ASSERT_EQ(WEXITSTATUS(std::system((std::string(MOEFORGE_BINARY) + " eval " + tuned + " --preferences " +
+                                     (dir / "val.jsonl") + " --reference " + pre + " --json > " + out + " 2>/dev/null")
+                                        .c_str())),
             0);
   std::ifstream in(out);
   auto e = nlohmann::json::parse(in);
@@ -138,9 +121,9 @@ TEST(Dpo, PrecomputedAndInMemoryReferenceGiveTheSameLosses) {
   // Bad input: no init_from, and a pairs file with nothing usable: exit 2.
   std::ofstream(dir / "bad.yaml") << "stage: dpo\n" << kModelYaml << "data: {train: " << (dir / "train.jsonl")
                                   << ", val: " << (dir / "val.jsonl") << "}\noutput_dir: " << (dir / "bad") << "\n";
-  EXPECT_EQ(run(std::string(MOEFORGE_BINARY) + " train " + (dir / "bad.yaml")), 2);
+  EXPECT_EQ(run_quiet(std::string(MOEFORGE_BINARY) + " train " + (dir / "bad.yaml")), 2);
   std::ofstream(dir / "empty.jsonl") << R"({"prompt": "a", "chosen": "b"})" << "\n";
-  EXPECT_EQ(run(std::string(MOEFORGE_BINARY) + " eval " + tuned + " --preferences " + (dir / "empty.jsonl") +
+  EXPECT_EQ(run_quiet(std::string(MOEFORGE_BINARY) + " eval " + tuned + " --preferences " + (dir / "empty.jsonl") +
                 " --reference " + pre),
             2);
   EXPECT_FALSE(fs::exists(dir / "bad"));

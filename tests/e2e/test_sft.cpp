@@ -7,24 +7,20 @@
 #include <nlohmann/json.hpp>
 
 #include "corpus.h"
+#include "run_util.h"
 #include "train/checkpoint.h"
 
 using namespace moeforge;
 namespace fs = std::filesystem;
 
 namespace {
-const char* kModelYaml = R"(model:
-  name: sft-e2e
-  vocab_size: 320
-  hidden_size: 32
-  intermediate_size: 48
-  num_layers: 2
-  num_attention_heads: 4
-  num_key_value_heads: 2
-  max_position_embeddings: 64
-  rope_theta: 10000.0
-  moe: {num_experts: 4, num_experts_per_tok: 2, aux_loss_coef: 0.01}
-)";
+const std::string kModelYaml = test::small_model_yaml("sft-e2e");
+
+std::vector<double> losses(const std::string& run_dir) {
+  std::vector<double> out;
+  for (const auto& j : test::metric_records(run_dir, "loss")) out.push_back(j["loss"].get<double>());
+  return out;
+}
 
 // A learnable mapping: subject i always gets object i.
 void write_pairs(const std::string& path, int n, int offset) {
@@ -43,15 +39,6 @@ void write_pairs(const std::string& path, int n, int offset) {
   }
 }
 
-std::vector<double> losses(const std::string& run_dir) {
-  std::vector<double> out;
-  std::ifstream in(run_dir + "/metrics.jsonl");
-  for (std::string line; std::getline(in, line);) {
-    auto j = nlohmann::json::parse(line);
-    if (j.contains("loss")) out.push_back(j["loss"].get<double>());
-  }
-  return out;
-}
 }  // namespace
 
 TEST(Sft, FineTunesFromAPretrainedCheckpoint) {

@@ -1,0 +1,56 @@
+// For the tests that run the moeforge binary: a small model as recipe YAML, running a command quietly,
+// reading a run's metrics.jsonl, and a free loopback port for multi-process runs.
+#pragma once
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace moeforge::test {
+
+// A `model:` mapping for a 2-layer, 4-expert model over the 320-piece test tokenizer; `moe_extra` is
+// appended inside the moe flow mapping (e.g. ", router_jitter: 0.1").
+inline std::string small_model_yaml(const std::string& name, const std::string& moe_extra = "") {
+  return "model:\n  name: " + name +
+         "\n  vocab_size: 320\n  hidden_size: 32\n  intermediate_size: 48\n  num_layers: 2\n"
+         "  num_attention_heads: 4\n  num_key_value_heads: 2\n  max_position_embeddings: 64\n"
+         "  rope_theta: 10000.0\n  moe: {num_experts: 4, num_experts_per_tok: 2, aux_loss_coef: 0.01" +
+         moe_extra + "}\n";
+}
+
+// Exit status of `cmd` run by the shell, its output discarded.
+inline int run_quiet(const std::string& cmd) { return WEXITSTATUS(std::system((cmd + " > /dev/null 2>&1").c_str())); }
+
+// The lines of run_dir/metrics.jsonl that have `key`.
+inline std::vector<nlohmann::json> metric_records(const std::string& run_dir, const std::string& key) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains(key)) out.push_back(j);
+  }
+  return out;
+}
+
+// A loopback port nobody listens on right now (the kernel's pick for port 0).
+inline int free_port() {
+  int s = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  ::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len);
+  const int port = ntohs(a.sin_port);
+  ::close(s);
+  return port;
+}
+
+}  // namespace moeforge::test
