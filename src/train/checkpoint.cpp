@@ -55,14 +55,91 @@ void maybe_die(int64_t step) {
   if (v && std::to_string(step) == v) std::raise(SIGKILL);
 }
 
+std::string shard_suffix(int k, int n) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "-%02d-of-%02d.safetensors", k, n);
+  return buf;
+}
+
+std::string staging_for(const std::string& clean_dir) {
+  return fs::path(clean_dir).parent_path().string() + "/.tmp-" + fs::path(clean_dir).filename().string() + "-sharded";
+}
+
+// The weight and optimizer files of a checkpoint: model.safetensors / optimizer.safetensors, plus the
+// shard files its layout.json names (untrusted: plain file names that must exist).
+std::vector<std::string> checkpoint_files(const std::string& ckpt_dir, const char* kind) {
+  std::vector<std::string> files{ckpt_dir + "/" + kind + ".safetensors"};
+  const std::string lp = ckpt_dir + "/layout.json";
+  if (!fs::exists(lp)) return files;
+  std::ifstream in(lp);
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+    const std::string key = std::string(kind) == "model" ? "weights" : "optimizer";
+    files.clear();
+    for (const auto& f : j.at(key)) {
+      const auto name = f.get<std::string>();
+      if (name.empty() || name.find('/') != std::string::npos || name[0] == '.')
+        throw UserError(lp + ": file name '" + name + "' is not a plain file name");
+      if (!fs::exists(ckpt_dir + "/" + name)) throw UserError(lp + ": names '" + name + "', which is missing");
+      files.push_back(ckpt_dir + "/" + name);
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw UserError(lp + ": invalid layout (" + std::string(e.what()).substr(0, 120) + ")");
+  }
+  if (files.empty()) throw UserError(lp + ": names no files");
+  return files;
+}
+
 }  // namespace
+
+bool is_expert_param(const std::string& name) { return name.find(".block_sparse_moe.experts.") != std::string::npos; }
+
+std::string sharded_staging_dir(const std::string& run_dir, int64_t step) {
+  return staging_for(run_dir + "/checkpoints/" + step_name(step));
+}
+
+std::string begin_sharded_checkpoint(const std::string& run_dir, int64_t step) {
+  const std::string root = run_dir + "/checkpoints";
+  fs::create_directories(root);
+  for (auto& e : fs::directory_iterator(root))  // leftovers of a crashed write
+    if (e.path().filename().string().rfind(".tmp-", 0) == 0) fs::remove_all(e.path());
+  const std::string staging = sharded_staging_dir(run_dir, step);
+  fs::create_directories(staging);
+  fsync_path(root);
+  return staging;
+}
+
+void write_expert_shard(const std::string& staging_dir, const CheckpointContents& c) {
+  const std::string sfx = shard_suffix(c.expert_shard, c.expert_shards);
+  std::vector<std::pair<std::string, torch::Tensor>> weights;
+  for (auto& p : c.model->named_parameters())
+    if (is_expert_param(p.key())) weights.emplace_back(p.key(), p.value().detach());
+  io::write_safetensors(staging_dir + "/experts" + sfx, weights, {{"format", "pt"}});
+  fsync_path(staging_dir + "/experts" + sfx);
+  if (c.optimizer) {
+    std::vector<std::pair<std::string, torch::Tensor>> st;
+    for (auto& [k, v] : c.optimizer->state())
+      if (is_expert_param(k)) st.emplace_back(k, v);
+    io::write_safetensors(staging_dir + "/optimizer-experts" + sfx, st);
+    fsync_path(staging_dir + "/optimizer-experts" + sfx);
+  }
+}
 
 void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
   std::string clean = dir;
   while (clean.size() > 1 && clean.back() == '/') clean.pop_back();
-  const std::string tmp = fs::path(clean).parent_path().string() + "/.tmp-" + fs::path(clean).filename().string() +
-                          "-" + std::to_string(::getpid());
-  fs::remove_all(tmp);
+  const bool sharded = c.expert_shards > 1;
+  // Sharded: the other shards are already in the staging directory (begin_sharded_checkpoint).
+  const std::string tmp = sharded ? staging_for(clean)
+                                  : fs::path(clean).parent_path().string() + "/.tmp-" +
+                                        fs::path(clean).filename().string() + "-" + std::to_string(::getpid());
+  if (sharded) {
+    MF_CHECK(fs::is_directory(tmp), "begin_sharded_checkpoint prepared the staging directory");
+    write_expert_shard(tmp, c);
+  } else {
+    fs::remove_all(tmp);
+  }
   fs::create_directories(tmp);
   write_text(tmp + "/config.yaml", model_config_to_yaml(*c.config));
   if (!c.recipe_yaml.empty()) write_text(tmp + "/recipe.yaml", c.recipe_yaml);
@@ -71,12 +148,27 @@ void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
     fsync_path(tmp + "/tokenizer.model");
   }
   std::vector<std::pair<std::string, torch::Tensor>> weights;
-  for (auto& p : c.model->named_parameters()) weights.emplace_back(p.key(), p.value().detach());
+  for (auto& p : c.model->named_parameters())
+    if (!sharded || !is_expert_param(p.key())) weights.emplace_back(p.key(), p.value().detach());
   for (auto& b : c.model->named_buffers()) weights.emplace_back(b.key(), b.value().detach());
   io::write_safetensors(tmp + "/model.safetensors", weights, {{"format", "pt"}});
   if (c.state) maybe_die(c.state->step);
+  if (sharded) {
+    nlohmann::json layout = {{"expert_parallel", c.expert_shards}, {"data_parallel", c.data_parallel}};
+    layout["weights"] = {"model.safetensors"};
+    if (c.optimizer) layout["optimizer"] = {"optimizer.safetensors"};
+    for (int k = 0; k < c.expert_shards; ++k) {
+      const std::string sfx = shard_suffix(k, c.expert_shards);
+      if (!fs::exists(tmp + "/experts" + sfx)) throw UserError(tmp + ": shard experts" + sfx + " was not written");
+      layout["weights"].push_back("experts" + sfx);
+      if (c.optimizer) layout["optimizer"].push_back("optimizer-experts" + sfx);
+    }
+    write_text(tmp + "/layout.json", layout.dump(2) + "\n");
+  }
   if (c.optimizer && c.state) {
-    auto st = c.optimizer->state();
+    std::vector<std::pair<std::string, torch::Tensor>> st;
+    for (auto& [k, v] : c.optimizer->state())
+      if (!sharded || !is_expert_param(k)) st.emplace_back(k, v);
     st.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
     io::write_safetensors(tmp + "/optimizer.safetensors", st);
     nlohmann::json j = {{"step", c.state->step},         {"samples_seen", c.state->samples_seen},
@@ -95,9 +187,10 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
   MF_CHECK(c.state != nullptr, "training checkpoints carry their state");
   const std::string root = run_dir + "/checkpoints";
   fs::create_directories(root);
-  // Leftovers of a crashed write.
-  for (auto& e : fs::directory_iterator(root))
-    if (e.path().filename().string().rfind(".tmp-", 0) == 0) fs::remove_all(e.path());
+  // Leftovers of a crashed write (sharded: begin_sharded_checkpoint cleaned them before the shards came).
+  if (c.expert_shards == 1)
+    for (auto& e : fs::directory_iterator(root))
+      if (e.path().filename().string().rfind(".tmp-", 0) == 0) fs::remove_all(e.path());
   const std::string dir = root + "/" + step_name(c.state->step);
   write_checkpoint_dir(dir, c);
   std::vector<std::string> all;
@@ -131,16 +224,22 @@ ModelConfig read_checkpoint_config(const std::string& ckpt_dir) {
 }
 
 void load_model_weights(const std::string& ckpt_dir, MixtralForCausalLM& model) {
-  auto f = io::SafetensorsFile::open(ckpt_dir + "/model.safetensors");
+  std::vector<io::SafetensorsFile> files;
+  for (const auto& path : checkpoint_files(ckpt_dir, "model")) files.push_back(io::SafetensorsFile::open(path));
   torch::NoGradGuard ng;
   auto copy_in = [&](const std::string& name, torch::Tensor& dst, bool required) {
-    if (!f.contains(name)) {
-      if (required) throw UserError(f.path() + ": tensor '" + name + "' is missing");
+    const io::SafetensorsFile* f = nullptr;
+    for (const auto& x : files)
+      if (x.contains(name)) f = &x;
+    if (!f) {
+      if (required)
+        throw UserError(files.front().path() + (files.size() > 1 ? " (and its expert shards)" : "") + ": tensor '" +
+                        name + "' is missing");
       return;
     }
-    auto t = f.get(name);
+    auto t = f->get(name);
     if (t.sizes() != dst.sizes())
-      throw UserError(f.path() + ": tensor '" + name + "' has shape " + c10::str(t.sizes()) + ", the model expects " +
+      throw UserError(f->path() + ": tensor '" + name + "' has shape " + c10::str(t.sizes()) + ", the model expects " +
                       c10::str(dst.sizes()));
     dst.copy_(t.to(dst.scalar_type()));
   };
@@ -200,10 +299,12 @@ void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& 
   } catch (const nlohmann::json::exception& e) {
     throw UserError(sp + ": invalid trainer state");
   }
-  auto f = io::SafetensorsFile::open(ckpt_dir + "/optimizer.safetensors");
   std::map<std::string, torch::Tensor> s;
-  for (const auto& n : f.names()) s[n] = f.get(n);
-  opt.load_state(s, f.path());
+  for (const auto& path : checkpoint_files(ckpt_dir, "optimizer")) {
+    auto f = io::SafetensorsFile::open(path);
+    for (const auto& n : f.names()) s[n] = f.get(n);
+  }
+  opt.load_state(s, ckpt_dir + "/optimizer*.safetensors");
   if (s.count("rng.cpu")) {
     at::Generator g = at::detail::getDefaultCPUGenerator();  // shares the default generator's state
     g.set_state(s["rng.cpu"]);

@@ -6,6 +6,14 @@
 //     optimizer.safetensors  AdamW state and the RNG state        (training checkpoints only)
 //     trainer_state.json     step, samples and tokens consumed, seq_len, elapsed time
 //     recipe.yaml            the resolved recipe
+// Written under expert parallelism (parallel.expert = N > 1), the experts are in one file per shard:
+//     model.safetensors                       dense parameters and buffers (rank 0)
+//     experts-KK-of-NN.safetensors            the experts of expert-parallel rank KK (HF names)
+//     optimizer.safetensors                   dense optimizer state and the RNG (rank 0)
+//     optimizer-experts-KK-of-NN.safetensors  the optimizer state of those experts
+//     layout.json                             {"expert_parallel", "data_parallel", "weights", "optimizer"}
+// Loading reads every file the layout names, so a checkpoint loads into any layout (EP = N to 1 for
+// export, or to another N); all ranks must see the run directory (one shared filesystem across nodes).
 // Written to a temp directory (files fsynced), then renamed into place, so the newest
 // step_N directory is always complete; a crash leaves only a .tmp-* directory behind.
 #pragma once
@@ -38,7 +46,19 @@ struct CheckpointContents {
   const TrainerState* state = nullptr;  // null: weights only
   std::string tokenizer_path;           // copied in when non-empty
   std::string recipe_yaml;
+  // Expert parallelism: the model holds only the experts of shard `expert_shard` of `expert_shards`.
+  int expert_shards = 1, expert_shard = 0, data_parallel = 1;
 };
+
+// A parameter of an MoE layer's expert bank (sharded under expert parallelism).
+bool is_expert_param(const std::string& name);
+
+// Sharded checkpoints: rank 0 first prepares the staging directory of step_N (returned); after a
+// barrier, each other shard's writer calls write_expert_shard into it; after another barrier, rank 0's
+// save_checkpoint writes the dense part and its own shard and renames the whole into place.
+std::string begin_sharded_checkpoint(const std::string& run_dir, int64_t step);
+std::string sharded_staging_dir(const std::string& run_dir, int64_t step);
+void write_expert_shard(const std::string& staging_dir, const CheckpointContents& c);
 
 // Writes run_dir/checkpoints/step_N and keeps the newest `keep` of them. Returns the directory.
 std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& c, int keep);

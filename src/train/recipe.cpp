@@ -67,7 +67,8 @@ std::string emit(const Recipe& r) {
     << r.runtime.precision << YAML::Key << "threads" << YAML::Value << r.runtime.threads;
   e << YAML::EndMap;
   e << YAML::Key << "parallel" << YAML::Value << YAML::BeginMap << YAML::Key << "timeout_s" << YAML::Value
-    << r.parallel_timeout_s << YAML::EndMap;
+    << r.parallel_timeout_s << YAML::Key << "expert" << YAML::Value << r.parallel_expert << YAML::Key << "zero"
+    << YAML::Value << r.parallel_zero << YAML::EndMap;
   e << YAML::Key << "output_dir" << YAML::Value << r.output_dir;
   e << YAML::Key << "resume" << YAML::Value << r.resume;
   e << YAML::Key << "init_from" << YAML::Value << r.init_from;
@@ -196,6 +197,13 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   io::YamlMap par = m.get_map("parallel");
   r.parallel_timeout_s = par.get_int("timeout_s", r.parallel_timeout_s);
   positive(par, "timeout_s", r.parallel_timeout_s);
+  r.parallel_expert = par.get_int("expert", r.parallel_expert);
+  positive(par, "expert", r.parallel_expert);
+  if (r.model.moe.num_experts % r.parallel_expert != 0)
+    par.fail("expert", std::to_string(r.parallel_expert) + " does not divide model.moe.num_experts (" +
+                           std::to_string(r.model.moe.num_experts) + ")");
+  r.parallel_zero = par.get_int("zero", r.parallel_zero);
+  if (r.parallel_zero != 0 && r.parallel_zero != 1) par.fail("zero", "must be 0 (off) or 1 (optimizer state sharded)");
   par.finish();
 
   r.output_dir = m.get_string("output_dir", r.output_dir);

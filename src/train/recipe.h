@@ -70,6 +70,8 @@ struct Recipe {
   std::string resume = "never";    // never | auto
   std::string init_from;           // a checkpoint to start from ("" = fresh init)
   int64_t parallel_timeout_s = 300;  // parallel.timeout_s: rendezvous and every collective (multi-process runs)
+  int64_t parallel_expert = 1;       // parallel.expert: ranks that share one copy of the experts (world = DP x EP)
+  int64_t parallel_zero = 0;         // parallel.zero: 1 = optimizer state sharded over the data-parallel ranks
   std::string yaml;                // the fully resolved recipe, as written to the run dir
 };
 

@@ -20,6 +20,7 @@
 #include "model/load_balance.h"
 #include "model/param_count.h"
 #include "parallel/dist.h"
+#include "parallel/expert_parallel.h"
 #include "train/checkpoint.h"
 #include "train/evaluate.h"
 #include "train/lm_objective.h"
@@ -101,9 +102,16 @@ torch::Device pick_device(const RuntimeConfig& rt, const std::string& recipe_pat
   return cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
 }
 
-// Data parallelism: every gradient summed over the ranks in one fp32 bucket, then divided by the world
-// size. A parameter no rank touched (an expert without tokens) keeps no gradient, as in one process.
-void sync_gradients(parallel::Dist& dist, const std::vector<torch::Tensor>& params) {
+// Gradients of parameters that `group` holds copies of: summed over the group in one fp32 bucket, then
+// divided by `divisor` (the world size: every rank's loss is 1/W of the global mean). A parameter no rank
+// touched (an expert without tokens) keeps no gradient, as in one process.
+void sync_gradients(parallel::Group& group, const std::vector<torch::Tensor>& params, double divisor) {
+  if (group.size() == 1) {
+    torch::NoGradGuard ng;
+    for (const auto& p : params)
+      if (p.grad().defined()) p.grad().div_(divisor);
+    return;
+  }
   const int64_t P = static_cast<int64_t>(params.size());
   int64_t total = 0;
   for (const auto& p : params) total += p.numel();
@@ -118,14 +126,13 @@ void sync_gradients(parallel::Dist& dist, const std::vector<torch::Tensor>& para
     off += p.numel();
   }
   std::vector<torch::Tensor> v{buf};
-  dist.all_reduce_sum(v);
-  const double world = dist.world_size();
+  group.all_reduce_sum(v);
   off = 0;
   torch::NoGradGuard ng;
   for (int64_t i = 0; i < P; ++i) {
     auto p = params[static_cast<size_t>(i)];
     if (buf[total + i].item<float>() > 0) {
-      auto g = buf.narrow(0, off, p.numel()).view(p.sizes()).div(world).to(p.dtype());
+      auto g = buf.narrow(0, off, p.numel()).view(p.sizes()).div(divisor).to(p.dtype());
       if (p.grad().defined()) p.mutable_grad().copy_(g);
       else p.mutable_grad() = g.clone();
     }
@@ -133,16 +140,47 @@ void sync_gradients(parallel::Dist& dist, const std::vector<torch::Tensor>& para
   }
 }
 
+// Clipping by the global norm when the expert parameters are sharded: every expert counted once (the
+// squared norms of the local experts summed over the expert-parallel group; dense ones are replicated).
+double clip_grad_norm_sharded(const std::vector<torch::Tensor>& dense, const std::vector<torch::Tensor>& experts,
+                              parallel::Group& ep_group, double max_norm) {
+  torch::NoGradGuard ng;
+  auto sq_sum = [](const std::vector<torch::Tensor>& ps) {
+    std::vector<torch::Tensor> sq;
+    for (const auto& p : ps)
+      if (p.grad().defined()) sq.push_back(p.grad().to(torch::kFloat).pow(2).sum());
+    return sq.empty() ? 0.0 : torch::stack(sq).sum().item<double>();
+  };
+  std::vector<torch::Tensor> v{torch::tensor({sq_sum(experts)}, torch::kDouble)};
+  ep_group.all_reduce_sum(v);
+  const double norm = std::sqrt(sq_sum(dense) + v[0].item<double>());
+  if (max_norm > 0 && norm > max_norm) {
+    const double scale = max_norm / (norm + 1e-6);
+    for (const auto* ps : {&dense, &experts})
+      for (const auto& p : *ps)
+        if (p.grad().defined()) p.grad().mul_(scale);
+  }
+  return norm;
+}
+
 }  // namespace
 
 TrainResult run_training(const Recipe& r, bool force_resume) {
-  // Ranks: data parallelism over WORLD_SIZE processes (one process when the variables are not set).
+  // Ranks: WORLD_SIZE processes (one when the variables are not set) = DP data-parallel replicas x EP
+  // expert-parallel ranks. Ranks dp*EP .. dp*EP+EP-1 share one copy of the experts (an expert-parallel
+  // group); the ranks holding the same experts (one per replica) average their gradients.
   const parallel::DistEnv denv = parallel::read_dist_env();
-  const int D = denv.world_size, rank = denv.rank;
+  const int W = denv.world_size, rank = denv.rank;
+  const int EP = static_cast<int>(r.parallel_expert);
+  if (W % EP != 0)
+    throw UserError(r.path + ": key 'parallel.expert': " + std::to_string(EP) + " does not divide the number of processes (" +
+                    std::to_string(W) + (W == 1 ? "; start the ranks with `moeforge launch --nproc-per-node N -- train ...`"
+                                                : "") + ")");
+  const int DP = W / EP, ep_rank = rank % EP, dp_rank = rank / EP;
   int want_threads = r.runtime.threads;
-  if (want_threads == 0 && D > 1) {  // share the cores among the ranks of this machine
+  if (want_threads == 0 && W > 1) {  // share the cores among the ranks of this machine
     const char* lws = std::getenv("LOCAL_WORLD_SIZE");
-    const int local = lws ? std::max(1, std::atoi(lws)) : D;
+    const int local = lws ? std::max(1, std::atoi(lws)) : W;
     want_threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local);
   }
   const int threads = compat::configure_threads(want_threads);
@@ -154,9 +192,17 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     throw UserError(run_dir + ": run directory already exists; set 'resume: auto' (or pass --resume) to continue it, "
                               "or choose another output_dir");
   std::unique_ptr<parallel::Dist> dist =
-      D > 1 ? std::make_unique<parallel::Dist>(denv, std::chrono::milliseconds(r.parallel_timeout_s * 1000))
+      W > 1 ? std::make_unique<parallel::Dist>(denv, std::chrono::milliseconds(r.parallel_timeout_s * 1000))
             : std::make_unique<parallel::Dist>();
   dist->barrier();  // every rank has checked the run directory before rank 0 writes into it
+  std::shared_ptr<parallel::Group> ep_group, replica_group;
+  if (EP > 1) {
+    std::vector<int> ep_ranks, replica_ranks;
+    for (int k = 0; k < EP; ++k) ep_ranks.push_back(dp_rank * EP + k);
+    for (int j = 0; j < DP; ++j) replica_ranks.push_back(j * EP + ep_rank);
+    ep_group = dist->new_group("ep" + std::to_string(dp_rank), ep_ranks);
+    replica_group = dist->new_group("experts" + std::to_string(ep_rank), replica_ranks);
+  }
   const bool main_rank = dist->is_main();
   const ModelConfig& cfg = r.model;
   const auto& tc = r.train;
@@ -170,13 +216,19 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   MixtralForCausalLM model(cfg);
   init_weights(*model, cfg.init_std, tc.seed);
   if (!r.init_from.empty()) load_init_weights(r.init_from, model);
+  const std::optional<std::string> latest = resume ? latest_checkpoint(run_dir) : std::nullopt;
+  // Weights of a checkpoint in any expert-parallel layout load into the full model; then this rank keeps
+  // its experts.
+  if (latest) load_model_weights(*latest, model);
+  if (EP > 1) parallel::apply_expert_parallel(model, ep_group);
   model->to(device);
   model->train();
   std::vector<std::pair<std::string, torch::Tensor>> named;
-  std::vector<torch::Tensor> params;
+  std::vector<torch::Tensor> params, dense_params, expert_params;
   for (auto& p : model->named_parameters()) {
     named.emplace_back(p.key(), p.value());
     params.push_back(p.value());
+    (is_expert_param(p.key()) ? expert_params : dense_params).push_back(p.value());
   }
   AdamW opt(named, AdamWOptions{r.optim.beta1, r.optim.beta2, r.optim.eps, r.optim.weight_decay});
 
@@ -189,8 +241,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   state.seed = tc.seed;
   bool resumed = false;  // for the log line below
   if (resume) {
-    if (auto latest = latest_checkpoint(run_dir)) {
-      load_model_weights(*latest, model);
+    if (latest) {
       load_training_state(*latest, opt, state);
       if (state.seq_len != tc.seq_len || state.seed != tc.seed)
         throw UserError(*latest + ": was trained with seq_len " + std::to_string(state.seq_len) + " and seed " +
@@ -223,9 +274,12 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   if (!resumed) MF_INFO("starting a new run in " << run_dir);
   MF_INFO("model " << cfg.name << ": " << pc.total << " parameters, " << pc.active << " active; " << dev_name << ", "
                    << threads << " threads; peak matmul " << static_cast<int>(peak) << " GFLOP/s");
-  MF_INFO("training " << total_steps << " steps of " << tokens_per_step * D << " tokens (" << tc.micro_batch_size
+  MF_INFO("training " << total_steps << " steps of " << tokens_per_step * W << " tokens (" << tc.micro_batch_size
                       << " x " << tc.seq_len << " x " << tc.grad_accum << " accumulation"
-                      << (D > 1 ? " x " + std::to_string(D) + " data-parallel ranks" : std::string()) << "); "
+                      << (W > 1 ? " x " + std::to_string(W) + " ranks" : std::string()) << "); "
+                      << (W > 1 ? "layout " + std::to_string(DP) + " data-parallel x " + std::to_string(EP) +
+                                      " expert-parallel; "
+                                : std::string())
                       << data->describe());
 
   const int L = static_cast<int>(cfg.num_layers);
@@ -275,9 +329,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     for (int64_t a = 0; a < tc.grad_accum; ++a) {
       BatchLoss l = [&] {
         compat::CudaBf16Autocast autocast(bf16);
-        // Micro-batch a of rank r is global micro-batch a * D + r: D ranks x A steps see what one process
-        // sees with D x A accumulation steps.
-        return data->train_batch(model, state.samples_seen + (a * D + rank) * tc.micro_batch_size,
+        // Micro-batch a of rank r is global micro-batch a * W + r: W ranks x A steps see what one process
+        // sees with W x A accumulation steps.
+        return data->train_batch(model, state.samples_seen + (a * W + rank) * tc.micro_batch_size,
                                  tc.micro_batch_size, device);
       }();
       (l.total / static_cast<double>(tc.grad_accum)).backward();
@@ -293,9 +347,14 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
         entropy[i] += l.entropy_per_layer[i] / tc.grad_accum;
       }
     }
-    state.samples_seen += tc.micro_batch_size * tc.grad_accum * D;
-    if (D > 1) {
-      sync_gradients(*dist, params);
+    state.samples_seen += tc.micro_batch_size * tc.grad_accum * W;
+    if (W > 1) {
+      if (EP == 1) {
+        sync_gradients(dist->world(), params, W);  // everything replicated: one bucket
+      } else {
+        sync_gradients(dist->world(), dense_params, W);
+        sync_gradients(*replica_group, expert_params, W);
+      }
       // Logged numbers: means over the ranks (token counts and loads: sums).
       std::vector<double> v{ce, acc, aux, z, static_cast<double>(step_tokens), static_cast<double>(step_targets)};
       for (double e : entropy) v.push_back(e);
@@ -304,20 +363,21 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
                                      torch::stack(loads).to(torch::kDouble).contiguous()};
       dist->all_reduce_sum(buf);
       auto s = buf[0].accessor<double, 1>();
-      ce = s[0] / D;
-      acc = s[1] / D;
-      aux = s[2] / D;
-      z = s[3] / D;
+      ce = s[0] / W;
+      acc = s[1] / W;
+      aux = s[2] / W;
+      z = s[3] / W;
       step_tokens = static_cast<int64_t>(s[4]);
       step_targets = static_cast<int64_t>(s[5]);
-      for (int i = 0; i < L; ++i) entropy[i] = s[6 + i] / D;
+      for (int i = 0; i < L; ++i) entropy[i] = s[6 + i] / W;
       int k = 6 + L;
-      for (auto& [name, x] : extra) x = s[k++] / D;
+      for (auto& [name, x] : extra) x = s[k++] / W;
       for (int i = 0; i < L; ++i) loads[i] = buf[1][i].to(torch::kLong);
     }
     if (!std::isfinite(ce)) throw UserError("training diverged: loss is " + std::to_string(ce) + " at step " +
                                             std::to_string(state.step + 1) + "; lower optim.lr");
-    const double gnorm = clip_grad_norm(params, r.optim.grad_clip);
+    const double gnorm = EP > 1 ? clip_grad_norm_sharded(dense_params, expert_params, *ep_group, r.optim.grad_clip)
+                                : clip_grad_norm(params, r.optim.grad_clip);
     opt.step(lr);
     if (cfg.moe.balance == Balance::AuxFreeBias) {
       auto blocks = model->moe_blocks();
@@ -390,7 +450,16 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       c.state = &state;
       c.tokenizer_path = tokenizer;
       c.recipe_yaml = r.yaml;
-      if (main_rank) {  // data parallelism: every rank holds the same weights and optimizer state
+      c.expert_shards = EP;
+      c.expert_shard = ep_rank;
+      c.data_parallel = DP;
+      if (EP > 1) {  // the first replica's ranks write their experts into rank 0's staging directory
+        if (main_rank) begin_sharded_checkpoint(run_dir, state.step);
+        dist->barrier();
+        if (dp_rank == 0 && ep_rank != 0) write_expert_shard(sharded_staging_dir(run_dir, state.step), c);
+        dist->barrier();
+      }
+      if (main_rank) {  // replicas hold the same weights and optimizer state
         auto dir = save_checkpoint(run_dir, c, static_cast<int>(tc.keep_checkpoints));
         MF_INFO("checkpoint " << dir);
       }
@@ -433,7 +502,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       {"elapsed_s", elapsed_before + std::chrono::duration<double>(Clock::now() - run_start).count()}};
   for (const auto& [k, v] : last_eval.metrics) summary["final_val_" + k] = v;
   data->summarize(summary);
-  summary["data_parallel_ranks"] = D;
+  summary["data_parallel_ranks"] = DP;
+  summary["expert_parallel_ranks"] = EP;
+  summary["world_size"] = W;
   if (main_rank) write_json_atomic(run_dir + "/summary.json", summary);
   const double h = summary.value("unigram_entropy", NAN);
   std::string extra;
