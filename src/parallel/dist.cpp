@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <thread>
 
 #include "core/error.h"
 
@@ -44,7 +45,35 @@ DistEnv read_dist_env() {
 
 struct Group::Impl {
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;  // null for a group of one
+  c10::intrusive_ptr<c10d::Store> store;          // the job's store (to find out who is missing)
+  std::vector<int> world_ranks;                   // the members, as world ranks
+  int world_rank = 0;
 };
+
+namespace {
+// After a failed collective: every surviving member checks in under "alive/" in the store and waits a
+// few seconds for the others; those that never do are the missing ranks (dead, or stuck elsewhere).
+std::string missing_members(Group::Impl& g) {
+  try {
+    g.store->set("alive/" + std::to_string(g.world_rank), std::vector<uint8_t>{1});
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    std::vector<int> missing;
+    for (;;) {
+      missing.clear();
+      for (int r : g.world_ranks)
+        if (!g.store->check({"alive/" + std::to_string(r)})) missing.push_back(r);
+      if (missing.empty() || std::chrono::steady_clock::now() > deadline) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    if (missing.empty()) return "every member is still alive";
+    std::string out = missing.size() == 1 ? "rank " : "ranks ";
+    for (size_t i = 0; i < missing.size(); ++i) out += (i ? ", " : "") + std::to_string(missing[i]);
+    return out + (missing.size() == 1 ? " is" : " are") + " missing (died or hung)";
+  } catch (const std::exception&) {
+    return "rank 0 is missing (it serves the job's store, which is gone)";
+  }
+}
+}  // namespace
 
 Group::Group(std::unique_ptr<Impl> impl, int rank, int size, std::string name)
     : impl_(std::move(impl)), rank_(rank), size_(size), name_(std::move(name)) {}
@@ -52,9 +81,9 @@ Group::Group(std::unique_ptr<Impl> impl, int rank, int size, std::string name)
 Group::~Group() = default;
 
 namespace {
-[[noreturn]] void collective_failed(const std::string& group, int rank, const char* what, const std::exception& e) {
-  throw UserError("rank " + std::to_string(rank) + ": " + what + " in group '" + group +
-                  "' failed (another rank died or timed out; parallel.timeout_s): " + std::string(e.what()).substr(0, 300));
+[[noreturn]] void collective_failed(Group::Impl& g, const std::string& group, const char* what, const std::exception& e) {
+  throw UserError("rank " + std::to_string(g.world_rank) + ": " + what + " in group '" + group + "' failed: " +
+                  missing_members(g) + " (parallel.timeout_s bounds the wait): " + std::string(e.what()).substr(0, 200));
 }
 }  // namespace
 
@@ -69,7 +98,7 @@ void Group::all_reduce_sum(std::vector<at::Tensor>& tensors) {
       impl_->pg->allreduce(one, o)->wait();
     }
   } catch (const std::exception& e) {
-    collective_failed(name_, rank_, "all-reduce", e);
+    collective_failed(*impl_, name_, "all-reduce", e);
   }
 }
 
@@ -102,7 +131,7 @@ at::Tensor Group::all_to_all(const at::Tensor& x, const std::vector<int64_t>& in
     c10d::AllToAllOptions o;
     impl_->pg->alltoall_base(out, in, os, is, o)->wait();
   } catch (const std::exception& e) {
-    collective_failed(name_, rank_, "all-to-all", e);
+    collective_failed(*impl_, name_, "all-to-all", e);
   }
   // The pad row is the last row received from this rank.
   int64_t before_out = 0;
@@ -119,7 +148,7 @@ void Group::barrier() {
   try {
     impl_->pg->barrier()->wait();
   } catch (const std::exception& e) {
-    collective_failed(name_, rank_, "barrier", e);
+    collective_failed(*impl_, name_, "barrier", e);
   }
 }
 
@@ -145,10 +174,18 @@ c10::intrusive_ptr<c10d::ProcessGroupGloo> make_gloo(const c10::intrusive_ptr<c1
   try {
     return c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, opts);
   } catch (const std::exception& e) {
+    std::string who;  // the world ranks that never reached the store (Dist's constructor marks arrivals)
+    try {
+      for (int r = 0; r < env.world_size; ++r)
+        if (!store->check({"joined/" + std::to_string(r)})) who += (who.empty() ? "" : ", ") + std::to_string(r);
+    } catch (const std::exception&) {
+      who = "0 (it serves the store)";
+    }
     throw UserError("rank " + std::to_string(env.rank) + ": rendezvous at " + env.master_addr + ":" +
                     std::to_string(env.master_port) + ": not every one of the " + std::to_string(size) +
                     " ranks of group '" + prefix + "' joined within " + std::to_string(timeout.count() / 1000) +
-                    " s (parallel.timeout_s): " + std::string(e.what()).substr(0, 120));
+                    " s (parallel.timeout_s)" + (who.empty() ? "" : "; missing: rank " + who) + ": " +
+                    std::string(e.what()).substr(0, 120));
   }
 }
 }  // namespace
@@ -167,7 +204,7 @@ Dist::Dist(const DistEnv& env, std::chrono::milliseconds timeout) : rank_(env.ra
   so.port = static_cast<uint16_t>(env.master_port);
   so.isServer = env.rank == 0;
   so.numWorkers = static_cast<size_t>(env.world_size);
-  so.waitWorkers = true;
+  so.waitWorkers = false;  // the Gloo rendezvous below waits, and can then say who is missing
   so.timeout = timeout;
   try {
     impl_->store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
@@ -176,8 +213,17 @@ Dist::Dist(const DistEnv& env, std::chrono::milliseconds timeout) : rank_(env.ra
                     std::to_string(env.master_port) + " failed within " + std::to_string(timeout.count() / 1000) +
                     " s: " + std::string(e.what()).substr(0, 200));
   }
+  try {
+    impl_->store->set("joined/" + std::to_string(env.rank), std::vector<uint8_t>{1});
+  } catch (const std::exception& e) {
+    throw UserError("rank " + std::to_string(env.rank) + ": rendezvous at " + env.master_addr + ":" +
+                    std::to_string(env.master_port) + " failed: " + std::string(e.what()).substr(0, 200));
+  }
   auto gi = std::make_unique<Group::Impl>();
   gi->pg = make_gloo(impl_->store, "world", env.rank, env.world_size, env, timeout);
+  gi->store = impl_->store;
+  gi->world_rank = env.rank;
+  for (int r = 0; r < env.world_size; ++r) gi->world_ranks.push_back(r);
   world_group_ = std::make_shared<Group>(std::move(gi), env.rank, env.world_size, "world");
 }
 
@@ -191,6 +237,9 @@ std::shared_ptr<Group> Dist::new_group(const std::string& name, const std::vecto
   if (n == 1) return std::make_shared<Group>(nullptr, 0, 1, name);
   auto gi = std::make_unique<Group::Impl>();
   gi->pg = make_gloo(impl_->store, name, r, n, impl_->env, impl_->timeout);
+  gi->store = impl_->store;
+  gi->world_rank = rank_;
+  gi->world_ranks = ranks;
   return std::make_shared<Group>(std::move(gi), r, n, name);
 }
 

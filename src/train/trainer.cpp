@@ -468,7 +468,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       const char* kill_after = std::getenv("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT");
       const char* kill_rank = std::getenv("MOEFORGE_TEST_KILL_RANK");  // only this rank (default: every rank)
       if (kill_after && std::to_string(state.step) == kill_after && (!kill_rank || std::to_string(rank) == kill_rank))
-        std::raise(SIGKILL);
+        std::raise(std::getenv("MOEFORGE_TEST_KILL_SIGNAL") && std::string(std::getenv("MOEFORGE_TEST_KILL_SIGNAL")) == "STOP"
+                       ? SIGSTOP  // a hung rank
+                       : SIGKILL);
     }
   }
 

@@ -144,10 +144,41 @@ TEST(Launch, MissingRankAndBadEnvironmentAreClearErrors) {
   std::ifstream in(log);
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   EXPECT_NE(text.find("rendezvous at 127.0.0.1:"), std::string::npos) << text;
+  EXPECT_NE(text.find("missing: rank 1"), std::string::npos) << text;
   EXPECT_FALSE(fs::exists(dir / "run/checkpoints"));
   EXPECT_EQ(run_quiet("WORLD_SIZE=2 " + bin + " train " + (dir / "r.yaml")), 2);           // no RANK
   EXPECT_EQ(run_quiet("RANK=5 WORLD_SIZE=2 " + bin + " train " + (dir / "r.yaml")), 2);    // out of range
   EXPECT_EQ(run_quiet("RANK=0 WORLD_SIZE=x " + bin + " train " + (dir / "r.yaml")), 2);    // not a number
   EXPECT_EQ(run_quiet(bin + " launch --nproc-per-node 0 -- train " + (dir / "r.yaml")), 2);
   EXPECT_EQ(run_quiet(bin + " launch --nproc-per-node 2"), 2);                              // no command
+}
+
+// Started without the launcher (as under mpirun or Slurm, where nobody stops the others): rank 1 dies, or
+// hangs, right after the checkpoint of step 2; rank 0 fails its next collective, exits 2 within
+// parallel.timeout_s (+ a few seconds to see who checks in) and names rank 1 as the missing one.
+TEST(Launch, SurvivorNamesTheMissingRank) {
+  test::TempDir dir("dpname");
+  std::string data = test::make_prepared(dir, 80);
+  std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+                                << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 50, checkpoint_interval: 2, "
+                                   "eval_interval: 100, eval_batches: 1}\n"
+                                << "parallel: {timeout_s: 4}\nruntime: {threads: 1}\noutput_dir: " << (dir / "run") << "\n";
+  for (const std::string sig : {"KILL", "STOP"}) {
+    const std::string env = "WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(free_port()) +
+                            " MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=2 MOEFORGE_TEST_KILL_RANK=1 MOEFORGE_TEST_KILL_SIGNAL=" + sig +
+                            " ";
+    const std::string log = dir / ("rank0-" + sig + ".log");
+    fs::remove_all(dir / "run");
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::string cmd = "RANK=1 " + env + MOEFORGE_BINARY + " train " + (dir / "r.yaml") + " > /dev/null 2>&1 & pid=$!; RANK=0 " +
+                            env + MOEFORGE_BINARY + " train " + (dir / "r.yaml") + " > " + log +
+                            " 2>&1; rc=$?; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null; exit $rc";
+    const int rc = WEXITSTATUS(std::system(("bash -c '" + cmd + "'").c_str()));
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_EQ(rc, 2) << sig;
+    EXPECT_LT(s, 40.0) << sig;
+    std::ifstream in(log);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_NE(text.find("rank 1 is missing"), std::string::npos) << sig << ": " << text.substr(text.size() > 1500 ? text.size() - 1500 : 0);
+  }
 }
