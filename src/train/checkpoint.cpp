@@ -110,14 +110,20 @@ std::string begin_sharded_checkpoint(const std::string& run_dir, int64_t step) {
   return staging;
 }
 
-void write_expert_shard(const std::string& staging_dir, const CheckpointContents& c) {
+void write_rank_files(const std::string& staging_dir, const CheckpointContents& c, bool experts) {
+  if (c.optimizer && c.optimizer_parts > 0) {  // ZeRO-1: the state this rank owns, whatever it is
+    const std::string f = staging_dir + "/optimizer-part" + shard_suffix(c.optimizer_part, c.optimizer_parts);
+    io::write_safetensors(f, c.optimizer->state());
+    fsync_path(f);
+  }
+  if (!experts || c.expert_shards == 1) return;
   const std::string sfx = shard_suffix(c.expert_shard, c.expert_shards);
   std::vector<std::pair<std::string, torch::Tensor>> weights;
   for (auto& p : c.model->named_parameters())
     if (is_expert_param(p.key())) weights.emplace_back(p.key(), p.value().detach());
   io::write_safetensors(staging_dir + "/experts" + sfx, weights, {{"format", "pt"}});
   fsync_path(staging_dir + "/experts" + sfx);
-  if (c.optimizer) {
+  if (c.optimizer && c.optimizer_parts == 0) {
     std::vector<std::pair<std::string, torch::Tensor>> st;
     for (auto& [k, v] : c.optimizer->state())
       if (is_expert_param(k)) st.emplace_back(k, v);
@@ -129,14 +135,14 @@ void write_expert_shard(const std::string& staging_dir, const CheckpointContents
 void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
   std::string clean = dir;
   while (clean.size() > 1 && clean.back() == '/') clean.pop_back();
-  const bool sharded = c.expert_shards > 1;
+  const bool sharded = c.sharded();
   // Sharded: the other shards are already in the staging directory (begin_sharded_checkpoint).
   const std::string tmp = sharded ? staging_for(clean)
                                   : fs::path(clean).parent_path().string() + "/.tmp-" +
                                         fs::path(clean).filename().string() + "-" + std::to_string(::getpid());
   if (sharded) {
     MF_CHECK(fs::is_directory(tmp), "begin_sharded_checkpoint prepared the staging directory");
-    write_expert_shard(tmp, c);
+    write_rank_files(tmp, c, true);
   } else {
     fs::remove_all(tmp);
   }
@@ -149,7 +155,7 @@ void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
   }
   std::vector<std::pair<std::string, torch::Tensor>> weights;
   for (auto& p : c.model->named_parameters())
-    if (!sharded || !is_expert_param(p.key())) weights.emplace_back(p.key(), p.value().detach());
+    if (c.expert_shards == 1 || !is_expert_param(p.key())) weights.emplace_back(p.key(), p.value().detach());
   for (auto& b : c.model->named_buffers()) weights.emplace_back(b.key(), b.value().detach());
   io::write_safetensors(tmp + "/model.safetensors", weights, {{"format", "pt"}});
   if (c.state) maybe_die(c.state->step);
@@ -157,18 +163,23 @@ void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
     nlohmann::json layout = {{"expert_parallel", c.expert_shards}, {"data_parallel", c.data_parallel}};
     layout["weights"] = {"model.safetensors"};
     if (c.optimizer) layout["optimizer"] = {"optimizer.safetensors"};
-    for (int k = 0; k < c.expert_shards; ++k) {
-      const std::string sfx = shard_suffix(k, c.expert_shards);
-      if (!fs::exists(tmp + "/experts" + sfx)) throw UserError(tmp + ": shard experts" + sfx + " was not written");
-      layout["weights"].push_back("experts" + sfx);
-      if (c.optimizer) layout["optimizer"].push_back("optimizer-experts" + sfx);
+    auto add = [&](const char* key, const std::string& name) {
+      if (!fs::exists(tmp + "/" + name)) throw UserError(tmp + ": " + name + " was not written");
+      layout[key].push_back(name);
+    };
+    for (int k = 0; c.expert_shards > 1 && k < c.expert_shards; ++k) {
+      add("weights", "experts" + shard_suffix(k, c.expert_shards));
+      if (c.optimizer && c.optimizer_parts == 0) add("optimizer", "optimizer-experts" + shard_suffix(k, c.expert_shards));
     }
+    for (int k = 0; c.optimizer && k < c.optimizer_parts; ++k)
+      add("optimizer", "optimizer-part" + shard_suffix(k, c.optimizer_parts));
+    layout["zero"] = c.optimizer_parts > 0 ? 1 : 0;
     write_text(tmp + "/layout.json", layout.dump(2) + "\n");
   }
   if (c.optimizer && c.state) {
     std::vector<std::pair<std::string, torch::Tensor>> st;
     for (auto& [k, v] : c.optimizer->state())
-      if (!sharded || !is_expert_param(k)) st.emplace_back(k, v);
+      if (c.optimizer_parts == 0 && (c.expert_shards == 1 || !is_expert_param(k))) st.emplace_back(k, v);
     st.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
     io::write_safetensors(tmp + "/optimizer.safetensors", st);
     nlohmann::json j = {{"step", c.state->step},         {"samples_seen", c.state->samples_seen},
@@ -188,7 +199,7 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
   const std::string root = run_dir + "/checkpoints";
   fs::create_directories(root);
   // Leftovers of a crashed write (sharded: begin_sharded_checkpoint cleaned them before the shards came).
-  if (c.expert_shards == 1)
+  if (!c.sharded())
     for (auto& e : fs::directory_iterator(root))
       if (e.path().filename().string().rfind(".tmp-", 0) == 0) fs::remove_all(e.path());
   const std::string dir = root + "/" + step_name(c.state->step);

@@ -12,6 +12,8 @@
 //     optimizer.safetensors                   dense optimizer state and the RNG (rank 0)
 //     optimizer-experts-KK-of-NN.safetensors  the optimizer state of those experts
 //     layout.json                             {"expert_parallel", "data_parallel", "weights", "optimizer"}
+// With the optimizer state sharded (parallel.zero: 1), every rank writes the state it owns:
+//     optimizer-part-RR-of-WW.safetensors     (optimizer.safetensors then holds only the RNG)
 // Loading reads every file the layout names, so a checkpoint loads into any layout (EP = N to 1 for
 // export, or to another N); all ranks must see the run directory (one shared filesystem across nodes).
 // Written to a temp directory (files fsynced), then renamed into place, so the newest
@@ -48,17 +50,21 @@ struct CheckpointContents {
   std::string recipe_yaml;
   // Expert parallelism: the model holds only the experts of shard `expert_shard` of `expert_shards`.
   int expert_shards = 1, expert_shard = 0, data_parallel = 1;
+  // ZeRO-1: the optimizer holds the state of this rank's parameters only; every rank writes its part.
+  int optimizer_parts = 0, optimizer_part = 0;  // 0 parts: not sharded
+  bool sharded() const { return expert_shards > 1 || optimizer_parts > 0; }
 };
 
 // A parameter of an MoE layer's expert bank (sharded under expert parallelism).
 bool is_expert_param(const std::string& name);
 
 // Sharded checkpoints: rank 0 first prepares the staging directory of step_N (returned); after a
-// barrier, each other shard's writer calls write_expert_shard into it; after another barrier, rank 0's
-// save_checkpoint writes the dense part and its own shard and renames the whole into place.
+// barrier, every other rank calls write_rank_files into it (`experts`: this rank writes its expert
+// shard, i.e. it is in the first data-parallel replica); after another barrier, rank 0's save_checkpoint
+// writes the dense part and its own files and renames the whole into place.
 std::string begin_sharded_checkpoint(const std::string& run_dir, int64_t step);
 std::string sharded_staging_dir(const std::string& run_dir, int64_t step);
-void write_expert_shard(const std::string& staging_dir, const CheckpointContents& c);
+void write_rank_files(const std::string& staging_dir, const CheckpointContents& c, bool experts);
 
 // Writes run_dir/checkpoints/step_N and keeps the newest `keep` of them. Returns the directory.
 std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& c, int keep);

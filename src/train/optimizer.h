@@ -18,13 +18,20 @@ bool decays(const std::string& name, const torch::Tensor& p);
 
 class AdamW {
  public:
-  AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, AdamWOptions opt);
+  // `owned` (ZeRO-1): state is kept, and updates are made, only for the parameters marked true (the
+  // others are updated by the ranks that own them); empty = all.
+  AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, AdamWOptions opt,
+        std::vector<bool> owned = {});
   // One update at learning rate `lr`; parameters without a gradient are skipped (their step does not advance).
   void step(double lr);
   void zero_grad();
-  // Named state: "exp_avg.<param>", "exp_avg_sq.<param>", "step.<param>" (fp32 / int64 CPU tensors).
+  // Named state of the owned parameters: "exp_avg.<param>", "exp_avg_sq.<param>", "step.<param>" (fp32 /
+  // int64 CPU tensors).
   std::vector<std::pair<std::string, torch::Tensor>> state() const;
-  // Restores state; every entry must be present with the right shape (UserError naming `source` otherwise).
+  // Bytes of state this instance holds.
+  int64_t state_bytes() const;
+  // Restores the owned parameters' state; every such entry must be present with the right shape
+  // (UserError naming `source` otherwise); entries of other parameters are ignored.
   void load_state(const std::map<std::string, torch::Tensor>& s, const std::string& source);
   const std::vector<std::string>& names() const { return names_; }
 
@@ -33,7 +40,7 @@ class AdamW {
   std::vector<std::string> names_;
   std::vector<torch::Tensor> params_, exp_avg_, exp_avg_sq_;
   std::vector<int64_t> steps_;
-  std::vector<bool> decay_;
+  std::vector<bool> decay_, owned_;
 };
 
 // Total L2 norm of the gradients; scales them down to `max_norm` when above it (0 = no clipping).

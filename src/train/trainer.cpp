@@ -140,6 +140,43 @@ void sync_gradients(parallel::Group& group, const std::vector<torch::Tensor>& pa
   }
 }
 
+// ZeRO-1: each parameter's optimizer state lives on one of the `n` ranks holding copies of it; whole
+// tensors, given in order to the least-loaded rank, so every rank computes the same assignment.
+std::vector<int> assign_owners(const std::vector<torch::Tensor>& params, int n) {
+  std::vector<int64_t> load(static_cast<size_t>(n), 0);
+  std::vector<int> owner;
+  for (const auto& p : params) {
+    const int k = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+    owner.push_back(k);
+    load[static_cast<size_t>(k)] += p.numel();
+  }
+  return owner;
+}
+
+// After a ZeRO-1 step: each parameter's owner has updated it; the others receive the new values (a sum
+// over `group` in which only the owner contributes, exact in fp32).
+void share_updated_params(parallel::Group& group, const std::vector<torch::Tensor>& params,
+                          const std::vector<int>& owner) {
+  if (group.size() == 1 || params.empty()) return;
+  torch::NoGradGuard ng;
+  int64_t total = 0;
+  for (const auto& p : params) total += p.numel();
+  auto buf = torch::zeros({total}, torch::kFloat);
+  int64_t off = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (owner[i] == group.rank()) buf.narrow(0, off, params[i].numel()).copy_(params[i].reshape({-1}));
+    off += params[i].numel();
+  }
+  std::vector<torch::Tensor> v{buf};
+  group.all_reduce_sum(v);
+  off = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto p = params[i];
+    if (owner[i] != group.rank()) p.copy_(buf.narrow(0, off, p.numel()).view(p.sizes()));
+    off += p.numel();
+  }
+}
+
 // Clipping by the global norm when the expert parameters are sharded: every expert counted once (the
 // squared norms of the local experts summed over the expert-parallel group; dense ones are replicated).
 double clip_grad_norm_sharded(const std::vector<torch::Tensor>& dense, const std::vector<torch::Tensor>& experts,
@@ -230,7 +267,25 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     params.push_back(p.value());
     (is_expert_param(p.key()) ? expert_params : dense_params).push_back(p.value());
   }
-  AdamW opt(named, AdamWOptions{r.optim.beta1, r.optim.beta2, r.optim.eps, r.optim.weight_decay});
+  // ZeRO-1: dense parameters have W copies (one per rank), experts DP copies (one per replica).
+  const bool zero = r.parallel_zero == 1 && W > 1;
+  std::vector<int> dense_owner, expert_owner;
+  std::vector<bool> owned;
+  if (zero) {
+    dense_owner = assign_owners(dense_params, W);
+    expert_owner = assign_owners(expert_params, DP);
+    size_t di = 0, ei = 0;
+    for (const auto& [name, p] : named)
+      owned.push_back(is_expert_param(name) ? expert_owner[ei++] == dp_rank : dense_owner[di++] == rank);
+  }
+  AdamW opt(named, AdamWOptions{r.optim.beta1, r.optim.beta2, r.optim.eps, r.optim.weight_decay}, owned);
+  if (zero)
+    MF_INFO("ZeRO-1: optimizer state " << opt.state_bytes() / 1024 << " KiB on rank " << rank << " (of "
+                                       << [&] {
+                                         int64_t b = 0;
+                                         for (const auto& p : params) b += p.numel() * 8 + 8;
+                                         return b / 1024;
+                                       }() << " KiB unsharded)");
 
   const int64_t tokens_per_step = tc.micro_batch_size * tc.seq_len * tc.grad_accum;
   int64_t total_steps = tc.max_steps;
@@ -379,6 +434,11 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     const double gnorm = EP > 1 ? clip_grad_norm_sharded(dense_params, expert_params, *ep_group, r.optim.grad_clip)
                                 : clip_grad_norm(params, r.optim.grad_clip);
     opt.step(lr);
+    if (zero) {
+      share_updated_params(dist->world(), dense_params, dense_owner);
+      if (EP > 1) share_updated_params(*replica_group, expert_params, expert_owner);
+      else share_updated_params(dist->world(), expert_params, expert_owner);
+    }
     if (cfg.moe.balance == Balance::AuxFreeBias) {
       auto blocks = model->moe_blocks();
       for (int i = 0; i < L; ++i) blocks[i]->gate->update_expert_bias(loads[i], cfg.moe.bias_update_rate);
@@ -453,10 +513,14 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       c.expert_shards = EP;
       c.expert_shard = ep_rank;
       c.data_parallel = DP;
-      if (EP > 1) {  // the first replica's ranks write their experts into rank 0's staging directory
+      if (zero) {
+        c.optimizer_parts = W;
+        c.optimizer_part = rank;
+      }
+      if (c.sharded()) {  // every rank writes its optimizer part (ZeRO-1), the first replica its experts
         if (main_rank) begin_sharded_checkpoint(run_dir, state.step);
         dist->barrier();
-        if (dp_rank == 0 && ep_rank != 0) write_expert_shard(sharded_staging_dir(run_dir, state.step), c);
+        if (!main_rank) write_rank_files(sharded_staging_dir(run_dir, state.step), c, dp_rank == 0);
         dist->barrier();
       }
       if (main_rank) {  // replicas hold the same weights and optimizer state

@@ -25,15 +25,19 @@ double rel(double a, double b) { return std::abs(a - b) / std::max(1e-12, std::m
 
 struct Layout {
   int ranks, expert, accum;  // processes, parallel.expert, train.grad_accum (ranks x accum constant)
-  std::string name() const { return "w" + std::to_string(ranks) + "ep" + std::to_string(expert); }
+  int zero = 0;              // parallel.zero
+  std::string name() const {
+    return "w" + std::to_string(ranks) + "ep" + std::to_string(expert) + (zero ? "zero" : "");
+  }
 };
-const Layout kLayouts[] = {{2, 2, 2}, {4, 2, 1}, {4, 4, 1}, {4, 1, 1}};
+const Layout kLayouts[] = {{2, 2, 2}, {4, 2, 1}, {4, 4, 1}, {4, 1, 1}, {4, 2, 1, 1}, {2, 1, 2, 1}};
 
 int launch(const std::string& recipe, const Layout& l, const std::string& out, const std::string& extra = "") {
   return test::run_quiet(kBin + " launch --nproc-per-node " + std::to_string(l.ranks) + " --master-port " +
                          std::to_string(test::free_port()) + " -- train " + recipe + " --set output_dir=" + out +
                          " --set parallel.expert=" + std::to_string(l.expert) +
-                         " --set train.grad_accum=" + std::to_string(l.accum) + extra);
+                         " --set train.grad_accum=" + std::to_string(l.accum) + " --set parallel.zero=" +
+                         std::to_string(l.zero) + extra);
 }
 
 // Losses, gradient norms, expert loads and held-out losses per step, and the final parameters (the
@@ -89,9 +93,11 @@ TEST(ExpertParallelTraining, PretrainEveryLayoutEqualsOneProcess) {
       auto layout = read_json(ckpt + "/layout.json");
       EXPECT_EQ(layout["expert_parallel"], l.expert);
       EXPECT_EQ(layout["weights"].size(), static_cast<size_t>(l.expert + 1));
+      // ZeRO-1: one optimizer part per rank, besides optimizer.safetensors (the RNG)
+      EXPECT_EQ(layout["optimizer"].size(), static_cast<size_t>(l.zero ? l.ranks + 1 : l.expert + 1));
       EXPECT_TRUE(fs::exists(ckpt + "/experts-00-of-0" + std::to_string(l.expert) + ".safetensors"));
     } else {
-      EXPECT_FALSE(fs::exists(ckpt + "/layout.json"));
+      EXPECT_EQ(fs::exists(ckpt + "/layout.json"), l.zero == 1);  // ZeRO-1 alone: optimizer parts only
     }
   }
 }
@@ -125,8 +131,9 @@ TEST(ExpertParallelTraining, DpoEveryLayoutEqualsOneProcess) {
   }
 }
 
-// EP=2, interrupted right after the checkpoint of step 3 and resumed at EP=2: steps 4-6 are the
-// uninterrupted run's, bit for bit. The sharded checkpoint loaded by one process (`moeforge eval`, EP=1)
+// EP=2, interrupted right after the checkpoint of step 3 and resumed at EP=2 with the optimizer state
+// sharded (ZeRO-1, written as one part per rank): steps 4-6 are the uninterrupted unsharded run's, bit
+// for bit (sharding moves the state, not the arithmetic). The sharded checkpoint loaded by one process (`moeforge eval`, EP=1)
 // gives the held-out loss that the EP=2 ranks computed for the same batches.
 TEST(ExpertParallelTraining, ShardedCheckpointResumesExactlyAndLoadsIntoOneProcess) {
   test::TempDir dir("epresume");
@@ -142,12 +149,13 @@ TEST(ExpertParallelTraining, ShardedCheckpointResumesExactlyAndLoadsIntoOneProce
   // Killed (every rank) right after the step-3 checkpoint.
   const int killed = test::run_quiet("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=3 " + kBin + " launch --nproc-per-node 2 --master-port " +
                                      std::to_string(test::free_port()) + " -- train " + recipe +
-                                     " --set output_dir=" + (dir / "cut") + " --set parallel.expert=2");
+                                     " --set output_dir=" + (dir / "cut") + " --set parallel.expert=2 --set parallel.zero=1");
   EXPECT_NE(killed, 0);
   ASSERT_TRUE(fs::exists(dir / "cut/checkpoints/step_00000003/layout.json"));
+  ASSERT_TRUE(fs::exists(dir / "cut/checkpoints/step_00000003/optimizer-part-01-of-02.safetensors"));
   ASSERT_EQ(test::run_quiet(kBin + " launch --nproc-per-node 2 --master-port " + std::to_string(test::free_port()) +
                             " -- train " + recipe + " --set output_dir=" + (dir / "cut") +
-                            " --set parallel.expert=2 --resume"),
+                            " --set parallel.expert=2 --set parallel.zero=1 --resume"),
             0);
   auto a = test::metric_records(dir / "full", "loss"), b = test::metric_records(dir / "cut", "loss");
   ASSERT_EQ(a.size(), 6u);
