@@ -1,4 +1,8 @@
 #define USE_C10D_GLOO 1
+#if defined(MOEFORGE_WITH_NCCL)  // set by CMake when LibTorch has CUDA and NCCL's header and library are found
+#define USE_C10D_NCCL 1
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 #include "parallel/dist.h"
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -44,7 +48,19 @@ DistEnv read_dist_env() {
 }
 
 struct Group::Impl {
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;  // null for a group of one
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;  // Gloo (CPU tensors); null for a group of one
+#if defined(MOEFORGE_WITH_NCCL)
+  c10::intrusive_ptr<c10d::ProcessGroupNCCL> nccl;  // NCCL (tensors on this rank's GPU), when used
+#endif
+  at::Device device{at::kCPU};                    // where the collectives' tensors must live
+  // Calls f on the process group in use (both classes have the same collective methods).
+  template <class F>
+  auto with_pg(F&& f) {
+#if defined(MOEFORGE_WITH_NCCL)
+    if (nccl) return f(*nccl);
+#endif
+    return f(*pg);
+  }
   c10::intrusive_ptr<c10d::Store> store;          // the job's store (to find out who is missing)
   std::vector<int> world_ranks;                   // the members, as world ranks
   int world_rank = 0;
@@ -89,13 +105,14 @@ namespace {
 
 void Group::all_reduce_sum(std::vector<at::Tensor>& tensors) {
   if (size_ == 1 || tensors.empty()) return;
-  for (auto& t : tensors) MF_CHECK(t.is_contiguous() && !t.is_cuda(), "all_reduce_sum takes contiguous CPU tensors");
+  for (auto& t : tensors) MF_CHECK(t.is_contiguous(), "all_reduce_sum takes contiguous tensors");
   c10d::AllreduceOptions o;
   o.reduceOp = c10d::ReduceOp::SUM;
   try {
     for (auto& t : tensors) {  // callers bucket small tensors into one
-      std::vector<at::Tensor> one{t};
-      impl_->pg->allreduce(one, o)->wait();
+      std::vector<at::Tensor> one{t.device() == impl_->device ? t : t.to(impl_->device)};
+      impl_->with_pg([&](auto& pg) { pg.allreduce(one, o)->wait(); });
+      if (!one[0].is_same(t)) t.copy_(one[0]);
     }
   } catch (const std::exception& e) {
     collective_failed(*impl_, name_, "all-reduce", e);
@@ -111,6 +128,8 @@ at::Tensor Group::all_to_all(const at::Tensor& x, const std::vector<int64_t>& in
   for (auto s : in_splits) in_rows += s;
   MF_CHECK(in_rows == x.size(0), "in_splits cover the rows of x");
   if (size_ == 1) return x.clone();
+  if (x.device() != impl_->device)  // e.g. CUDA tensors over Gloo when NCCL is not built in
+    return all_to_all(x.to(impl_->device), in_splits, out_splits).to(x.device());
   // One extra row from this rank to itself, so no buffer is ever empty (a rank may send or receive
   // nothing); it is dropped again below.
   auto in_sizes = x.sizes().vec();
@@ -129,7 +148,7 @@ at::Tensor Group::all_to_all(const at::Tensor& x, const std::vector<int64_t>& in
   auto out = at::empty(out_sizes, x.options());
   try {
     c10d::AllToAllOptions o;
-    impl_->pg->alltoall_base(out, in, os, is, o)->wait();
+    impl_->with_pg([&](auto& pg) { pg.alltoall_base(out, in, os, is, o)->wait(); });
   } catch (const std::exception& e) {
     collective_failed(*impl_, name_, "all-to-all", e);
   }
@@ -146,7 +165,7 @@ at::Tensor Group::all_to_all(const at::Tensor& x, const std::vector<int64_t>& in
 void Group::barrier() {
   if (size_ == 1) return;
   try {
-    impl_->pg->barrier()->wait();
+    impl_->with_pg([&](auto& pg) { pg.barrier()->wait(); });
   } catch (const std::exception& e) {
     collective_failed(*impl_, name_, "barrier", e);
   }
@@ -156,7 +175,26 @@ struct Dist::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   DistEnv env;
   std::chrono::milliseconds timeout{0};
+  at::Device device{at::kCPU};
 };
+
+namespace {
+// On a CUDA device with NCCL built in, the group's collectives run on NCCL (its own store prefix);
+// otherwise on Gloo, with CUDA tensors copied through the host.
+void attach_device_backend(Group::Impl& gi, const Dist::Impl& d, const std::string& prefix, int rank, int size) {
+#if defined(MOEFORGE_WITH_NCCL)
+  if (d.device.is_cuda()) {
+    auto o = c10d::ProcessGroupNCCL::Options::create();
+    o->timeout = d.timeout;
+    gi.nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+        c10::make_intrusive<c10d::PrefixStore>("nccl/" + prefix, d.store), rank, size, o);
+    gi.device = d.device;
+  }
+#else
+  (void)gi, (void)d, (void)prefix, (void)rank, (void)size;
+#endif
+}
+}  // namespace
 
 namespace {
 c10::intrusive_ptr<c10d::ProcessGroupGloo> make_gloo(const c10::intrusive_ptr<c10d::Store>& store,
@@ -192,7 +230,8 @@ c10::intrusive_ptr<c10d::ProcessGroupGloo> make_gloo(const c10::intrusive_ptr<c1
 
 Dist::Dist() : world_group_(std::make_shared<Group>(nullptr, 0, 1, "world")) {}
 
-Dist::Dist(const DistEnv& env, std::chrono::milliseconds timeout) : rank_(env.rank), world_(env.world_size) {
+Dist::Dist(const DistEnv& env, std::chrono::milliseconds timeout, at::Device device)
+    : rank_(env.rank), world_(env.world_size) {
   if (world_ == 1) {
     world_group_ = std::make_shared<Group>(nullptr, 0, 1, "world");
     return;
@@ -200,6 +239,7 @@ Dist::Dist(const DistEnv& env, std::chrono::milliseconds timeout) : rank_(env.ra
   impl_ = std::make_unique<Impl>();
   impl_->env = env;
   impl_->timeout = timeout;
+  impl_->device = device;
   c10d::TCPStoreOptions so;
   so.port = static_cast<uint16_t>(env.master_port);
   so.isServer = env.rank == 0;
@@ -224,6 +264,7 @@ Dist::Dist(const DistEnv& env, std::chrono::milliseconds timeout) : rank_(env.ra
   gi->store = impl_->store;
   gi->world_rank = env.rank;
   for (int r = 0; r < env.world_size; ++r) gi->world_ranks.push_back(r);
+  attach_device_backend(*gi, *impl_, "world", env.rank, env.world_size);
   world_group_ = std::make_shared<Group>(std::move(gi), env.rank, env.world_size, "world");
 }
 
@@ -240,6 +281,7 @@ std::shared_ptr<Group> Dist::new_group(const std::string& name, const std::vecto
   gi->store = impl_->store;
   gi->world_rank = rank_;
   gi->world_ranks = ranks;
+  attach_device_backend(*gi, *impl_, name, r, n);
   return std::make_shared<Group>(std::move(gi), r, n, name);
 }
 

@@ -22,8 +22,8 @@ struct DistEnv {
 // number, out of range, or missing while WORLD_SIZE > 1 is a UserError naming the variable.
 DistEnv read_dist_env();
 
-// A process group: the world, or a subset of its ranks. Collectives on CPU tensors; a group of one
-// performs none.
+// A process group: the world, or a subset of its ranks. Collectives take tensors on any device (moved
+// to the backend's: CPU for Gloo, the rank's GPU for NCCL); a group of one performs none.
 class Group {
  public:
   struct Impl;
@@ -51,8 +51,9 @@ class Dist {
   // World of one: every collective is the identity.
   Dist();
   // Rendezvous through a c10d TCPStore at MASTER_ADDR:MASTER_PORT (rank 0 serves it), then a Gloo
-  // process group; `timeout` bounds the rendezvous and every collective.
-  Dist(const DistEnv& env, std::chrono::milliseconds timeout);
+  // process group; `timeout` bounds the rendezvous and every collective. On a CUDA `device` with NCCL
+  // built in (MOEFORGE_WITH_NCCL), the collectives run on NCCL over that device's tensors.
+  Dist(const DistEnv& env, std::chrono::milliseconds timeout, at::Device device = at::kCPU);
   ~Dist();
   Dist(const Dist&) = delete;
   Dist& operator=(const Dist&) = delete;
@@ -69,8 +70,9 @@ class Dist {
   void all_reduce_sum(std::vector<at::Tensor>& tensors) { world_group_->all_reduce_sum(tensors); }
   void barrier() { world_group_->barrier(); }
 
+  struct Impl;  // defined in dist.cpp
+
  private:
-  struct Impl;
   std::unique_ptr<Impl> impl_;
   std::shared_ptr<Group> world_group_;
   int rank_ = 0, world_ = 1;

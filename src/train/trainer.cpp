@@ -93,13 +93,16 @@ void write_json_atomic(const std::string& path, const nlohmann::json& j) {
   fs::rename(path + ".tmp", path);
 }
 
-torch::Device pick_device(const RuntimeConfig& rt, const std::string& recipe_path) {
+torch::Device pick_device(const RuntimeConfig& rt, const std::string& recipe_path, int local_rank) {
   if (rt.device == "cuda" && !torch::cuda::is_available())
     throw UserError(recipe_path + ": key 'runtime.device': cuda requested but no CUDA device is available");
   const bool cuda = rt.device == "cuda" || (rt.device == "auto" && torch::cuda::is_available());
   if (rt.precision == "bf16" && !cuda)
     throw UserError(recipe_path + ": key 'runtime.precision': bf16 mixed precision needs a CUDA device; use fp32 on CPU");
-  return cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+  // Each local rank takes its own GPU.
+  const int n = cuda ? static_cast<int>(torch::cuda::device_count()) : 0;
+  return cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank % std::max(1, n)))
+              : torch::Device(torch::kCPU);
 }
 
 // Gradients of parameters that `group` holds copies of: summed over the group in one fp32 bucket, then
@@ -221,7 +224,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     want_threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local);
   }
   const int threads = compat::configure_threads(want_threads);
-  const torch::Device device = pick_device(r.runtime, r.path);
+  const torch::Device device = pick_device(r.runtime, r.path, denv.local_rank);
   const std::string run_dir = r.output_dir;
   const bool resume = force_resume || r.resume == "auto";
   if (fs::exists(run_dir) && !fs::is_directory(run_dir)) throw UserError(run_dir + ": exists and is not a directory");
@@ -229,7 +232,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     throw UserError(run_dir + ": run directory already exists; set 'resume: auto' (or pass --resume) to continue it, "
                               "or choose another output_dir");
   std::unique_ptr<parallel::Dist> dist =
-      W > 1 ? std::make_unique<parallel::Dist>(denv, std::chrono::milliseconds(r.parallel_timeout_s * 1000))
+      W > 1 ? std::make_unique<parallel::Dist>(denv, std::chrono::milliseconds(r.parallel_timeout_s * 1000), device)
             : std::make_unique<parallel::Dist>();
   dist->barrier();  // every rank has checked the run directory before rank 0 writes into it
   std::shared_ptr<parallel::Group> ep_group, replica_group;
