@@ -151,6 +151,11 @@ TEST(Launch, MissingRankAndBadEnvironmentAreClearErrors) {
   EXPECT_EQ(run_quiet("RANK=0 WORLD_SIZE=x " + bin + " train " + (dir / "r.yaml")), 2);    // not a number
   EXPECT_EQ(run_quiet(bin + " launch --nproc-per-node 0 -- train " + (dir / "r.yaml")), 2);
   EXPECT_EQ(run_quiet(bin + " launch --nproc-per-node 2"), 2);                              // no command
+  // A layout the processes cannot form: EP=2 in one process, EP=4 over 2 ranks.
+  EXPECT_EQ(run_quiet(bin + " train " + (dir / "r.yaml") + " --set parallel.expert=2"), 2);
+  EXPECT_EQ(run_quiet(bin + " launch --nproc-per-node 2 --master-port " + std::to_string(free_port()) + " -- train " +
+                      (dir / "r.yaml") + " --set parallel.expert=4"),
+            2);
 }
 
 // Started without the launcher (as under mpirun or Slurm, where nobody stops the others): rank 1 dies, or

@@ -115,6 +115,12 @@ TEST(Recipe, ErrorsNameFileAndKey) {
   EXPECT_NE(msg("optim:\n  betas: [0.9]\n").find("optim.betas"), std::string::npos);
   EXPECT_NE(msg("optim:\n  schedule: cosin\n").find("did you mean 'cosine'"), std::string::npos);
   EXPECT_NE(msg("stage: pretrian\n").find("key 'stage'"), std::string::npos);
+  // Layouts: EP must divide the experts (tiny: 8); ZeRO is 0 or 1.
+  EXPECT_EQ(msg("parallel: {expert: 4, zero: 1}\n"), "");
+  EXPECT_NE(msg("parallel: {expert: 3}\n").find("parallel.expert"), std::string::npos);
+  EXPECT_NE(msg("parallel: {expert: 3}\n").find("does not divide model.moe.num_experts (8)"), std::string::npos);
+  EXPECT_NE(msg("parallel: {expert: 0}\n").find("parallel.expert"), std::string::npos);
+  EXPECT_NE(msg("parallel: {zero: 2}\n").find("parallel.zero"), std::string::npos);
   // The two documented overrides.
   Recipe r = load_recipe(write(""), {"output_dir=/tmp/elsewhere", "train.max_steps=7", "model.moe.num_experts=4"});
   EXPECT_EQ(r.output_dir, "/tmp/elsewhere");
