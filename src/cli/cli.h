@@ -18,6 +18,7 @@ int cmd_export(const Args& args);
 int cmd_import(const Args& args);
 int cmd_generate(const Args& args);
 int cmd_launch(const Args& args);
+int cmd_routing(const Args& args);
 
 // Small flag helpers shared by the subcommands.
 bool take_flag(Args& args, const std::string& flag);                           // --json
