@@ -19,6 +19,7 @@ int cmd_import(const Args& args);
 int cmd_generate(const Args& args);
 int cmd_launch(const Args& args);
 int cmd_routing(const Args& args);
+int cmd_sweep(const Args& args);
 
 // Small flag helpers shared by the subcommands.
 bool take_flag(Args& args, const std::string& flag);                           // --json

@@ -26,6 +26,8 @@ const char* kUsage =
     "                                               DPO reward accuracy and margin against the reference\n"
     "  launch --nproc-per-node N [--nnodes M --node-rank R --master-addr A --master-port P] -- COMMAND...\n"
     "                                               run COMMAND (e.g. train recipe.yaml) as N ranks (Gloo)\n"
+    "  sweep SWEEP.yaml [--jobs N] [--report-only] [--dry-run]\n"
+    "                                               a grid of training runs over recipe keys, and its report\n"
     "  routing CHECKPOINT --data DIR [--split val|train] [--seq-len T] [--max-tokens N] [--json]\n"
     "                                               expert share per domain, consecutive-token repeat rates, load\n"
     "  export CHECKPOINT --format hf|gguf --out PATH [--dtype bf16|fp16|fp32] [--max-shard-size 5GB]\n"
@@ -58,11 +60,12 @@ int run(const Args& argv) {
   if (cmd == "generate") return cmd_generate(rest);
   if (cmd == "launch") return cmd_launch(rest);
   if (cmd == "routing") return cmd_routing(rest);
+  if (cmd == "sweep") return cmd_sweep(rest);
   if (cmd == "version" || cmd == "--version") {
     std::cout << "moeforge " << MOEFORGE_VERSION << " (LibTorch " << compat::torch_version() << ")\n";
     return 0;
   }
-  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version", "tokenizer", "prepare", "train", "eval", "export", "import", "generate", "launch", "routing"}) +
+  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version", "tokenizer", "prepare", "train", "eval", "export", "import", "generate", "launch", "routing", "sweep"}) +
                   "; run 'moeforge --help'");
 }
 

@@ -219,7 +219,9 @@ void YamlMap::finish() {
   for (auto it = node_.begin(); it != node_.end(); ++it) {
     std::string k = it->first.as<std::string>();
     if (!known.count(k)) {
-      throw UserError(file_ + ":" + std::to_string(it->first.Mark().line + 1) + ": unknown key '" + prefix_ + k +
+      const YAML::Mark mark = it->first.Mark();
+      throw UserError((mark.is_null() ? file_ + " (via --set)" : file_ + ":" + std::to_string(mark.line + 1)) +
+                      ": unknown key '" + prefix_ + k +
                       "'" + did_you_mean(k, known_));
     }
   }

@@ -79,7 +79,17 @@ std::string emit(const Recipe& r) {
 
 Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides) {
   YAML::Node root = io::load_yaml_file(path);
-  for (const auto& o : overrides) io::apply_override(root, o);
+  // `--set model.x=v` where the recipe names a config file changes that file's config (applied to it once
+  // loaded below); written into the recipe instead, it would replace the file name by a mapping holding
+  // only x, and every other model key would silently take its default.
+  std::vector<std::string> model_overrides;
+  for (const auto& o : overrides)
+    if (o.rfind("model.", 0) != 0) io::apply_override(root, o);
+  for (const auto& o : overrides)
+    if (o.rfind("model.", 0) == 0) {
+      if (root["model"] && root["model"].IsScalar()) model_overrides.push_back(o.substr(6));
+      else io::apply_override(root, o);
+    }
   Recipe r;
   r.path = path;
   io::YamlMap m(root, path);
@@ -95,13 +105,16 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   } else if (root["model"].IsScalar()) {
     r.model_source = m.get_string("model");
     YAML::Node mn = io::load_yaml_file(r.model_source);
+    for (const auto& o : model_overrides) io::apply_override(mn, o);
     r.model = parse_model_config(mn, r.model_source);
   } else {
     m.get_map("model");  // marks the key as known
     r.model_source = "<inline>";
     r.model = parse_model_config(root["model"], path, "model.");
   }
-  m.get_string("model_source", "");  // written back by emit(); ignored on input
+  // Written back by emit(): a resolved recipe (model inline) keeps naming the config file it came from.
+  const std::string source = m.get_string("model_source", "");
+  if (r.model_source == "<inline>" && !source.empty()) r.model_source = source;
   r.tokenizer = m.get_string("tokenizer", "");
   io::YamlMap d = m.get_map("data");
   r.data_dir = d.get_string("dir", "");

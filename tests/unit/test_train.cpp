@@ -126,6 +126,8 @@ TEST(Recipe, ErrorsNameFileAndKey) {
   EXPECT_EQ(r.output_dir, "/tmp/elsewhere");
   EXPECT_EQ(r.train.max_steps, 7);
   EXPECT_EQ(r.model.moe.num_experts, 4);
+  EXPECT_EQ(r.model.hidden_size, 128);  // the rest of configs/tiny.yaml is kept, not replaced by defaults
+  EXPECT_EQ(r.model.num_layers, 4);
   // The resolved recipe parses back to the same thing.
   auto again = load_recipe(test::write_temp("resolved.yaml", r.yaml), {});
   EXPECT_EQ(again.yaml, r.yaml);

@@ -1,0 +1,310 @@
+#include "train/sweep.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "core/error.h"
+#include "io/yaml_reader.h"
+#include "model/param_count.h"
+#include "train/checkpoint.h"
+
+namespace moeforge::train {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string where(const std::string& path, const YAML::Node& n) {
+  return path + ":" + std::to_string(n.Mark().line + 1);
+}
+
+std::string scalar_text(const YAML::Node& n, const std::string& path, const std::string& key) {
+  if (!n.IsScalar()) throw UserError(where(path, n) + ": '" + key + "': expected a scalar value");
+  return n.Scalar();
+}
+
+// The point's directory name: last key segments (the full key where two axes share one) = value.
+std::string point_name(const std::vector<std::pair<std::string, std::string>>& values) {
+  std::map<std::string, int> seen;
+  auto last = [](const std::string& k) { return k.substr(k.rfind('.') + 1); };
+  for (const auto& [k, v] : values) ++seen[last(k)];
+  std::string name;
+  for (const auto& [k, v] : values) {
+    std::string part = (seen[last(k)] > 1 ? k : last(k)) + "=" + v;
+    for (char& c : part)
+      if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '=' || c == '-' || c == '+' || c == '_')) c = '-';
+    name += (name.empty() ? "" : "_") + part;
+  }
+  return name;
+}
+
+bool is_seed_key(const std::string& k) { return k == "train.seed" || k == "seed"; }
+
+}  // namespace
+
+SweepSpec load_sweep(const std::string& path) {
+  YAML::Node root = io::load_yaml_file(path);
+  if (!root.IsMap()) throw UserError(path + ": a sweep file is a mapping (recipe, output_dir, grid, ...)");
+  SweepSpec s;
+  s.path = path;
+  const std::set<std::string> known{"recipe", "output_dir", "set", "grid", "match_active_params"};
+  for (const auto& kv : root) {
+    const std::string k = kv.first.as<std::string>();
+    if (!known.count(k))
+      throw UserError(where(path, kv.first) + ": unknown key '" + k +
+                      "' (a sweep file has recipe, output_dir, set, grid, match_active_params)");
+  }
+  if (!root["recipe"]) throw UserError(path + ": key 'recipe' (the base recipe) is required");
+  s.recipe = scalar_text(root["recipe"], path, "recipe");
+  if (!root["output_dir"]) throw UserError(path + ": key 'output_dir' (where the points' runs go) is required");
+  s.output_dir = scalar_text(root["output_dir"], path, "output_dir");
+  if (s.output_dir.empty()) throw UserError(path + ": key 'output_dir' must not be empty");
+  if (auto set = root["set"]) {
+    if (!set.IsMap()) throw UserError(where(path, set) + ": 'set' is a mapping of recipe keys to values");
+    for (const auto& kv : set)
+      s.fixed.push_back(kv.first.as<std::string>() + "=" + scalar_text(kv.second, path, "set." + kv.first.as<std::string>()));
+  }
+  if (auto m = root["match_active_params"]) {
+    const std::string v = scalar_text(m, path, "match_active_params");
+    if (v != "true" && v != "false") throw UserError(where(path, m) + ": 'match_active_params' must be true or false");
+    s.match_active_params = v == "true";
+  }
+  auto grid = root["grid"];
+  if (!grid || !grid.IsMap() || grid.size() == 0)
+    throw UserError(path + ": key 'grid' must map at least one recipe key to a list of values");
+  for (const auto& kv : grid) {
+    SweepAxis a;
+    a.key = kv.first.as<std::string>();
+    if (!kv.second.IsSequence() || kv.second.size() == 0)
+      throw UserError(where(path, kv.second) + ": grid key '" + a.key + "' needs a non-empty list of values");
+    for (const auto& v : kv.second) a.values.push_back(scalar_text(v, path, "grid." + a.key));
+    s.grid.push_back(a);
+  }
+  return s;
+}
+
+std::vector<SweepPoint> expand_sweep(const SweepSpec& spec) {
+  std::vector<SweepPoint> points;
+  std::vector<size_t> at(spec.grid.size(), 0);
+  const Recipe base = load_recipe(spec.recipe, spec.fixed);
+  const int64_t base_active = count_params(base.model).active;
+  for (;;) {
+    SweepPoint p;
+    for (size_t i = 0; i < spec.grid.size(); ++i) p.values.emplace_back(spec.grid[i].key, spec.grid[i].values[at[i]]);
+    p.name = point_name(p.values);
+    p.run_dir = spec.output_dir + "/" + p.name;
+    p.overrides = spec.fixed;
+    for (const auto& [k, v] : p.values) p.overrides.push_back(k + "=" + v);
+    p.overrides.push_back("output_dir=" + p.run_dir);
+    try {
+      p.recipe = load_recipe(spec.recipe, p.overrides);
+      if (spec.match_active_params) {
+        // Active parameters are affine in intermediate_size: solve for the base recipe's count.
+        ModelConfig c = p.recipe.model;
+        c.intermediate_size = 1;
+        const int64_t a1 = count_params(c).active;
+        c.intermediate_size = 2;
+        const int64_t slope = count_params(c).active - a1;
+        const int64_t size = std::max<int64_t>(1, std::llround(static_cast<double>(base_active - a1) / slope) + 1);
+        p.overrides.insert(p.overrides.end() - 1, "model.intermediate_size=" + std::to_string(size));
+        p.recipe = load_recipe(spec.recipe, p.overrides);
+      }
+    } catch (const UserError& e) {
+      throw UserError(spec.path + ": point " + p.name + ": " + e.what());
+    }
+    points.push_back(std::move(p));
+    size_t i = spec.grid.size();
+    while (i > 0) {
+      --i;
+      if (++at[i] < spec.grid[i].values.size()) break;
+      at[i] = 0;
+      if (i == 0) return points;
+    }
+  }
+}
+
+PointStatus point_status(const SweepPoint& p) {
+  if (fs::exists(p.run_dir + "/summary.json")) return PointStatus::Finished;
+  if (latest_checkpoint(p.run_dir)) return PointStatus::Interrupted;
+  return PointStatus::Fresh;
+}
+
+namespace {
+
+struct PointResult {
+  bool done = false;
+  nlohmann::json summary;
+  double load_max_over_mean = NAN, load_cv = NAN, router_entropy = NAN, z_loss = NAN;
+  int64_t dead_experts = -1;
+  nlohmann::json val_curve = nlohmann::json::array(), layer_load = nlohmann::json::array();
+};
+
+PointResult read_point(const SweepPoint& p) {
+  PointResult r;
+  std::ifstream s(p.run_dir + "/summary.json");
+  if (!s) return r;
+  try {
+    r.summary = nlohmann::json::parse(s);
+    r.done = true;
+    nlohmann::json last;
+    std::ifstream m(p.run_dir + "/metrics.jsonl");
+    for (std::string line; std::getline(m, line);) {
+      auto j = nlohmann::json::parse(line);
+      if (j.contains("val_loss")) r.val_curve.push_back({j["step"], j["val_loss"]});
+      if (j.contains("expert_load")) last = j;
+    }
+    if (!last.is_null()) {
+      r.layer_load = last["expert_load"];
+      r.load_max_over_mean = last["load_max_over_mean"].get<double>();
+      r.z_loss = last["z_loss"].get<double>();
+      double cv = 0, ent = 0;
+      for (const auto& x : last["layer_load_cv"]) cv += x.get<double>();
+      for (const auto& x : last["layer_router_entropy"]) ent += x.get<double>();
+      r.load_cv = cv / static_cast<double>(last["layer_load_cv"].size());
+      r.router_entropy = ent / static_cast<double>(last["layer_router_entropy"].size());
+      r.dead_experts = 0;
+      for (const auto& layer : last["expert_load"]) {
+        double total = 0;
+        for (const auto& c : layer) total += c.get<double>();
+        const double fair = total / static_cast<double>(layer.size());
+        for (const auto& c : layer)
+          if (c.get<double>() < 0.1 * fair) ++r.dead_experts;
+      }
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw UserError(p.run_dir + ": unreadable summary or metrics (" + std::string(e.what()).substr(0, 100) + ")");
+  }
+  return r;
+}
+
+std::string fmt(double v, int prec = 4) {
+  if (std::isnan(v)) return "";
+  std::ostringstream o;
+  o.precision(prec);
+  o << std::fixed << v;
+  return o.str();
+}
+
+struct MeanSd {
+  double mean = NAN, sd = NAN;
+  int n = 0;
+};
+MeanSd mean_sd(const std::vector<double>& v) {
+  MeanSd m;
+  m.n = static_cast<int>(v.size());
+  if (v.empty()) return m;
+  double s = 0;
+  for (double x : v) s += x;
+  m.mean = s / m.n;
+  if (m.n > 1) {
+    double q = 0;
+    for (double x : v) q += (x - m.mean) * (x - m.mean);
+    m.sd = std::sqrt(q / (m.n - 1));
+  }
+  return m;
+}
+
+void write_atomic(const std::string& path, const std::string& text) {
+  {
+    std::ofstream o(path + ".tmp");
+    o << text;
+    if (!o) throw UserError(path + ".tmp: cannot write");
+  }
+  fs::rename(path + ".tmp", path);
+}
+
+}  // namespace
+
+void write_sweep_report(const SweepSpec& spec, const std::vector<SweepPoint>& points) {
+  fs::create_directories(spec.output_dir);
+  std::vector<std::string> axes, shown;  // shown: the axes other than the seed
+  for (const auto& a : spec.grid) {
+    axes.push_back(a.key);
+    if (!is_seed_key(a.key)) shown.push_back(a.key);
+  }
+  // Rows: the points with equal non-seed values, in grid order.
+  std::vector<std::string> order;
+  std::map<std::string, std::vector<size_t>> rows;
+  std::vector<PointResult> res;
+  nlohmann::json report = {{"sweep", spec.path}, {"axes", axes}, {"points", nlohmann::json::array()}};
+  for (size_t i = 0; i < points.size(); ++i) {
+    res.push_back(read_point(points[i]));
+    std::string key;
+    for (const auto& [k, v] : points[i].values)
+      if (!is_seed_key(k)) key += k + "=" + v + ";";
+    if (!rows.count(key)) order.push_back(key);
+    rows[key].push_back(i);
+    nlohmann::json pj = {{"name", points[i].name}, {"run_dir", points[i].run_dir}, {"finished", res[i].done}};
+    for (const auto& [k, v] : points[i].values) pj["values"][k] = v;
+    if (res[i].done) {
+      pj["final_val_loss"] = res[i].summary["final_val_loss"];
+      pj["val_curve"] = res[i].val_curve;
+      pj["layer_load"] = res[i].layer_load;
+    }
+    report["points"].push_back(pj);
+  }
+  std::ostringstream csv, md;
+  csv << "";
+  for (const auto& k : shown) csv << k << ",";
+  csv << "runs,finished,total_params,active_params,final_train_loss_mean,final_train_loss_sd,final_val_loss_mean,"
+         "final_val_loss_sd,tokens_per_second,load_max_over_mean,load_cv,dead_experts,router_entropy,z_loss\n";
+  md << "| ";
+  for (const auto& k : shown) md << "`" << k << "` | ";
+  md << "runs | total params | active params | train loss | val loss | tokens/s | max/mean load | load CV | dead "
+        "experts | router entropy | z-loss |\n|";
+  for (size_t i = 0; i < shown.size() + 11; ++i) md << "---|";
+  md << "\n";
+  for (const auto& key : order) {
+    const auto& idx = rows[key];
+    const SweepPoint& first = points[idx.front()];
+    std::vector<double> tr, va, tps, mm, cv, dead, ent, z;
+    int finished = 0;
+    for (size_t i : idx) {
+      if (!res[i].done) continue;
+      ++finished;
+      const auto& s = res[i].summary;
+      if (s["final_train_loss"].is_number()) tr.push_back(s["final_train_loss"].get<double>());
+      va.push_back(s["final_val_loss"].get<double>());
+      tps.push_back(s["tokens_per_second"].get<double>());
+      mm.push_back(res[i].load_max_over_mean);
+      cv.push_back(res[i].load_cv);
+      dead.push_back(static_cast<double>(res[i].dead_experts));
+      ent.push_back(res[i].router_entropy);
+      z.push_back(res[i].z_loss);
+    }
+    const ParamCounts pc = count_params(first.recipe.model);
+    const MeanSd T = mean_sd(tr), V = mean_sd(va);
+    std::vector<std::string> vals;
+    for (const auto& [k, v] : first.values)
+      if (!is_seed_key(k)) vals.push_back(v);
+    for (const auto& v : vals) csv << v << ",";
+    csv << idx.size() << "," << finished << "," << pc.total << "," << pc.active << "," << fmt(T.mean) << ","
+        << fmt(T.sd) << "," << fmt(V.mean) << "," << fmt(V.sd) << "," << fmt(mean_sd(tps).mean, 0) << ","
+        << fmt(mean_sd(mm).mean, 3) << "," << fmt(mean_sd(cv).mean, 3) << "," << fmt(mean_sd(dead).mean, 1) << ","
+        << fmt(mean_sd(ent).mean, 3) << "," << fmt(mean_sd(z).mean, 3) << "\n";
+    md << "| ";
+    for (const auto& v : vals) md << v << " | ";
+    auto pm = [&](const MeanSd& m) { return fmt(m.mean) + (std::isnan(m.sd) ? "" : " ± " + fmt(m.sd)); };
+    md << finished << "/" << idx.size() << " | " << pc.total << " | " << pc.active << " | " << pm(T) << " | " << pm(V)
+       << " | " << fmt(mean_sd(tps).mean, 0) << " | " << fmt(mean_sd(mm).mean, 2) << " | " << fmt(mean_sd(cv).mean, 3)
+       << " | " << fmt(mean_sd(dead).mean, 1) << " | " << fmt(mean_sd(ent).mean, 3) << " | " << fmt(mean_sd(z).mean, 3)
+       << " |\n";
+  }
+  md << "\nLosses: mean ± sample standard deviation over the seeds of a row. Balance columns: the last logged\n"
+        "training step's expert loads (max/mean: worst layer; CV, router entropy: mean over layers; dead experts:\n"
+        "(layer, expert) pairs under 10% of the fair share, summed over layers).\n";
+  write_atomic(spec.output_dir + "/summary.csv", csv.str());
+  write_atomic(spec.output_dir + "/summary.md", md.str());
+  write_atomic(spec.output_dir + "/report.json", report.dump(1) + "\n");
+}
+
+}  // namespace moeforge::train

@@ -1,0 +1,47 @@
+// Sweeps: a base recipe and a grid over any of its keys. Each point of the grid is an ordinary training
+// run in its own directory (named from its values); the report reads the runs' summaries and metrics.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "train/recipe.h"
+
+namespace moeforge::train {
+
+struct SweepAxis {
+  std::string key;                  // dotted recipe key, e.g. model.moe.aux_loss_coef
+  std::vector<std::string> values;  // YAML scalars as written
+};
+
+struct SweepSpec {
+  std::string path;                       // the sweep file
+  std::string recipe;                     // the base recipe
+  std::string output_dir;                 // root of the point directories
+  std::vector<std::string> fixed;         // overrides applied to every point ("key=value")
+  std::vector<SweepAxis> grid;            // cartesian product, first axis slowest
+  bool match_active_params = false;       // scale model.intermediate_size to the base's active parameters
+};
+
+struct SweepPoint {
+  std::string name;                                      // directory name, e.g. aux_loss_coef=0.01_seed=1
+  std::vector<std::pair<std::string, std::string>> values;  // (key, value) per axis
+  std::vector<std::string> overrides;                    // everything passed to `train` as --set
+  std::string run_dir;
+  Recipe recipe;                                         // the point's resolved recipe (validated)
+};
+
+// Reads a sweep file (strict: unknown keys, an empty grid or an empty axis are UserErrors naming it).
+SweepSpec load_sweep(const std::string& path);
+
+// Expands the grid and resolves every point's recipe, so a key that does not exist or a value of the
+// wrong type is an error before anything runs.
+std::vector<SweepPoint> expand_sweep(const SweepSpec& spec);
+
+enum class PointStatus { Fresh, Interrupted, Finished };
+PointStatus point_status(const SweepPoint& p);
+
+// Writes output_dir/summary.csv and summary.md (one row per point; seeds folded into mean and spread)
+// and output_dir/report.json (per point: the values, the curves and the per-layer loads the plots need).
+void write_sweep_report(const SweepSpec& spec, const std::vector<SweepPoint>& points);
+
+}  // namespace moeforge::train

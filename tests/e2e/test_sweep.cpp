@@ -1,0 +1,135 @@
+// `moeforge sweep`: grid expansion and naming, errors before anything runs, skipping finished points,
+// resuming interrupted ones, and the report.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "corpus.h"
+#include "run_util.h"
+#include "core/error.h"
+#include "model/param_count.h"
+#include "train/sweep.h"
+
+using namespace moeforge;
+namespace fs = std::filesystem;
+
+namespace {
+std::string slurp(const std::string& p) {
+  std::ifstream in(p);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+}  // namespace
+
+TEST(Sweep, GridExpansionNamingAndMatchedActiveParameters) {
+  test::TempDir dir("sweepgrid");
+  std::ofstream(dir / "base.yaml") << "stage: pretrain\n" << test::small_model_yaml("sweep") << "data: {dir: /nonexistent}\ntrain: {seq_len: 32}\n";
+  std::ofstream(dir / "s.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out")
+                                << "\nset: {train.max_steps: 7}\ngrid:\n  model.moe.aux_loss_coef: [0, 0.01]\n"
+                                   "  train.seed: [1, 2, 3]\n";
+  auto spec = train::load_sweep(dir / "s.yaml");
+  auto pts = train::expand_sweep(spec);
+  ASSERT_EQ(pts.size(), 6u);
+  EXPECT_EQ(pts[0].name, "aux_loss_coef=0_seed=1");  // first axis slowest
+  EXPECT_EQ(pts[1].name, "aux_loss_coef=0_seed=2");
+  EXPECT_EQ(pts[5].name, "aux_loss_coef=0.01_seed=3");
+  EXPECT_EQ(pts[5].run_dir, dir / "out/aux_loss_coef=0.01_seed=3");
+  EXPECT_DOUBLE_EQ(pts[5].recipe.model.moe.aux_loss_coef, 0.01);
+  EXPECT_EQ(pts[5].recipe.train.seed, 3u);
+  EXPECT_EQ(pts[5].recipe.train.max_steps, 7);  // the fixed overrides apply to every point
+  EXPECT_EQ(pts[5].recipe.output_dir, pts[5].run_dir);
+  EXPECT_EQ(train::point_status(pts[0]), train::PointStatus::Fresh);
+  // Two axes with the same last segment are named by their full keys.
+  std::ofstream(dir / "s2.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out2")
+                                 << "\ngrid:\n  model.moe.aux_loss_coef: [0.1]\n  sft.aux_loss_coef: [0.2]\n";
+  auto p2 = train::expand_sweep(train::load_sweep(dir / "s2.yaml"));
+  EXPECT_EQ(p2[0].name, "model.moe.aux_loss_coef=0.1_sft.aux_loss_coef=0.2");
+  // Experts x top-k at matched active parameters: intermediate_size scales so the active counts agree
+  // with the base recipe's to within one intermediate unit.
+  std::ofstream(dir / "s3.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out3")
+                                 << "\nmatch_active_params: true\ngrid:\n  model.moe.num_experts: [4, 8]\n"
+                                    "  model.moe.num_experts_per_tok: [1, 2]\n";
+  auto p3 = train::expand_sweep(train::load_sweep(dir / "s3.yaml"));
+  ASSERT_EQ(p3.size(), 4u);
+  const auto& base_model = p3[1].recipe.model;  // E=4, k=2: the base itself
+  EXPECT_EQ(base_model.intermediate_size, 48);
+  const int64_t target = count_params(base_model).active;
+  for (const auto& p : p3) {
+    const auto& m = p.recipe.model;
+    const int64_t unit = 3 * m.hidden_size * m.num_layers * m.moe.num_experts_per_tok;
+    EXPECT_LE(std::abs(count_params(m).active - target), unit / 2 + 1) << p.name;
+  }
+  EXPECT_EQ(p3[0].recipe.model.intermediate_size, 96);  // top-1: twice the width
+}
+
+TEST(Sweep, BadInputFailsBeforeAnythingRuns) {
+  test::TempDir dir("sweepbad");
+  std::ofstream(dir / "base.yaml") << "stage: pretrain\n" << test::small_model_yaml("sweep") << "data: {dir: /nonexistent}\ntrain: {seq_len: 32}\n";
+  auto err = [&](const std::string& body) -> std::string {
+    std::ofstream(dir / "s.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out") << "\n" << body;
+    try {
+      train::expand_sweep(train::load_sweep(dir / "s.yaml"));
+    } catch (const UserError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_EQ(err("grid:\n  train.seed: [1]\n"), "");
+  EXPECT_NE(err("grid:\n  model.moe.aux_coef: [0.1]\n").find("aux_coef"), std::string::npos);  // no such key
+  EXPECT_NE(err("grid:\n  model.moe.aux_loss_coeff: [0.1]\n").find("did you mean 'aux_loss_coef'"), std::string::npos);
+  EXPECT_NE(err("grid:\n  train.seq_lenn: [16]\n").find("did you mean 'seq_len'"), std::string::npos);
+  EXPECT_NE(err("grid: {}\n").find("'grid'"), std::string::npos);                              // empty grid
+  EXPECT_NE(err("grid:\n  train.seed: []\n").find("non-empty list"), std::string::npos);       // empty axis
+  EXPECT_NE(err("grid:\n  train.max_steps: [ten]\n").find("max_steps"), std::string::npos);    // wrong type
+  EXPECT_NE(err("grid:\n  train.seed: [1]\njobs: 2\n").find("unknown key 'jobs'"), std::string::npos);
+  EXPECT_FALSE(fs::exists(dir / "out"));
+  // The command: exit 2 and nothing written.
+  std::ofstream(dir / "s.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out")
+                                << "\ngrid:\n  model.moe.aux_coef: [0.1]\n";
+  EXPECT_EQ(test::run_quiet(std::string(MOEFORGE_BINARY) + " sweep " + (dir / "s.yaml")), 2);
+  EXPECT_FALSE(fs::exists(dir / "out"));
+}
+
+TEST(Sweep, RunsSkipsFinishedResumesInterruptedAndReports) {
+  test::TempDir dir("sweeprun");
+  std::string data = test::make_prepared(dir, 60);
+  const std::string bin = MOEFORGE_BINARY;
+  std::ofstream(dir / "base.yaml") << "stage: pretrain\n" << test::small_model_yaml("sweep") << "data: {dir: " << data
+                                   << "}\ntrain: {micro_batch_size: 2, seq_len: 32, max_steps: 4, log_interval: 1, "
+                                      "eval_interval: 2, eval_batches: 1, checkpoint_interval: 2}\n";
+  std::ofstream(dir / "s.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out")
+                                << "\ngrid:\n  model.moe.aux_loss_coef: [0, 0.1]\n  train.seed: [1, 2]\n";
+  // Every point is killed right after its step-2 checkpoint: the sweep reports the failures (exit 1).
+  EXPECT_EQ(test::run_quiet("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=2 " + bin + " sweep " + (dir / "s.yaml") + " --jobs 2"), 1);
+  auto pts = train::expand_sweep(train::load_sweep(dir / "s.yaml"));
+  for (const auto& p : pts) EXPECT_EQ(train::point_status(p), train::PointStatus::Interrupted) << p.name;
+  // Run again: each point resumes from step 2 and finishes.
+  ASSERT_EQ(test::run_quiet(bin + " sweep " + (dir / "s.yaml") + " --jobs 2"), 0);
+  for (const auto& p : pts) {
+    EXPECT_EQ(train::point_status(p), train::PointStatus::Finished) << p.name;
+    EXPECT_NE(slurp(p.run_dir + "/train.log").find("resuming from"), std::string::npos) << p.name;
+    EXPECT_EQ(test::metric_records(p.run_dir, "loss").size(), 4u) << p.name;
+  }
+  // A third run skips every point (nothing is retrained: the summaries are untouched).
+  const auto t = fs::last_write_time(pts[0].run_dir + "/summary.json");
+  const std::string log = dir / "third.log";
+  ASSERT_EQ(std::system((bin + " sweep " + (dir / "s.yaml") + " > " + log + " 2>&1").c_str()), 0);
+  EXPECT_EQ(fs::last_write_time(pts[0].run_dir + "/summary.json"), t);
+  EXPECT_NE(slurp(log).find("finished, skipped"), std::string::npos);
+  // The report: one row per coefficient (seeds folded), the values read back from the runs.
+  const std::string csv = slurp(dir / "out/summary.csv");
+  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 3);  // header + 2 rows
+  EXPECT_EQ(csv.rfind("model.moe.aux_loss_coef,runs,finished,", 0), 0u) << csv;
+  std::ifstream rj(dir / "out/report.json");
+  auto report = nlohmann::json::parse(rj);
+  ASSERT_EQ(report["points"].size(), 4u);
+  std::ifstream s0(pts[0].run_dir + "/summary.json");
+  auto sum0 = nlohmann::json::parse(s0);
+  EXPECT_EQ(report["points"][0]["final_val_loss"], sum0["final_val_loss"]);
+  EXPECT_EQ(report["points"][0]["val_curve"].size(), 2u);  // steps 2 and 4
+  const double v0 = sum0["final_val_loss"], v1 = nlohmann::json::parse(std::ifstream(pts[1].run_dir + "/summary.json"))["final_val_loss"];
+  char mean[32];
+  std::snprintf(mean, sizeof mean, "%.4f", (v0 + v1) / 2);
+  EXPECT_NE(slurp(dir / "out/summary.md").find(mean), std::string::npos) << slurp(dir / "out/summary.md");
+}
