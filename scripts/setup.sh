@@ -11,6 +11,7 @@ PACKAGES=(
   libgtest-dev googletest
   cmake g++ ninja-build ccache pkg-config
   python3-torch python3-numpy  # the independent Mixtral reference that checks exported checkpoints
+  python3-matplotlib           # scripts/plot_sweep.py, scripts/plot_routing.py
 )
 
 missing=()

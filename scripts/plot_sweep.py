@@ -1,0 +1,97 @@
+#!/usr/bin/python3
+"""Plots of a `moeforge sweep` report (OUTPUT_DIR/report.json), written as PNG next to it:
+  val_curves.png        validation loss against step, one line per point
+  final_val_<key>.png   final validation loss against each swept value (seeds as separate dots, mean as line)
+  load_<point>.png      per-layer expert-load heat map of each point (last logged training step)
+Usage: scripts/plot_sweep.py OUTPUT_DIR   (Debian: python3-matplotlib; scripts/setup.sh installs it)"""
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def as_number(v):
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    out = sys.argv[1]
+    path = os.path.join(out, "report.json")
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"plot_sweep: {path}: {e}", file=sys.stderr)
+        sys.exit(2)
+    points = [p for p in report["points"] if p.get("finished")]
+    if not points:
+        print(f"plot_sweep: {path}: no finished points", file=sys.stderr)
+        sys.exit(2)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for p in points:
+        curve = p.get("val_curve", [])
+        if curve:
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], marker=".", label=p["name"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_title("validation loss per point")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "val_curves.png"), dpi=110)
+    plt.close(fig)
+
+    for key in report["axes"]:
+        xs = [p["values"][key] for p in points]
+        nums = [as_number(x) for x in xs]
+        labels = sorted(set(xs), key=lambda v: (as_number(v) is None, as_number(v) or 0, v))
+        # Numbers above zero on their own axis (log when they span decades); otherwise (0, names) in order.
+        on_axis = all(n is not None for n in nums) and min(nums) > 0
+        x_of = (lambda v: float(v)) if on_axis else (lambda v: labels.index(v))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.scatter([x_of(x) for x in xs], [p["final_val_loss"] for p in points], alpha=0.6, label="runs")
+        means = []
+        for v in labels:
+            vals = [p["final_val_loss"] for p in points if p["values"][key] == v]
+            means.append((x_of(v), sum(vals) / len(vals)))
+        ax.plot([m[0] for m in means], [m[1] for m in means], color="black", label="mean")
+        if on_axis and max(nums) / min(nums) >= 100:
+            ax.set_xscale("log")
+        if not on_axis:
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels)
+        ax.set_xlabel(key)
+        ax.set_ylabel("final validation loss")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "final_val_" + key.replace(".", "_") + ".png"), dpi=110)
+        plt.close(fig)
+
+    for p in points:
+        load = p.get("layer_load")
+        if not load:
+            continue
+        share = [[c / max(1, sum(layer)) for c in layer] for layer in load]
+        fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(share[0]), 1.2 + 0.45 * len(share)))
+        im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_title(p["name"], fontsize=8)
+        fig.colorbar(im, ax=ax, label="share of assignments")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "load_" + p["name"] + ".png"), dpi=110)
+        plt.close(fig)
+    print(f"plot_sweep: plots in {out}")
+
+
+if __name__ == "__main__":
+    main()
