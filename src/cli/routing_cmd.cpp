@@ -43,12 +43,13 @@ int cmd_routing(const Args& in) {
   }
   std::printf("routing of %s on %s (%s, %zu tokens, E=%ld, top-%ld)\n", ckpt.c_str(), data.c_str(), split.c_str(),
               trace.sequence.size(), (long)trace.num_experts, (long)trace.top_k);
-  std::printf("layer | first-choice repeat (random, independent at this load) | top-k set repeat (random) | load CV | max/mean | dead\n");
+  std::printf("layer | first-choice repeat (random 1/E; independent at this load) | top-k sets share one (random) | "
+              "same top-k set (random) | load CV | max/mean | dead\n");
   for (size_t i = 0; i < layers.size(); ++i) {
     const auto& L = layers[i];
-    std::printf("%5zu | %8.3f (%.3f, %.3f)                                 | %8.3f (%.3f)           | %7.3f | %8.2f | %4ld\n", i,
+    std::printf("%5zu | %.3f (%.3f; %.3f) | %.3f (%.3f) | %.3f (%.3f) | %.3f | %.2f | %ld\n", i,
                 L.first_choice_repeat_rate, L.random_first_choice_rate, L.independent_first_choice_rate,
-                L.top2_set_repeat_rate, L.random_top2_set_rate,
+                L.top2_overlap_rate, L.random_top2_overlap_rate, L.top2_set_repeat_rate, L.random_top2_set_rate,
                 L.load_cv, L.load_max_over_mean, (long)L.dead_experts);
   }
   return 0;

@@ -15,6 +15,7 @@
 
 #include "cli/cli.h"
 #include "core/error.h"
+#include "model/param_count.h"
 #include "train/sweep.h"
 
 namespace moeforge::cli {
@@ -82,7 +83,9 @@ int cmd_sweep(const Args& in) {
     const auto st = train::point_status(p);
     const char* what = st == train::PointStatus::Finished ? "finished, skipped"
                        : st == train::PointStatus::Interrupted ? "interrupted, resumes" : "to run";
-    std::fprintf(stderr, "sweep: %-50s %s\n", p.name.c_str(), what);
+    const ParamCounts pc = count_params(p.recipe.model);
+    std::fprintf(stderr, "sweep: %-50s %-20s (%ld parameters, %ld active; expert width %ld)\n", p.name.c_str(), what,
+                 (long)pc.total, (long)pc.active, (long)p.recipe.model.intermediate_size);
     if (st != train::PointStatus::Finished) todo.push_back(&p);
   }
   if (dry_run) return 0;

@@ -41,7 +41,7 @@ std::vector<LayerRouting> analyze_routing(const RoutingTrace& tr) {
         const int32_t d = tr.domain[static_cast<size_t>(n)];
         if (d >= 0 && d < D) ++by_domain[static_cast<size_t>(d)][static_cast<size_t>(e)];
       }
-    int64_t first_same = 0, set_same = 0;
+    int64_t first_same = 0, set_same = 0, overlap = 0;
     std::vector<int64_t> s0(static_cast<size_t>(K)), s1(static_cast<size_t>(K));
     for (int64_t n = 0; n + 1 < N; ++n) {
       if (tr.sequence[static_cast<size_t>(n)] != tr.sequence[static_cast<size_t>(n + 1)]) continue;
@@ -52,10 +52,15 @@ std::vector<LayerRouting> analyze_routing(const RoutingTrace& tr) {
       std::sort(s0.begin(), s0.end());
       std::sort(s1.begin(), s1.end());
       if (s0 == s1) ++set_same;
+      bool shared = false;
+      for (int64_t x : s0) shared = shared || std::binary_search(s1.begin(), s1.end(), x);
+      if (shared) ++overlap;
     }
     const double pairs = static_cast<double>(std::max<int64_t>(1, L.consecutive_pairs));
     L.first_choice_repeat_rate = L.consecutive_pairs ? first_same / pairs : 0.0;
     L.top2_set_repeat_rate = L.consecutive_pairs ? set_same / pairs : 0.0;
+    L.top2_overlap_rate = L.consecutive_pairs ? overlap / pairs : 0.0;
+    L.random_top2_overlap_rate = 1.0 - n_choose_k(E - K, K) / n_choose_k(E, K);
     L.random_first_choice_rate = 1.0 / static_cast<double>(E);
     L.random_top2_set_rate = 1.0 / n_choose_k(E, K);
     std::vector<int64_t> first(static_cast<size_t>(E), 0);
@@ -136,6 +141,8 @@ nlohmann::json routing_json(const RoutingTrace& tr, const std::vector<LayerRouti
                            {"random_first_choice_rate", L.random_first_choice_rate},
                            {"random_top2_set_rate", L.random_top2_set_rate},
                            {"independent_first_choice_rate", L.independent_first_choice_rate},
+                           {"top2_overlap_rate", L.top2_overlap_rate},
+                           {"random_top2_overlap_rate", L.random_top2_overlap_rate},
                            {"load", L.load},
                            {"load_cv", L.load_cv},
                            {"load_max_over_mean", L.load_max_over_mean},

@@ -28,6 +28,9 @@ struct LayerRouting {
   double top2_set_repeat_rate = 0;       // P(set of the k choices equal), k = top_k
   double random_first_choice_rate = 0;   // 1 / E
   double random_top2_set_rate = 0;       // 1 / C(E, k)
+  // The paper's "first or second choice" column: the k choices of token t+1 share at least one expert with
+  // token t's; random: 1 - C(E-k, k) / C(E, k).
+  double top2_overlap_rate = 0, random_top2_overlap_rate = 0;
   // The first-choice repeat rate if consecutive tokens chose independently with this layer's first-choice
   // frequencies: sum_e share_e^2 (= 1/E when balanced). An imbalanced layer repeats often by chance.
   double independent_first_choice_rate = 0;

@@ -85,3 +85,19 @@ TEST(RoutingAnalysis, TopOneAndEmptyDomains) {
   EXPECT_DOUBLE_EQ(L[0].expert_share_by_domain.at("c")[5], 0.75);
   EXPECT_EQ(L[0].dead_experts, 6);  // fair share 0.5: experts with 0 tokens
 }
+
+TEST(RoutingAnalysis, OverlapOfTheTopKSets) {  // the paper's "first or second choice" column
+  RoutingTrace tr;
+  tr.num_experts = 4;
+  tr.top_k = 2;
+  tr.domains = {"x"};
+  tr.sequence = {0, 0, 0, 0};
+  tr.domain = {0, 0, 0, 0};
+  tr.topk_NK.push_back(rows({{0, 1}, {2, 3}, {1, 2}, {2, 1}}));
+  auto L = analyze_routing(tr);
+  EXPECT_DOUBLE_EQ(L[0].top2_overlap_rate, 2.0 / 3.0);           // {0,1}/{2,3} share none; the others do
+  EXPECT_DOUBLE_EQ(L[0].top2_set_repeat_rate, 1.0 / 3.0);        // only {1,2}/{2,1}
+  EXPECT_DOUBLE_EQ(L[0].random_top2_overlap_rate, 1.0 - 1.0 / 6.0);  // 1 - C(2,2)/C(4,2)
+  tr.num_experts = 8;  // Mixtral's 8 experts, top-2: 1 - C(6,2)/C(8,2) = 13/28
+  EXPECT_NEAR(analyze_routing(tr)[0].random_top2_overlap_rate, 13.0 / 28.0, 1e-15);
+}
