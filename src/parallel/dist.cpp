@@ -1,6 +1,7 @@
 #define USE_C10D_GLOO 1
 #if defined(MOEFORGE_WITH_NCCL)  // set by CMake when LibTorch has CUDA and NCCL's header and library are found
 #define USE_C10D_NCCL 1
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 #include "parallel/dist.h"
@@ -12,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <atomic>
 #include <thread>
 
 #include "core/error.h"
@@ -67,26 +69,48 @@ struct Group::Impl {
 };
 
 namespace {
-// After a failed collective: every surviving member checks in under "alive/" in the store and waits a
-// few seconds for the others; those that never do are the missing ranks (dead, or stuck elsewhere).
+std::string beat_key(int r) { return "beat/" + std::to_string(r); }
+
+std::vector<int> stalled_members(Group::Impl& g) {
+  auto read = [&](int r) -> std::vector<uint8_t> {
+    const std::string k = beat_key(r);
+    return g.store->check({k}) ? g.store->get(k) : std::vector<uint8_t>{};
+  };
+  std::vector<std::vector<uint8_t>> before;
+  for (int r : g.world_ranks) before.push_back(read(r));
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));  // beats come every 0.5 s
+  std::vector<int> missing;
+  for (size_t i = 0; i < g.world_ranks.size(); ++i) {
+    const int r = g.world_ranks[i];
+    if (r != g.world_rank && read(r) == before[i]) missing.push_back(r);
+  }
+  return missing;
+}
+
+// After a failed collective: every process beats in the store from a thread of its own (Dist), so the
+// members whose beat has stopped are the missing ones: dead, or stopped as a whole. Rank 0 serves the
+// store; it stays (at most 10 s) until the other survivors have looked, so its exit does not cut them short.
 std::string missing_members(Group::Impl& g) {
   try {
-    g.store->set("alive/" + std::to_string(g.world_rank), std::vector<uint8_t>{1});
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    std::vector<int> missing;
-    for (;;) {
-      missing.clear();
-      for (int r : g.world_ranks)
-        if (!g.store->check({"alive/" + std::to_string(r)})) missing.push_back(r);
-      if (missing.empty() || std::chrono::steady_clock::now() > deadline) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    const std::vector<int> missing = stalled_members(g);
+    g.store->set("reported/" + std::to_string(g.world_rank), std::vector<uint8_t>{1});
+    if (g.world_rank == 0) {
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      for (bool all = false; !all && std::chrono::steady_clock::now() < deadline;) {
+        all = true;
+        for (int r : g.world_ranks)
+          if (std::find(missing.begin(), missing.end(), r) == missing.end() &&
+              !g.store->check({"reported/" + std::to_string(r)}))
+            all = false;
+        if (!all) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
     }
-    if (missing.empty()) return "every member is still alive";
+    if (missing.empty()) return "every member is still alive (a collective timed out or a peer failed)";
     std::string out = missing.size() == 1 ? "rank " : "ranks ";
     for (size_t i = 0; i < missing.size(); ++i) out += (i ? ", " : "") + std::to_string(missing[i]);
     return out + (missing.size() == 1 ? " is" : " are") + " missing (died or hung)";
   } catch (const std::exception&) {
-    return "rank 0 is missing (it serves the job's store, which is gone)";
+    return "rank 0 is gone (it serves the job's store; if it failed first, its own message names the missing rank)";
   }
 }
 }  // namespace
@@ -165,7 +189,9 @@ at::Tensor Group::all_to_all(const at::Tensor& x, const std::vector<int64_t>& in
 void Group::barrier() {
   if (size_ == 1) return;
   try {
-    impl_->with_pg([&](auto& pg) { pg.barrier()->wait(); });
+    c10d::BarrierOptions o;
+    if (impl_->device.is_cuda()) o.device_ids = {impl_->device.index()};
+    impl_->with_pg([&](auto& pg) { pg.barrier(o)->wait(); });
   } catch (const std::exception& e) {
     collective_failed(*impl_, name_, "barrier", e);
   }
@@ -176,6 +202,12 @@ struct Dist::Impl {
   DistEnv env;
   std::chrono::milliseconds timeout{0};
   at::Device device{at::kCPU};
+  std::thread beat;  // writes beat/<rank> twice a second (see missing_members)
+  std::atomic<bool> stop{false};
+  ~Impl() {
+    stop = true;
+    if (beat.joinable()) beat.join();
+  }
 };
 
 namespace {
@@ -184,6 +216,11 @@ namespace {
 void attach_device_backend(Group::Impl& gi, const Dist::Impl& d, const std::string& prefix, int rank, int size) {
 #if defined(MOEFORGE_WITH_NCCL)
   if (d.device.is_cuda()) {
+    // Without blocking wait, NCCL's wait() neither blocks nor throws on a timeout (a watchdog aborts the
+    // process instead), and collective_failed could not name the missing rank.
+    ::setenv("TORCH_NCCL_BLOCKING_WAIT", "1", 0);
+    ::setenv("NCCL_BLOCKING_WAIT", "1", 0);
+    c10::cuda::set_device(d.device.index());  // else NCCL guesses the GPU from the rank
     auto o = c10d::ProcessGroupNCCL::Options::create();
     o->timeout = d.timeout;
     gi.nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(
@@ -259,6 +296,18 @@ Dist::Dist(const DistEnv& env, std::chrono::milliseconds timeout, at::Device dev
     throw UserError("rank " + std::to_string(env.rank) + ": rendezvous at " + env.master_addr + ":" +
                     std::to_string(env.master_port) + " failed: " + std::string(e.what()).substr(0, 200));
   }
+  impl_->beat = std::thread([impl = impl_.get()] {
+    auto store = impl->store;
+    for (uint32_t n = 1; !impl->stop; ++n) {
+      try {
+        store->set(beat_key(impl->env.rank), {static_cast<uint8_t>(n), static_cast<uint8_t>(n >> 8),
+                                              static_cast<uint8_t>(n >> 16), static_cast<uint8_t>(n >> 24)});
+      } catch (const std::exception&) {
+        return;  // the store is gone; the collectives will say so
+      }
+      for (int i = 0; i < 5 && !impl->stop; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
   auto gi = std::make_unique<Group::Impl>();
   gi->pg = make_gloo(impl_->store, "world", env.rank, env.world_size, env, timeout);
   gi->store = impl_->store;

@@ -236,7 +236,13 @@ ModelConfig read_checkpoint_config(const std::string& ckpt_dir) {
 
 void load_model_weights(const std::string& ckpt_dir, MixtralForCausalLM& model) {
   std::vector<io::SafetensorsFile> files;
-  for (const auto& path : checkpoint_files(ckpt_dir, "model")) files.push_back(io::SafetensorsFile::open(path));
+  std::map<std::string, std::string> seen;  // tensor -> file: a tensor in two files is a broken layout
+  for (const auto& path : checkpoint_files(ckpt_dir, "model")) {
+    files.push_back(io::SafetensorsFile::open(path));
+    for (const auto& n : files.back().names())
+      if (!seen.emplace(n, path).second)
+        throw UserError(path + ": tensor '" + n + "' is also in " + seen[n] + "; the checkpoint's layout is inconsistent");
+  }
   torch::NoGradGuard ng;
   auto copy_in = [&](const std::string& name, torch::Tensor& dst, bool required) {
     const io::SafetensorsFile* f = nullptr;
@@ -313,7 +319,10 @@ void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& 
   std::map<std::string, torch::Tensor> s;
   for (const auto& path : checkpoint_files(ckpt_dir, "optimizer")) {
     auto f = io::SafetensorsFile::open(path);
-    for (const auto& n : f.names()) s[n] = f.get(n);
+    for (const auto& n : f.names()) {
+      if (s.count(n)) throw UserError(path + ": optimizer state '" + n + "' is in two files of the layout");
+      s[n] = f.get(n);
+    }
   }
   opt.load_state(s, ckpt_dir + "/optimizer*.safetensors");
   if (s.count("rng.cpu")) {

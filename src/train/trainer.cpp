@@ -118,7 +118,8 @@ void sync_gradients(parallel::Group& group, const std::vector<torch::Tensor>& pa
   const int64_t P = static_cast<int64_t>(params.size());
   int64_t total = 0;
   for (const auto& p : params) total += p.numel();
-  auto buf = torch::zeros({total + P}, torch::kFloat);
+  // On the parameters' device (NCCL reduces there; Gloo moves it through the host).
+  auto buf = torch::zeros({total + P}, torch::TensorOptions().dtype(torch::kFloat).device(params[0].device()));
   int64_t off = 0;
   for (int64_t i = 0; i < P; ++i) {
     const auto& p = params[static_cast<size_t>(i)];
@@ -130,11 +131,13 @@ void sync_gradients(parallel::Group& group, const std::vector<torch::Tensor>& pa
   }
   std::vector<torch::Tensor> v{buf};
   group.all_reduce_sum(v);
+  const auto flags = buf.narrow(0, total, P).cpu();  // one copy, not one sync per parameter
+  const float* has = flags.data_ptr<float>();
   off = 0;
   torch::NoGradGuard ng;
   for (int64_t i = 0; i < P; ++i) {
     auto p = params[static_cast<size_t>(i)];
-    if (buf[total + i].item<float>() > 0) {
+    if (has[i] > 0) {
       auto g = buf.narrow(0, off, p.numel()).view(p.sizes()).div(divisor).to(p.dtype());
       if (p.grad().defined()) p.mutable_grad().copy_(g);
       else p.mutable_grad() = g.clone();
@@ -164,7 +167,7 @@ void share_updated_params(parallel::Group& group, const std::vector<torch::Tenso
   torch::NoGradGuard ng;
   int64_t total = 0;
   for (const auto& p : params) total += p.numel();
-  auto buf = torch::zeros({total}, torch::kFloat);
+  auto buf = torch::zeros({total}, torch::TensorOptions().dtype(torch::kFloat).device(params[0].device()));
   int64_t off = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     if (owner[i] == group.rank()) buf.narrow(0, off, params[i].numel()).copy_(params[i].reshape({-1}));

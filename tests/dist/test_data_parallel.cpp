@@ -158,10 +158,11 @@ TEST(Launch, MissingRankAndBadEnvironmentAreClearErrors) {
             2);
 }
 
-// Started without the launcher (as under mpirun or Slurm, where nobody stops the others): rank 1 dies, or
-// hangs, right after the checkpoint of step 2; rank 0 fails its next collective, exits 2 within
-// parallel.timeout_s (+ a few seconds to see who checks in) and names rank 1 as the missing one.
-TEST(Launch, SurvivorNamesTheMissingRank) {
+// Started without the launcher (as under mpirun or Slurm, where nobody stops the others), 3 ranks: rank 1
+// dies, or hangs, right after the checkpoint of step 2; ranks 0 and 2 fail their next collective, exit 2
+// within parallel.timeout_s (+ a few seconds to see whose beat in the store has stopped) and both name
+// rank 1 as the missing one.
+TEST(Launch, SurvivorsNameTheMissingRank) {
   test::TempDir dir("dpname");
   std::string data = test::make_prepared(dir, 80);
   std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
@@ -169,21 +170,26 @@ TEST(Launch, SurvivorNamesTheMissingRank) {
                                    "eval_interval: 100, eval_batches: 1}\n"
                                 << "parallel: {timeout_s: 4}\nruntime: {threads: 1}\noutput_dir: " << (dir / "run") << "\n";
   for (const std::string sig : {"KILL", "STOP"}) {
-    const std::string env = "WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(free_port()) +
+    const std::string env = "WORLD_SIZE=3 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(free_port()) +
                             " MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=2 MOEFORGE_TEST_KILL_RANK=1 MOEFORGE_TEST_KILL_SIGNAL=" + sig +
                             " ";
-    const std::string log = dir / ("rank0-" + sig + ".log");
+    const std::string log0 = dir / ("rank0-" + sig + ".log"), log2 = dir / ("rank2-" + sig + ".log");
     fs::remove_all(dir / "run");
     const auto t0 = std::chrono::steady_clock::now();
-    const std::string cmd = "RANK=1 " + env + MOEFORGE_BINARY + " train " + (dir / "r.yaml") + " > /dev/null 2>&1 & pid=$!; RANK=0 " +
-                            env + MOEFORGE_BINARY + " train " + (dir / "r.yaml") + " > " + log +
-                            " 2>&1; rc=$?; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null; exit $rc";
+    const std::string train = std::string(MOEFORGE_BINARY) + " train " + (dir / "r.yaml");
+    const std::string cmd = "RANK=1 " + env + train + " > /dev/null 2>&1 & p1=$!; RANK=2 " + env + train + " > " + log2 +
+                            " 2>&1 & p2=$!; RANK=0 " + env + train + " > " + log0 +
+                            " 2>&1; rc=$?; wait $p2; rc2=$?; kill -9 $p1 2>/dev/null; wait $p1 2>/dev/null; "
+                            "[ $rc2 -eq 2 ] || exit 99; exit $rc";
     const int rc = WEXITSTATUS(std::system(("bash -c '" + cmd + "'").c_str()));
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    EXPECT_EQ(rc, 2) << sig;
-    EXPECT_LT(s, 40.0) << sig;
-    std::ifstream in(log);
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    EXPECT_NE(text.find("rank 1 is missing"), std::string::npos) << sig << ": " << text.substr(text.size() > 1500 ? text.size() - 1500 : 0);
+    EXPECT_EQ(rc, 2) << sig << " (99: rank 2 did not exit 2)";
+    EXPECT_LT(s, 60.0) << sig;
+    for (const auto& log : {log0, log2}) {
+      std::ifstream in(log);
+      std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      EXPECT_NE(text.find("rank 1 is missing"), std::string::npos)
+          << sig << " " << log << ": " << text.substr(text.size() > 1500 ? text.size() - 1500 : 0);
+    }
   }
 }

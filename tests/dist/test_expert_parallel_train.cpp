@@ -140,7 +140,7 @@ TEST(ExpertParallelTraining, ShardedCheckpointResumesExactlyAndLoadsIntoOneProce
   std::string data = test::make_prepared(dir, 80);
   const std::string recipe = dir / "r.yaml";
   std::ofstream(recipe) << "stage: pretrain\n"
-                        << test::small_model_yaml("ep-resume", ", router_jitter: 0.1") << "data: {dir: " << data << "}\n"
+                        << test::small_model_yaml("ep-resume", ", router_jitter: 0.0") << "data: {dir: " << data << "}\n"
                         << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 6, log_interval: 1, "
                            "eval_interval: 6, eval_batches: 2, checkpoint_interval: 3}\n"
                         << "optim: {warmup_steps: 1}\nruntime: {threads: 1}\n";
@@ -164,6 +164,20 @@ TEST(ExpertParallelTraining, ShardedCheckpointResumesExactlyAndLoadsIntoOneProce
     EXPECT_EQ(a[i]["loss"].get<double>(), b[i]["loss"].get<double>()) << "step " << i + 1;
     EXPECT_EQ(a[i]["grad_norm"].get<double>(), b[i]["grad_norm"].get<double>()) << "step " << i + 1;
   }
+  // The training state of the EP=2 + ZeRO-1 checkpoint of step 3 resumed by one process (EP=1, no
+  // ZeRO, 2 micro-batches accumulated): steps 4-6 equal the EP=2 run's to float rounding.
+  fs::create_directories(dir / "one/checkpoints");
+  fs::copy(dir / "cut/checkpoints/step_00000003", dir / "one/checkpoints/step_00000003", fs::copy_options::recursive);
+  ASSERT_EQ(test::run_quiet(kBin + " train " + recipe + " --set output_dir=" + (dir / "one") +
+                            " --set train.grad_accum=2 --resume"),
+            0);
+  auto c = test::metric_records(dir / "one", "loss");
+  ASSERT_EQ(c.size(), 3u);  // the steps after the checkpoint
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(c[i]["step"], a[i + 3]["step"]);
+    EXPECT_LT(rel(c[i]["loss"].get<double>(), a[i + 3]["loss"].get<double>()), 1e-5) << "step " << i + 4;
+    EXPECT_LT(rel(c[i]["grad_norm"].get<double>(), a[i + 3]["grad_norm"].get<double>()), 1e-5) << "step " << i + 4;
+  }
   // EP=2 -> EP=1.
   const std::string ckpt = *train::latest_checkpoint(dir / "cut");
   const std::string out = dir / "eval.json";
@@ -177,4 +191,20 @@ TEST(ExpertParallelTraining, ShardedCheckpointResumesExactlyAndLoadsIntoOneProce
   // A layout naming a missing shard is a clear error, not a crash.
   fs::remove(ckpt + "/experts-01-of-02.safetensors");
   EXPECT_EQ(test::run_quiet(kBin + " eval " + ckpt + " --data " + data + " --batches 1"), 2);
+}
+
+// With router jitter the ranks draw noise from the global generator; taking a rank's share of the experts
+// must not draw from it, so EP=2 trains exactly what DP=2 trains.
+TEST(ExpertParallelTraining, RouterJitterDoesNotDependOnTheLayout) {
+  test::TempDir dir("epjitter");
+  std::string data = test::make_prepared(dir, 80);
+  const std::string recipe = dir / "r.yaml";
+  std::ofstream(recipe) << "stage: pretrain\n"
+                        << test::small_model_yaml("ep-jitter", ", router_jitter: 0.2") << "data: {dir: " << data << "}\n"
+                        << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 4, log_interval: 1, "
+                           "eval_interval: 4, eval_batches: 1, checkpoint_interval: 4}\n"
+                        << "optim: {warmup_steps: 1}\nruntime: {threads: 1}\n";
+  ASSERT_EQ(launch(recipe, Layout{2, 1, 1}, dir / "dp2"), 0);
+  ASSERT_EQ(launch(recipe, Layout{2, 2, 1}, dir / "ep2"), 0);
+  expect_same_run(dir / "dp2", dir / "ep2", 4, "jitter");
 }
