@@ -21,6 +21,7 @@
 #include "model/param_count.h"
 #include "parallel/dist.h"
 #include "parallel/expert_parallel.h"
+#include "parallel/grad_sync.h"
 #include "train/checkpoint.h"
 #include "train/evaluate.h"
 #include "train/lm_objective.h"
@@ -105,107 +106,6 @@ torch::Device pick_device(const RuntimeConfig& rt, const std::string& recipe_pat
               : torch::Device(torch::kCPU);
 }
 
-// Gradients of parameters that `group` holds copies of: summed over the group in one fp32 bucket, then
-// divided by `divisor` (the world size: every rank's loss is 1/W of the global mean). A parameter no rank
-// touched (an expert without tokens) keeps no gradient, as in one process.
-void sync_gradients(parallel::Group& group, const std::vector<torch::Tensor>& params, double divisor) {
-  if (group.size() == 1) {
-    torch::NoGradGuard ng;
-    for (const auto& p : params)
-      if (p.grad().defined()) p.grad().div_(divisor);
-    return;
-  }
-  const int64_t P = static_cast<int64_t>(params.size());
-  int64_t total = 0;
-  for (const auto& p : params) total += p.numel();
-  // On the parameters' device (NCCL reduces there; Gloo moves it through the host).
-  auto buf = torch::zeros({total + P}, torch::TensorOptions().dtype(torch::kFloat).device(params[0].device()));
-  int64_t off = 0;
-  for (int64_t i = 0; i < P; ++i) {
-    const auto& p = params[static_cast<size_t>(i)];
-    if (p.grad().defined()) {
-      buf.narrow(0, off, p.numel()).copy_(p.grad().reshape({-1}));
-      buf[total + i] = 1.0f;
-    }
-    off += p.numel();
-  }
-  std::vector<torch::Tensor> v{buf};
-  group.all_reduce_sum(v);
-  const auto flags = buf.narrow(0, total, P).cpu();  // one copy, not one sync per parameter
-  const float* has = flags.data_ptr<float>();
-  off = 0;
-  torch::NoGradGuard ng;
-  for (int64_t i = 0; i < P; ++i) {
-    auto p = params[static_cast<size_t>(i)];
-    if (has[i] > 0) {
-      auto g = buf.narrow(0, off, p.numel()).view(p.sizes()).div(divisor).to(p.dtype());
-      if (p.grad().defined()) p.mutable_grad().copy_(g);
-      else p.mutable_grad() = g.clone();
-    }
-    off += p.numel();
-  }
-}
-
-// ZeRO-1: each parameter's optimizer state lives on one of the `n` ranks holding copies of it; whole
-// tensors, given in order to the least-loaded rank, so every rank computes the same assignment.
-std::vector<int> assign_owners(const std::vector<torch::Tensor>& params, int n) {
-  std::vector<int64_t> load(static_cast<size_t>(n), 0);
-  std::vector<int> owner;
-  for (const auto& p : params) {
-    const int k = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
-    owner.push_back(k);
-    load[static_cast<size_t>(k)] += p.numel();
-  }
-  return owner;
-}
-
-// After a ZeRO-1 step: each parameter's owner has updated it; the others receive the new values (a sum
-// over `group` in which only the owner contributes, exact in fp32).
-void share_updated_params(parallel::Group& group, const std::vector<torch::Tensor>& params,
-                          const std::vector<int>& owner) {
-  if (group.size() == 1 || params.empty()) return;
-  torch::NoGradGuard ng;
-  int64_t total = 0;
-  for (const auto& p : params) total += p.numel();
-  auto buf = torch::zeros({total}, torch::TensorOptions().dtype(torch::kFloat).device(params[0].device()));
-  int64_t off = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (owner[i] == group.rank()) buf.narrow(0, off, params[i].numel()).copy_(params[i].reshape({-1}));
-    off += params[i].numel();
-  }
-  std::vector<torch::Tensor> v{buf};
-  group.all_reduce_sum(v);
-  off = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    auto p = params[i];
-    if (owner[i] != group.rank()) p.copy_(buf.narrow(0, off, p.numel()).view(p.sizes()));
-    off += p.numel();
-  }
-}
-
-// Clipping by the global norm when the expert parameters are sharded: every expert counted once (the
-// squared norms of the local experts summed over the expert-parallel group; dense ones are replicated).
-double clip_grad_norm_sharded(const std::vector<torch::Tensor>& dense, const std::vector<torch::Tensor>& experts,
-                              parallel::Group& ep_group, double max_norm) {
-  torch::NoGradGuard ng;
-  auto sq_sum = [](const std::vector<torch::Tensor>& ps) {
-    std::vector<torch::Tensor> sq;
-    for (const auto& p : ps)
-      if (p.grad().defined()) sq.push_back(p.grad().to(torch::kFloat).pow(2).sum());
-    return sq.empty() ? 0.0 : torch::stack(sq).sum().item<double>();
-  };
-  std::vector<torch::Tensor> v{torch::tensor({sq_sum(experts)}, torch::kDouble)};
-  ep_group.all_reduce_sum(v);
-  const double norm = std::sqrt(sq_sum(dense) + v[0].item<double>());
-  if (max_norm > 0 && norm > max_norm) {
-    const double scale = max_norm / (norm + 1e-6);
-    for (const auto* ps : {&dense, &experts})
-      for (const auto& p : *ps)
-        if (p.grad().defined()) p.grad().mul_(scale);
-  }
-  return norm;
-}
-
 }  // namespace
 
 TrainResult run_training(const Recipe& r, bool force_resume) {
@@ -278,8 +178,8 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   std::vector<int> dense_owner, expert_owner;
   std::vector<bool> owned;
   if (zero) {
-    dense_owner = assign_owners(dense_params, W);
-    expert_owner = assign_owners(expert_params, DP);
+    dense_owner = parallel::assign_owners(dense_params, W);
+    expert_owner = parallel::assign_owners(expert_params, DP);
     size_t di = 0, ei = 0;
     for (const auto& [name, p] : named)
       owned.push_back(is_expert_param(name) ? expert_owner[ei++] == dp_rank : dense_owner[di++] == rank);
@@ -411,10 +311,10 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     state.samples_seen += tc.micro_batch_size * tc.grad_accum * W;
     if (W > 1) {
       if (EP == 1) {
-        sync_gradients(dist->world(), params, W);  // everything replicated: one bucket
+        parallel::sync_gradients(dist->world(), params, W);  // everything replicated: one bucket
       } else {
-        sync_gradients(dist->world(), dense_params, W);
-        sync_gradients(*replica_group, expert_params, W);
+        parallel::sync_gradients(dist->world(), dense_params, W);
+        parallel::sync_gradients(*replica_group, expert_params, W);
       }
       // Logged numbers: means over the ranks (token counts and loads: sums).
       std::vector<double> v{ce, acc, aux, z, static_cast<double>(step_tokens), static_cast<double>(step_targets)};
@@ -437,13 +337,13 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     }
     if (!std::isfinite(ce)) throw UserError("training diverged: loss is " + std::to_string(ce) + " at step " +
                                             std::to_string(state.step + 1) + "; lower optim.lr");
-    const double gnorm = EP > 1 ? clip_grad_norm_sharded(dense_params, expert_params, *ep_group, r.optim.grad_clip)
+    const double gnorm = EP > 1 ? parallel::clip_grad_norm_sharded(dense_params, expert_params, *ep_group, r.optim.grad_clip)
                                 : clip_grad_norm(params, r.optim.grad_clip);
     opt.step(lr);
     if (zero) {
-      share_updated_params(dist->world(), dense_params, dense_owner);
-      if (EP > 1) share_updated_params(*replica_group, expert_params, expert_owner);
-      else share_updated_params(dist->world(), expert_params, expert_owner);
+      parallel::share_updated_params(dist->world(), dense_params, dense_owner);
+      if (EP > 1) parallel::share_updated_params(*replica_group, expert_params, expert_owner);
+      else parallel::share_updated_params(dist->world(), expert_params, expert_owner);
     }
     if (cfg.moe.balance == Balance::AuxFreeBias) {
       auto blocks = model->moe_blocks();

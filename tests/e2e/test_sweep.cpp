@@ -133,3 +133,36 @@ TEST(Sweep, RunsSkipsFinishedResumesInterruptedAndReports) {
   std::snprintf(mean, sizeof mean, "%.4f", (v0 + v1) / 2);
   EXPECT_NE(slurp(dir / "out/summary.md").find(mean), std::string::npos) << slurp(dir / "out/summary.md");
 }
+
+// The report's balance columns from hand-written runs: loads [[6, 2, 0, 0], [2, 2, 2, 2]] at the last
+// logged step (worst max/mean 6 / 2 = 3; dead: layer 0's experts 2 and 3 under 10% of the fair share 2);
+// CV and entropy are the means of the logged per-layer values; losses fold over the seeds.
+TEST(Sweep, ReportBalanceColumnsFromHandWrittenRuns) {
+  test::TempDir dir("sweeprep");
+  std::ofstream(dir / "base.yaml") << "stage: pretrain\n" << test::small_model_yaml("sweep")
+                                   << "data: {dir: /nonexistent}\ntrain: {seq_len: 32}\n";
+  std::ofstream(dir / "s.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out")
+                                << "\ngrid:\n  train.seed: [1, 2]\n";
+  auto spec = train::load_sweep(dir / "s.yaml");
+  auto pts = train::expand_sweep(spec);
+  const double val[] = {2.0, 3.0}, tr[] = {1.5, 2.5};
+  for (size_t i = 0; i < 2; ++i) {
+    fs::create_directories(pts[i].run_dir);
+    std::ofstream(pts[i].run_dir + "/summary.json")
+        << nlohmann::json{{"final_val_loss", val[i]}, {"final_train_loss", tr[i]}, {"tokens_per_second", 100.0 * (i + 1)}}.dump();
+    std::ofstream m(pts[i].run_dir + "/metrics.jsonl");
+    m << nlohmann::json{{"step", 1}, {"loss", 9.0}, {"expert_load", {{1, 1, 1, 1}, {1, 1, 1, 1}}}, {"load_max_over_mean", 1.0},
+                        {"layer_load_cv", {0.0, 0.0}}, {"layer_router_entropy", {1.0, 1.0}}, {"z_loss", 0.0}}.dump() << "\n";
+    m << nlohmann::json{{"step", 2}, {"val_loss", val[i]}}.dump() << "\n";
+    m << nlohmann::json{{"step", 2}, {"loss", 1.0}, {"expert_load", {{6, 2, 0, 0}, {2, 2, 2, 2}}}, {"load_max_over_mean", 3.0},
+                        {"layer_load_cv", {1.2, 0.0}}, {"layer_router_entropy", {0.5, 1.5}}, {"z_loss", 0.25}}.dump() << "\n";
+  }
+  train::write_sweep_report(spec, pts);
+  const std::string csv = slurp(dir / "out/summary.csv");
+  // No non-seed axis: one row, 2 runs. sd of {2, 3} = sqrt(0.5).
+  EXPECT_NE(csv.find("\n2,2,"), std::string::npos) << csv;
+  EXPECT_NE(csv.find(",2.0000,0.7071,2.5000,0.7071,150,3.000,0.600,2.0,1.000,0.250\n"), std::string::npos) << csv;
+  auto report = nlohmann::json::parse(std::ifstream(dir / "out/report.json"));
+  EXPECT_EQ(report["points"][1]["val_curve"], nlohmann::json::parse("[[2, 3.0]]"));
+  EXPECT_EQ(report["points"][0]["layer_load"], nlohmann::json::parse("[[6, 2, 0, 0], [2, 2, 2, 2]]"));
+}
