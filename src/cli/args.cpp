@@ -61,4 +61,22 @@ double parse_double(const std::string& flag, const std::string& v) {
   return x;
 }
 
+// Values of a multi-valued option: --input a b c (until the next --flag) and/or --input=a.
+std::vector<std::string> take_list(Args& args, const std::string& flag) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < args.size();) {
+    if (args[i] == flag) {
+      size_t j = i + 1;
+      while (j < args.size() && args[j].rfind("--", 0) != 0) out.push_back(args[j++]);
+      args.erase(args.begin() + i, args.begin() + j);
+    } else if (args[i].rfind(flag + "=", 0) == 0) {
+      out.push_back(args[i].substr(flag.size() + 1));
+      args.erase(args.begin() + i);
+    } else {
+      ++i;
+    }
+  }
+  return out;
+}
+
 }  // namespace moeforge::cli

@@ -25,6 +25,7 @@ int cmd_sweep(const Args& args);
 bool take_flag(Args& args, const std::string& flag);                           // --json
 bool take_option(Args& args, const std::string& flag, std::string* value);     // --x V / --x=V
 std::vector<std::string> take_repeated(Args& args, const std::string& flag);   // --set a=b --set c=d
+std::vector<std::string> take_list(Args& args, const std::string& flag);       // --input a b c / --input=a
 void reject_unknown_flags(const Args& args, const std::string& command, const std::vector<std::string>& known);
 int64_t parse_int(const std::string& flag, const std::string& v);
 double parse_double(const std::string& flag, const std::string& v);

@@ -36,6 +36,7 @@ const char* kUsage =
     "  generate CHECKPOINT --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]\n"
     "                                               continue a prompt (KV cache; streams tokens)\n"
     "  info CONFIG [--json] [--set key=value ...]   parameter counts and memory of a model config\n"
+    "  info --keys [--json]                          every config and recipe key: type, default, meaning\n"
     "  bench moe [--tokens N --hidden H ...]        MoE block forward+backward speed vs a plain matmul\n"
     "  version                                       versions of moeforge and LibTorch\n"
     "\n"

@@ -1,3 +1,4 @@
+#include "io/model_config_yaml.h"
 #include "io/hf_config.h"
 
 #include <fstream>
@@ -83,7 +84,7 @@ ModelConfig from_hf_config(const nlohmann::json& j, const std::string& path) {
   c.moe.router_jitter = get_num(j, "router_jitter_noise", path, 0.0);
   // Same checks as a YAML config, reported against config.json.
   try {
-    validate_model_config(c, path);
+    io::validate_model_config(c, path);
   } catch (const UserError& e) {
     throw UserError(std::string(e.what()) + " (from the Hugging Face config)");
   }

@@ -38,6 +38,8 @@ class YamlMap {
   // A nested map; absent gives an empty map (all defaults).
   YamlMap get_map(const std::string& key);
   bool has(const std::string& key) const;
+  // Marks `key` as known without reading it (a key its caller reads by other means).
+  void accept(const std::string& key) { known_.push_back(key); }
 
   // "file:line: key 'prefix.key': what" — for checks that involve several keys.
   [[noreturn]] void fail(const std::string& key, const std::string& what) const;

@@ -1,14 +1,9 @@
-// The model configuration: a Mixtral-style sparse MoE decoder. Every default is here.
-// No LibTorch in this header: `moeforge info` and the config checks need none.
+// The model configuration: a Mixtral-style sparse MoE decoder. Every default is here; the keys' names,
+// checks and help are declared once in io/model_config_yaml.cpp. A plain struct: no LibTorch, no YAML.
 #pragma once
 #include <cstdint>
 #include <optional>
 #include <string>
-#include <vector>
-
-namespace YAML {
-class Node;
-}
 
 namespace moeforge {
 
@@ -47,17 +42,13 @@ struct ModelConfig {
   int64_t kv_dim() const { return num_key_value_heads * resolved_head_dim(); }
 };
 
-// Reads and checks a model config from a YAML mapping; errors name `file` and the key.
-// `prefix` is the dotted path of the mapping in its document ("model." inside a recipe).
-ModelConfig parse_model_config(const YAML::Node& node, const std::string& file, const std::string& prefix = "");
-
-// Loads a model config file, applying `--set key=value` overrides first.
-ModelConfig load_model_config(const std::string& path, const std::vector<std::string>& overrides = {});
-
-// Checks cross-key constraints; throws UserError naming `file` and the key.
-void validate_model_config(const ModelConfig& c, const std::string& file);
-
-// The config as YAML text (every key, defaults included), as a run directory records it.
-std::string model_config_to_yaml(const ModelConfig& c);
+// A constraint between keys that a config breaks, reported at the key that has to change.
+struct ConfigProblem {
+  std::string key;   // dotted ("moe.num_experts_per_tok")
+  std::string what;
+};
+// The first cross-key problem of `c` (top-k above the expert count, heads not divisible by kv heads, hidden
+// not divisible by heads without head_dim, an odd head dimension), or nullopt.
+std::optional<ConfigProblem> model_config_problem(const ModelConfig& c);
 
 }  // namespace moeforge

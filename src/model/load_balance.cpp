@@ -1,5 +1,7 @@
 #include "model/load_balance.h"
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 
 #include "core/error.h"
@@ -49,6 +51,18 @@ double load_cv(const at::Tensor& load_E) {
   double mean = l.mean().item<double>();
   if (mean == 0) return 0.0;
   return l.std(/*unbiased=*/false).item<double>() / mean;
+}
+
+BalanceStats balance_stats(const std::vector<int64_t>& load_E) {
+  BalanceStats b;
+  if (load_E.empty()) return b;
+  auto t = at::tensor(load_E, at::kLong);
+  const double mean = t.to(at::kDouble).mean().item<double>();
+  if (mean > 0) b.max_over_mean = static_cast<double>(*std::max_element(load_E.begin(), load_E.end())) / mean;
+  b.cv = load_cv(t);
+  for (auto l : load_E)
+    if (static_cast<double>(l) < 0.1 * mean) ++b.dead_experts;
+  return b;
 }
 
 }  // namespace moeforge

@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <vector>
 
 namespace moeforge {
@@ -18,5 +19,14 @@ at::Tensor router_z_loss(const std::vector<at::Tensor>& logits_per_layer_NE, con
 
 // Coefficient of variation (std / mean) of a load vector; 0 for perfectly even load.
 double load_cv(const at::Tensor& load_E);
+
+// How evenly one layer's token-expert assignments fall: the one definition the training log, the sweep
+// report and the routing analysis share.
+struct BalanceStats {
+  double max_over_mean = 0;  // the busiest expert's load over the fair share (0 with no tokens)
+  double cv = 0;             // std / mean (population std)
+  int64_t dead_experts = 0;  // experts under 10% of the fair share
+};
+BalanceStats balance_stats(const std::vector<int64_t>& load_E);
 
 }  // namespace moeforge

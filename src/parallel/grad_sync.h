@@ -15,6 +15,10 @@ namespace moeforge::parallel {
 // global mean). A parameter no rank touched (an expert without tokens) keeps no gradient, as in one process.
 void sync_gradients(Group& group, const std::vector<at::Tensor>& params, double divisor);
 
+// Total L2 norm of the gradients of parameters every rank holds whole (one process, or data parallelism
+// alone); scales them down to `max_norm` when above it (0 = no clipping). Returns the norm before clipping.
+double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm);
+
 // Clipping by the global norm when the expert parameters are sharded: every expert counted once (the
 // squared norms of the local experts summed over the expert-parallel group; dense ones are replicated).
 // Returns the norm before clipping (0 = no clipping).

@@ -1,6 +1,6 @@
+#include "io/model_config_yaml.h"
 #include "train/checkpoint.h"
 
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -13,8 +13,13 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "core/atomic_file.h"
 #include "core/error.h"
+#include "io/init_source.h"
+#include "model/param_names.h"
+#include "parallel/layout.h"
 #include "io/hf_checkpoint.h"
+#include "io/hf_import.h"
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "io/yaml_reader.h"
@@ -23,14 +28,6 @@
 namespace moeforge::train {
 
 namespace fs = std::filesystem;
-
-void fsync_path(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
-  }
-}
 
 namespace {
 
@@ -93,8 +90,6 @@ std::vector<std::string> checkpoint_files(const std::string& ckpt_dir, const cha
 
 }  // namespace
 
-bool is_expert_param(const std::string& name) { return name.find(".block_sparse_moe.experts.") != std::string::npos; }
-
 std::string sharded_staging_dir(const std::string& run_dir, int64_t step) {
   return staging_for(run_dir + "/checkpoints/" + step_name(step));
 }
@@ -111,19 +106,19 @@ std::string begin_sharded_checkpoint(const std::string& run_dir, int64_t step) {
 }
 
 void write_rank_files(const std::string& staging_dir, const CheckpointContents& c, bool experts) {
-  if (c.optimizer && c.optimizer_parts > 0) {  // ZeRO-1: the state this rank owns, whatever it is
-    const std::string f = staging_dir + "/optimizer-part" + shard_suffix(c.optimizer_part, c.optimizer_parts);
+  if (c.optimizer && c.shard.optimizer_parts > 0) {  // ZeRO-1: the state this rank owns, whatever it is
+    const std::string f = staging_dir + "/optimizer-part" + shard_suffix(c.shard.optimizer_part, c.shard.optimizer_parts);
     io::write_safetensors(f, c.optimizer->state());
     fsync_path(f);
   }
-  if (!experts || c.expert_shards == 1) return;
-  const std::string sfx = shard_suffix(c.expert_shard, c.expert_shards);
+  if (!experts || c.shard.expert_shards == 1) return;
+  const std::string sfx = shard_suffix(c.shard.expert_shard, c.shard.expert_shards);
   std::vector<std::pair<std::string, torch::Tensor>> weights;
   for (auto& p : c.model->named_parameters())
     if (is_expert_param(p.key())) weights.emplace_back(p.key(), p.value().detach());
   io::write_safetensors(staging_dir + "/experts" + sfx, weights, {{"format", "pt"}});
   fsync_path(staging_dir + "/experts" + sfx);
-  if (c.optimizer && c.optimizer_parts == 0) {
+  if (c.optimizer && c.shard.optimizer_parts == 0) {
     std::vector<std::pair<std::string, torch::Tensor>> st;
     for (auto& [k, v] : c.optimizer->state())
       if (is_expert_param(k)) st.emplace_back(k, v);
@@ -147,7 +142,7 @@ void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
     fs::remove_all(tmp);
   }
   fs::create_directories(tmp);
-  write_text(tmp + "/config.yaml", model_config_to_yaml(*c.config));
+  write_text(tmp + "/config.yaml", io::model_config_to_yaml(*c.config));
   if (!c.recipe_yaml.empty()) write_text(tmp + "/recipe.yaml", c.recipe_yaml);
   if (!c.tokenizer_path.empty()) {
     fs::copy_file(c.tokenizer_path, tmp + "/tokenizer.model", fs::copy_options::overwrite_existing);
@@ -155,31 +150,31 @@ void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
   }
   std::vector<std::pair<std::string, torch::Tensor>> weights;
   for (auto& p : c.model->named_parameters())
-    if (c.expert_shards == 1 || !is_expert_param(p.key())) weights.emplace_back(p.key(), p.value().detach());
+    if (c.shard.expert_shards == 1 || !is_expert_param(p.key())) weights.emplace_back(p.key(), p.value().detach());
   for (auto& b : c.model->named_buffers()) weights.emplace_back(b.key(), b.value().detach());
   io::write_safetensors(tmp + "/model.safetensors", weights, {{"format", "pt"}});
   if (c.state) maybe_die(c.state->step);
   if (sharded) {
-    nlohmann::json layout = {{"expert_parallel", c.expert_shards}, {"data_parallel", c.data_parallel}};
+    nlohmann::json layout = {{"expert_parallel", c.shard.expert_shards}, {"data_parallel", c.shard.data_parallel}};
     layout["weights"] = {"model.safetensors"};
     if (c.optimizer) layout["optimizer"] = {"optimizer.safetensors"};
     auto add = [&](const char* key, const std::string& name) {
       if (!fs::exists(tmp + "/" + name)) throw UserError(tmp + ": " + name + " was not written");
       layout[key].push_back(name);
     };
-    for (int k = 0; c.expert_shards > 1 && k < c.expert_shards; ++k) {
-      add("weights", "experts" + shard_suffix(k, c.expert_shards));
-      if (c.optimizer && c.optimizer_parts == 0) add("optimizer", "optimizer-experts" + shard_suffix(k, c.expert_shards));
+    for (int k = 0; c.shard.expert_shards > 1 && k < c.shard.expert_shards; ++k) {
+      add("weights", "experts" + shard_suffix(k, c.shard.expert_shards));
+      if (c.optimizer && c.shard.optimizer_parts == 0) add("optimizer", "optimizer-experts" + shard_suffix(k, c.shard.expert_shards));
     }
-    for (int k = 0; c.optimizer && k < c.optimizer_parts; ++k)
-      add("optimizer", "optimizer-part" + shard_suffix(k, c.optimizer_parts));
-    layout["zero"] = c.optimizer_parts > 0 ? 1 : 0;
+    for (int k = 0; c.optimizer && k < c.shard.optimizer_parts; ++k)
+      add("optimizer", "optimizer-part" + shard_suffix(k, c.shard.optimizer_parts));
+    layout["zero"] = c.shard.optimizer_parts > 0 ? 1 : 0;
     write_text(tmp + "/layout.json", layout.dump(2) + "\n");
   }
   if (c.optimizer && c.state) {
     std::vector<std::pair<std::string, torch::Tensor>> st;
     for (auto& [k, v] : c.optimizer->state())
-      if (c.optimizer_parts == 0 && (c.expert_shards == 1 || !is_expert_param(k))) st.emplace_back(k, v);
+      if (c.shard.optimizer_parts == 0 && (c.shard.expert_shards == 1 || !is_expert_param(k))) st.emplace_back(k, v);
     st.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
     io::write_safetensors(tmp + "/optimizer.safetensors", st);
     nlohmann::json j = {{"step", c.state->step},         {"samples_seen", c.state->samples_seen},
@@ -214,6 +209,17 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointContents
   return dir;
 }
 
+std::string save_checkpoint(parallel::Layout& layout, const std::string& run_dir, CheckpointContents c, int keep) {
+  MF_CHECK(c.state != nullptr, "training checkpoints carry their state");
+  c.shard = layout.shard_placement();
+  const int64_t step = c.state->step;
+  std::string dir;
+  layout.write_checkpoint([&] { begin_sharded_checkpoint(run_dir, step); },
+                          [&] { write_rank_files(sharded_staging_dir(run_dir, step), c, c.shard.writes_experts); },
+                          [&] { dir = save_checkpoint(run_dir, c, keep); });
+  return run_dir + "/checkpoints/" + step_name(step);
+}
+
 std::optional<std::string> latest_checkpoint(const std::string& run_dir) {
   const std::string root = run_dir + "/checkpoints";
   if (!fs::exists(root)) return std::nullopt;
@@ -231,7 +237,7 @@ ModelConfig read_checkpoint_config(const std::string& ckpt_dir) {
   if (!fs::is_directory(ckpt_dir)) throw UserError(ckpt_dir + ": not a checkpoint directory");
   const std::string path = ckpt_dir + "/config.yaml";
   if (!fs::exists(path)) throw UserError(ckpt_dir + ": no config.yaml; not a moeforge checkpoint");
-  return parse_model_config(io::load_yaml_file(path), path);
+  return io::parse_model_config(io::load_yaml_file(path), path);
 }
 
 void load_model_weights(const std::string& ckpt_dir, MixtralForCausalLM& model) {
@@ -264,46 +270,26 @@ void load_model_weights(const std::string& ckpt_dir, MixtralForCausalLM& model) 
   for (auto& b : model->named_buffers()) copy_in(b.key(), b.value(), false);
 }
 
-void load_hf_weights(const std::string& hf_dir, MixtralForCausalLM& model) {
-  io::HfCheckpoint hf(hf_dir);
-  std::vector<std::string> names;
-  torch::NoGradGuard ng;
-  for (auto& p : model->named_parameters()) {
-    names.push_back(p.key());
-    if (p.key() == "lm_head.weight" && !hf.has(p.key()))
-      throw UserError(hf_dir + ": 'lm_head.weight' is missing and tie_word_embeddings is false");
-    auto t = hf.get(p.key());
-    if (t.sizes() != p.value().sizes())
-      throw UserError(hf_dir + ": tensor '" + p.key() + "' has shape " + c10::str(t.sizes()) + ", config.json implies " +
-                      c10::str(p.value().sizes()));
-    p.value().copy_(t.to(p.value().scalar_type()));
-  }
-  auto extra = hf.unexplained(names);
-  if (!extra.empty())
-    throw UserError(hf_dir + ": " + std::to_string(extra.size()) + " tensors do not belong to a Mixtral of this config, e.g. '" +
-                    extra.front() + "'");
-  for (auto& b : model->named_buffers())
-    if (b.key().find("expert_bias") != std::string::npos) b.value().zero_();
-}
-
 ModelConfig read_init_config(const std::string& init_from) {
-  if (init_from.rfind("hf:", 0) == 0) return io::read_hf_config_file(init_from.substr(3) + "/config.json");
-  return read_checkpoint_config(init_from);
+  const auto src = io::parse_init_source(init_from);
+  return src.hf ? io::read_hf_config_file(src.dir + "/config.json") : read_checkpoint_config(src.dir);
 }
 
 std::string init_tokenizer(const std::string& init_from) {
-  return checkpoint_tokenizer(init_from.rfind("hf:", 0) == 0 ? init_from.substr(3) : init_from);
+  return checkpoint_tokenizer(io::parse_init_source(init_from).dir);
 }
 
 void load_init_weights(const std::string& init_from, MixtralForCausalLM& model) {
-  if (init_from.rfind("hf:", 0) == 0) load_hf_weights(init_from.substr(3), model);
-  else load_model_weights(init_from, model);
+  const auto src = io::parse_init_source(init_from);
+  if (src.hf) io::load_hf_weights(src.dir, model);
+  else load_model_weights(src.dir, model);
 }
 
-void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& state) {
+std::optional<TrainerState> checkpoint_trainer_state(const std::string& ckpt_dir) {
   const std::string sp = ckpt_dir + "/trainer_state.json";
   std::ifstream in(sp);
-  if (!in) throw UserError(sp + ": missing; this checkpoint holds weights only and cannot be resumed");
+  if (!in) return std::nullopt;
+  TrainerState state;
   try {
     auto j = nlohmann::json::parse(in);
     state.step = j.at("step").get<int64_t>();
@@ -316,6 +302,20 @@ void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& 
   } catch (const nlohmann::json::exception& e) {
     throw UserError(sp + ": invalid trainer state");
   }
+  if (state.step < 0 || state.samples_seen < 0 || state.seq_len <= 0) throw UserError(sp + ": invalid trainer state");
+  return state;
+}
+
+std::optional<Recipe> checkpoint_recipe(const std::string& ckpt_dir) {
+  const std::string p = ckpt_dir + "/recipe.yaml";
+  if (!fs::exists(p)) return std::nullopt;
+  return load_recipe(p, {});
+}
+
+void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& state) {
+  auto st = checkpoint_trainer_state(ckpt_dir);
+  if (!st) throw UserError(ckpt_dir + "/trainer_state.json: missing; this checkpoint holds weights only and cannot be resumed");
+  state = *st;
   std::map<std::string, torch::Tensor> s;
   for (const auto& path : checkpoint_files(ckpt_dir, "optimizer")) {
     auto f = io::SafetensorsFile::open(path);

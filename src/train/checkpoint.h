@@ -26,6 +26,12 @@
 
 #include "model/config.h"
 #include "model/decoder.h"
+#include "parallel/shard_placement.h"
+#include "train/recipe.h"
+
+namespace moeforge::parallel {
+class Layout;
+}
 
 namespace moeforge::train {
 
@@ -49,14 +55,10 @@ struct CheckpointContents {
   std::string tokenizer_path;           // copied in when non-empty
   std::string recipe_yaml;
   // Expert parallelism: the model holds only the experts of shard `expert_shard` of `expert_shards`.
-  int expert_shards = 1, expert_shard = 0, data_parallel = 1;
   // ZeRO-1: the optimizer holds the state of this rank's parameters only; every rank writes its part.
-  int optimizer_parts = 0, optimizer_part = 0;  // 0 parts: not sharded
-  bool sharded() const { return expert_shards > 1 || optimizer_parts > 0; }
+  parallel::ShardPlacement shard;
+  bool sharded() const { return shard.sharded(); }
 };
-
-// A parameter of an MoE layer's expert bank (sharded under expert parallelism).
-bool is_expert_param(const std::string& name);
 
 // Sharded checkpoints: rank 0 first prepares the staging directory of step_N (returned); after a
 // barrier, every other rank calls write_rank_files into it (`experts`: this rank writes its expert
@@ -68,6 +70,9 @@ void write_rank_files(const std::string& staging_dir, const CheckpointContents& 
 
 // Writes run_dir/checkpoints/step_N and keeps the newest `keep` of them. Returns the directory.
 std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& c, int keep);
+// The same from every rank of `layout` (each writes its part, set here from the layout); returns the
+// directory on every rank once it is complete.
+std::string save_checkpoint(parallel::Layout& layout, const std::string& run_dir, CheckpointContents c, int keep);
 
 // Writes a self-contained checkpoint directory at `dir` (temp + rename).
 void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c);
@@ -78,23 +83,21 @@ std::optional<std::string> latest_checkpoint(const std::string& run_dir);
 ModelConfig read_checkpoint_config(const std::string& ckpt_dir);
 // Copies weights into `model`: every parameter must be present with its shape (UserError otherwise).
 void load_model_weights(const std::string& ckpt_dir, MixtralForCausalLM& model);
-// Copies weights from a Hugging Face Mixtral directory (per-expert or fused layout) into `model`;
-// shapes must match, and tensors the model does not explain are an error.
-void load_hf_weights(const std::string& hf_dir, MixtralForCausalLM& model);
 // "hf:DIR" (a Hugging Face directory) or a moeforge checkpoint directory.
 ModelConfig read_init_config(const std::string& init_from);
 void load_init_weights(const std::string& init_from, MixtralForCausalLM& model);
 // The tokenizer.model of an init source ("hf:DIR" or a checkpoint), or "" when it has none.
 std::string init_tokenizer(const std::string& init_from);
 void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& state);
+// A checkpoint's trainer_state.json (nullopt: a weights-only checkpoint; unreadable: UserError).
+std::optional<TrainerState> checkpoint_trainer_state(const std::string& ckpt_dir);
+// The recipe a checkpoint was trained with (its recipe.yaml, read as strictly as any recipe), if it has one.
+std::optional<Recipe> checkpoint_recipe(const std::string& ckpt_dir);
 // A checkpoint's tokenizer path ("" when it has none).
 std::string checkpoint_tokenizer(const std::string& ckpt_dir);
 // The tokenizer path, or a UserError saying that `purpose` (e.g. "generation") needs one.
 std::string require_checkpoint_tokenizer(const std::string& ckpt_dir, const std::string& purpose);
 // A checkpoint's model (its config) with its weights loaded, on the CPU.
 MixtralForCausalLM load_checkpoint_model(const std::string& ckpt_dir);
-
-// fsync a file or directory by path (errors ignored for directories on filesystems that refuse).
-void fsync_path(const std::string& path);
 
 }  // namespace moeforge::train

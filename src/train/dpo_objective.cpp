@@ -5,7 +5,7 @@
 #include <cmath>
 
 #include "data/sft_dataset.h"
-#include "model/load_balance.h"
+#include "train/moe_terms.h"
 #include "train/dpo_loss.h"
 
 namespace moeforge::train {
@@ -79,28 +79,16 @@ BatchLoss dpo_batch(MixtralForCausalLM& model, const std::vector<data::Preferenc
   } else {
     d = dpo_loss(pc, pr, rc, rr, opt.beta, opt.loss, opt.label_smoothing);
   }
-  std::vector<torch::Tensor> logits, topk;
-  for (auto& r : s.out.router) {
-    logits.push_back(r.logits_NE);
-    topk.push_back(r.topk_idx_NK);
-  }
-  auto aux = load_balancing_loss(logits, topk, s.valid);
-  auto z = router_z_loss(logits, s.valid);
-  const double coef = opt.aux_loss_coef >= 0 ? opt.aux_loss_coef : moe.aux_loss_coef;
   auto tc = s.tokens.slice(0, 0, n);
   auto nll = -pc.sum() / tc.sum().clamp_min(1.0);
   BatchLoss o;
   o.total = d.loss;
   if (opt.rpo_alpha > 0) o.total = o.total + opt.rpo_alpha * nll;
-  if (moe.balance == Balance::AuxLoss && coef > 0) o.total = o.total + coef * aux;
-  if (moe.z_loss_coef > 0) o.total = o.total + moe.z_loss_coef * z;
-  // One host transfer for every logged number.
-  auto stats = torch::stack({d.loss.detach(), aux.detach(), z.detach(), d.chosen_rewards.mean(),
-                             d.rejected_rewards.mean(), pc.detach().mean(), pr.detach().mean(),
-                             s.tokens.sum(), s.valid.sum(), nll.detach()})
-                   .to(torch::kDouble)
-                   .cpu();
-  auto st = stats.accessor<double, 1>();
+  const MoeTerms t = add_moe_terms(o.total, s.out.router, moe, opt.aux_loss_coef, s.valid);
+  // One host transfer for every logged number (and one for the loads).
+  const auto st = fetch_logged(o, {d.loss, t.aux, t.z, d.chosen_rewards.mean(), d.rejected_rewards.mean(),
+                                   pc.mean(), pr.mean(), s.tokens.sum(), s.valid.sum(), nll},
+                               s.out.router);
   o.loss = st[0];
   o.aux = st[1];
   o.z = st[2];
@@ -109,10 +97,6 @@ BatchLoss dpo_batch(MixtralForCausalLM& model, const std::vector<data::Preferenc
   o.accuracy = d.accuracy;
   o.metrics = {{"rewards/chosen", st[3]},  {"rewards/rejected", st[4]}, {"rewards/accuracies", d.accuracy},
                {"rewards/margins", d.margin}, {"logps/chosen", st[5]}, {"logps/rejected", st[6]}, {"nll_loss", st[9]}};
-  for (auto& r : s.out.router) {
-    o.load_per_layer.push_back(r.tokens_per_expert.cpu());
-    o.entropy_per_layer.push_back(r.entropy.item<double>());
-  }
   return o;
 }
 

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <vector>
 
+#include "core/atomic_file.h"
 #include "core/error.h"
 #include "train/tensorboard.h"
 
@@ -23,10 +24,9 @@ MetricsLog::MetricsLog(const std::string& run_dir, int64_t resume_step) : path_(
         // a torn last line from a killed run: drop it
       }
     }
-    std::ofstream out(path_ + ".tmp");
-    for (auto& l : keep) out << l << "\n";
-    out.close();
-    fs::rename(path_ + ".tmp", path_);
+    std::string text;
+    for (auto& l : keep) text += l + "\n";
+    write_file_atomic(path_, text);
   }
   tb_ = std::make_unique<TensorBoardWriter>(run_dir + "/tensorboard");
 }

@@ -93,19 +93,4 @@ int64_t AdamW::state_bytes() const {
   return b;
 }
 
-double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
-  torch::NoGradGuard ng;
-  std::vector<torch::Tensor> sq;
-  for (const auto& p : params)
-    if (p.grad().defined()) sq.push_back(p.grad().to(torch::kFloat).pow(2).sum());
-  if (sq.empty()) return 0.0;
-  const double norm = std::sqrt(torch::stack(sq).sum().item<double>());
-  if (max_norm > 0 && norm > max_norm) {
-    const double scale = max_norm / (norm + 1e-6);
-    for (const auto& p : params)
-      if (p.grad().defined()) p.grad().mul_(scale);
-  }
-  return norm;
-}
-
 }  // namespace moeforge::train

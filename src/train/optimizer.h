@@ -43,7 +43,4 @@ class AdamW {
   std::vector<bool> decay_, owned_;
 };
 
-// Total L2 norm of the gradients; scales them down to `max_norm` when above it (0 = no clipping).
-double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
-
 }  // namespace moeforge::train

@@ -3,79 +3,147 @@
 #include <yaml-cpp/yaml.h>
 
 #include "core/error.h"
+#include "io/model_config_yaml.h"
 #include "io/yaml_reader.h"
 #include "train/checkpoint.h"
+#include "train/recipe_keys.h"
 
 namespace moeforge::train {
 
-namespace {
-void positive(io::YamlMap& m, const std::string& k, int64_t v) {
-  if (v <= 0) m.fail(k, "must be positive, got " + std::to_string(v));
-}
-void non_negative(io::YamlMap& m, const std::string& k, double v) {
-  if (v < 0) m.fail(k, "must be >= 0, got " + std::to_string(v));
+const std::vector<std::string>& dpo_loss_types() {
+  static const std::vector<std::string> v{"sigmoid", "ipo", "hinge", "robust"};
+  return v;
 }
 
-std::string emit(const Recipe& r) {
-  YAML::Emitter e;
-  e << YAML::BeginMap;
-  e << YAML::Key << "stage" << YAML::Value << r.stage;
-  e << YAML::Key << "model" << YAML::Value << YAML::Load(model_config_to_yaml(r.model));
-  e << YAML::Key << "model_source" << YAML::Value << r.model_source;
-  e << YAML::Key << "tokenizer" << YAML::Value << r.tokenizer;
-  e << YAML::Key << "data" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value << r.data_dir
-    << YAML::Key << "train" << YAML::Value << r.sft_train << YAML::Key << "val" << YAML::Value << r.sft_val
-    << YAML::EndMap;
-  e << YAML::Key << "sft" << YAML::Value << YAML::BeginMap << YAML::Key << "train_on_all" << YAML::Value
-    << r.sft_train_on_all << YAML::Key << "overlong" << YAML::Value << r.sft_overlong << YAML::Key << "aux_loss_coef"
-    << YAML::Value;
-  if (r.sft_aux_loss_coef) e << *r.sft_aux_loss_coef; else e << YAML::Null;
-  e << YAML::EndMap;
-  e << YAML::Key << "dpo" << YAML::Value << YAML::BeginMap << YAML::Key << "beta" << YAML::Value << r.dpo.beta
-    << YAML::Key << "loss" << YAML::Value << r.dpo.loss << YAML::Key << "label_smoothing" << YAML::Value
-    << r.dpo.label_smoothing << YAML::Key << "reference" << YAML::Value << r.dpo.reference << YAML::Key
-    << "aux_loss_coef" << YAML::Value;
-  if (r.dpo.aux_loss_coef) e << *r.dpo.aux_loss_coef; else e << YAML::Null;
-  e << YAML::Key << "rpo_alpha" << YAML::Value << r.dpo.rpo_alpha;
-  e << YAML::EndMap;
-  const auto& t = r.train;
-  e << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "micro_batch_size" << YAML::Value << t.micro_batch_size;
-  e << YAML::Key << "seq_len" << YAML::Value << t.seq_len;
-  e << YAML::Key << "grad_accum" << YAML::Value << t.grad_accum;
-  e << YAML::Key << "max_steps" << YAML::Value << t.max_steps;
-  e << YAML::Key << "max_tokens" << YAML::Value;
-  if (t.max_tokens) e << *t.max_tokens; else e << YAML::Null;
-  e << YAML::Key << "log_interval" << YAML::Value << t.log_interval;
-  e << YAML::Key << "eval_interval" << YAML::Value << t.eval_interval;
-  e << YAML::Key << "eval_batches" << YAML::Value << t.eval_batches;
-  e << YAML::Key << "checkpoint_interval" << YAML::Value << t.checkpoint_interval;
-  e << YAML::Key << "keep_checkpoints" << YAML::Value << t.keep_checkpoints;
-  e << YAML::Key << "seed" << YAML::Value << t.seed;
-  e << YAML::EndMap;
-  const auto& o = r.optim;
-  e << YAML::Key << "optim" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "lr" << YAML::Value << o.lr << YAML::Key << "min_lr" << YAML::Value << o.min_lr;
-  e << YAML::Key << "betas" << YAML::Value << YAML::Flow << std::vector<double>{o.beta1, o.beta2};
-  e << YAML::Key << "eps" << YAML::Value << o.eps << YAML::Key << "weight_decay" << YAML::Value << o.weight_decay;
-  e << YAML::Key << "grad_clip" << YAML::Value << o.grad_clip << YAML::Key << "schedule" << YAML::Value << o.schedule;
-  e << YAML::Key << "warmup_steps" << YAML::Value << o.warmup_steps;
-  e << YAML::Key << "decay_fraction" << YAML::Value << o.decay_fraction;
-  e << YAML::EndMap;
-  e << YAML::Key << "runtime" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "device" << YAML::Value << r.runtime.device << YAML::Key << "precision" << YAML::Value
-    << r.runtime.precision << YAML::Key << "threads" << YAML::Value << r.runtime.threads;
-  e << YAML::EndMap;
-  e << YAML::Key << "parallel" << YAML::Value << YAML::BeginMap << YAML::Key << "timeout_s" << YAML::Value
-    << r.parallel_timeout_s << YAML::Key << "expert" << YAML::Value << r.parallel_expert << YAML::Key << "zero"
-    << YAML::Value << r.parallel_zero << YAML::EndMap;
-  e << YAML::Key << "output_dir" << YAML::Value << r.output_dir;
-  e << YAML::Key << "resume" << YAML::Value << r.resume;
-  e << YAML::Key << "init_from" << YAML::Value << r.init_from;
-  e << YAML::EndMap;
-  return std::string(e.c_str()) + "\n";
+const io::KeyTable<Recipe>& recipe_keys() {
+  using namespace io;
+  static const KeyTable<Recipe> t = [] {
+    KeyTable<Recipe> k;
+    auto not_empty = [](const std::string& s) { return s.empty() ? std::string("must not be empty") : std::string(); };
+    k.choice("stage", [](auto& r) -> auto& { return r.stage; }, {"pretrain", "sft", "dpo"},
+             "what the run trains: pretraining, supervised fine-tuning or DPO")
+        // `model` (a config file, an inline mapping, or absent: init_from's) is read by load_recipe and
+        // written here, inline, so that a run directory's config.yaml is self-contained.
+        .add({"model", "path or mapping", "the model config: a file, inline keys, or absent (init_from's config)",
+              [](YamlMap& m, const std::string& leaf, Recipe&) { m.accept(leaf); },
+              [](YAML::Emitter& e, const Recipe& r) { model_config_keys().emit(e, r.model); }, nullptr})
+        .string("model_source", [](auto& r) -> auto& { return r.model_source; }, nullptr,
+                "where the model config came from (written by moeforge)")
+        .string("tokenizer", [](auto& r) -> auto& { return r.tokenizer; }, nullptr,
+                "SentencePiece model; empty = the prepared data's or init_from's")
+        .string("data.dir", [](auto& r) -> auto& { return r.data_dir; }, nullptr,
+                "pretrain: a directory made by 'moeforge prepare'")
+        .string("data.train", [](auto& r) -> auto& { return r.sft_train; }, nullptr,
+                "sft, dpo: JSONL of training examples or preference pairs")
+        .string("data.val", [](auto& r) -> auto& { return r.sft_val; }, nullptr,
+                "sft, dpo: JSONL of held-out examples or pairs")
+        .boolean("sft.train_on_all", [](auto& r) -> auto& { return r.sft_train_on_all; },
+                 "loss on every token, not only the assistant's")
+        .choice("sft.overlong", [](auto& r) -> auto& { return r.sft_overlong; }, {"truncate", "skip"},
+                "examples longer than seq_len")
+        .optional_number("sft.aux_loss_coef", [](auto& r) -> auto& { return r.sft_aux_loss_coef; }, non_negative(),
+                         "balancing coefficient for the stage (null: the model's)")
+        .number("dpo.beta", [](auto& r) -> auto& { return r.dpo.beta; }, positive(), "DPO temperature")
+        .choice("dpo.loss", [](auto& r) -> auto& { return r.dpo.loss; }, dpo_loss_types(), "DPO loss (TRL's names)")
+        .number("dpo.label_smoothing", [](auto& r) -> auto& { return r.dpo.label_smoothing; }, in_range(0, 0.5, false),
+                "sigmoid/robust: assumed probability that a preference label is flipped")
+        .choice("dpo.reference", [](auto& r) -> auto& { return r.dpo.reference; }, {"frozen", "precompute"},
+                "frozen: a copy of init_from in memory; precompute: its log-probs stored before training")
+        .optional_number("dpo.aux_loss_coef", [](auto& r) -> auto& { return r.dpo.aux_loss_coef; }, non_negative(),
+                         "balancing coefficient for the stage (null: the model's)")
+        .number("dpo.rpo_alpha", [](auto& r) -> auto& { return r.dpo.rpo_alpha; }, non_negative(),
+                "> 0 adds alpha x the chosen completions' NLL per token (TRL's rpo_alpha)")
+        .integer("train.micro_batch_size", [](auto& r) -> auto& { return r.train.micro_batch_size; }, positive(),
+                 "samples per rank per micro-batch (DPO: pairs)")
+        .integer("train.seq_len", [](auto& r) -> auto& { return r.train.seq_len; }, positive(),
+                 "tokens per sample (<= model.max_position_embeddings)")
+        .integer("train.grad_accum", [](auto& r) -> auto& { return r.train.grad_accum; }, positive(),
+                 "micro-batches per optimizer step")
+        .integer("train.max_steps", [](auto& r) -> auto& { return r.train.max_steps; }, positive(), "optimizer steps")
+        .optional_integer("train.max_tokens", [](auto& r) -> auto& { return r.train.max_tokens; }, positive(),
+                          "token budget: steps = min(max_steps, budget / tokens per step)")
+        .integer("train.log_interval", [](auto& r) -> auto& { return r.train.log_interval; }, positive(),
+                 "steps between log lines")
+        .integer("train.eval_interval", [](auto& r) -> auto& { return r.train.eval_interval; }, positive(),
+                 "steps between held-out evaluations")
+        .integer("train.eval_batches", [](auto& r) -> auto& { return r.train.eval_batches; }, positive(),
+                 "held-out micro-batches per evaluation")
+        .integer("train.checkpoint_interval", [](auto& r) -> auto& { return r.train.checkpoint_interval; }, positive(),
+                 "steps between checkpoints")
+        .integer("train.keep_checkpoints", [](auto& r) -> auto& { return r.train.keep_checkpoints; }, positive(),
+                 "newest checkpoints kept")
+        .integer("train.seed", [](auto& r) -> auto& { return r.train.seed; }, non_negative(),
+                 "initialisation, data order and router jitter")
+        .number("optim.lr", [](auto& r) -> auto& { return r.optim.lr; }, positive(), "peak learning rate")
+        .number("optim.min_lr", [](auto& r) -> auto& { return r.optim.min_lr; }, non_negative(),
+                "learning rate at the end of the decay")
+        .add({"optim.betas", "[float, float]", "AdamW beta1, beta2, each in [0, 1)",
+              [](YamlMap& m, const std::string& leaf, Recipe& r) {
+                auto b = m.get_double_list(leaf, {r.optim.beta1, r.optim.beta2});
+                if (b.size() != 2) m.fail(leaf, "expected [beta1, beta2]");
+                if (b[0] < 0 || b[0] >= 1 || b[1] < 0 || b[1] >= 1) m.fail(leaf, "each must be in [0, 1)");
+                r.optim.beta1 = b[0];
+                r.optim.beta2 = b[1];
+              },
+              [](YAML::Emitter& e, const Recipe& r) {
+                e << YAML::Flow << std::vector<double>{r.optim.beta1, r.optim.beta2};
+              },
+              nullptr})
+        .number("optim.eps", [](auto& r) -> auto& { return r.optim.eps; }, positive(), "AdamW epsilon")
+        .number("optim.weight_decay", [](auto& r) -> auto& { return r.optim.weight_decay; }, non_negative(),
+                "decoupled weight decay (not on norms and other 1-D parameters)")
+        .number("optim.grad_clip", [](auto& r) -> auto& { return r.optim.grad_clip; }, non_negative(),
+                "global gradient-norm clipping, 0 = off")
+        .choice("optim.schedule", [](auto& r) -> auto& { return r.optim.schedule; }, {"cosine", "wsd", "constant"},
+                "after warm-up: cosine, warmup-stable-decay, or constant")
+        .integer("optim.warmup_steps", [](auto& r) -> auto& { return r.optim.warmup_steps; }, non_negative(),
+                 "linear warm-up steps")
+        .number("optim.decay_fraction", [](auto& r) -> auto& { return r.optim.decay_fraction; }, in_range(0, 1, true),
+                "wsd: final fraction of the steps that decays to min_lr")
+        .choice("runtime.device", [](auto& r) -> auto& { return r.runtime.device; }, {"auto", "cpu", "cuda"},
+                "auto = CUDA when available")
+        .choice("runtime.precision", [](auto& r) -> auto& { return r.runtime.precision; }, {"fp32", "bf16"},
+                "bf16 = mixed precision (CUDA)")
+        .integer("runtime.threads", [](auto& r) -> auto& { return r.runtime.threads; }, non_negative(),
+                 "intra-op threads, 0 = the cores (shared among the ranks of a machine)")
+        .integer("parallel.timeout_s", [](auto& r) -> auto& { return r.parallel_timeout_s; }, positive(),
+                 "rendezvous and every collective of a multi-process run")
+        .integer("parallel.expert", [](auto& r) -> auto& { return r.parallel_expert; }, positive(),
+                 "expert-parallel ranks EP (world = DP x EP; divides the world and moe.num_experts)")
+        .integer("parallel.zero", [](auto& r) -> auto& { return r.parallel_zero; }, in_range(0, 1, true),
+                 "1 = ZeRO-1: optimizer state sharded over the ranks holding each parameter")
+        .string("output_dir", [](auto& r) -> auto& { return r.output_dir; }, not_empty, "the run directory")
+        .choice("resume", [](auto& r) -> auto& { return r.resume; }, {"never", "auto"},
+                "auto = continue from the newest checkpoint of output_dir")
+        .string("init_from", [](auto& r) -> auto& { return r.init_from; }, nullptr,
+                "a checkpoint directory, or hf:DIR, to start from (empty = fresh init)");
+    return k;
+  }();
+  return t;
 }
-}  // namespace
+
+std::string key_reference_markdown() {
+  auto cell = [](std::string s) {  // a | inside a Markdown table cell must be escaped
+    for (size_t i = 0; (i = s.find('|', i)) != std::string::npos; i += 2) s.insert(i, "\\");
+    return s;
+  };
+  auto table = [&](const std::vector<io::KeyDoc>& keys) {
+    std::string t = "| key | type | default | meaning |\n|---|---|---|---|\n";
+    for (const auto& k : keys)
+      t += "| `" + k.name + "` | " + cell(k.type) + " | `" + cell(k.default_value) + "` | " + cell(k.help) + " |\n";
+    return t;
+  };
+  const ModelConfig model_defaults;
+  const Recipe recipe_defaults;
+  return "# Configuration keys\n\n"
+         "Generated by `moeforge info --keys` from the key declarations (src/io/model_config_yaml.cpp,\n"
+         "src/train/recipe.cpp), which parsing and the YAML writer use too; a test keeps this page equal to them.\n\n"
+         "## Model config (a file under configs/, or `model:` in a recipe)\n\n" +
+         table(io::model_config_keys().reference(model_defaults)) +
+         "\n## Recipe\n\n`model` is a config file, an inline mapping, or absent (then init_from's config). "
+         "`--set a.b=c` overrides any key.\n\n" +
+         table(recipe_keys().reference(recipe_defaults));
+}
 
 Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides) {
   YAML::Node root = io::load_yaml_file(path);
@@ -93,33 +161,29 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   Recipe r;
   r.path = path;
   io::YamlMap m(root, path);
-  r.stage = m.get_enum("stage", {"pretrain", "sft", "dpo"}, "pretrain");
+  recipe_keys().parse(m, r);
   // model: a path to a config file, or the config inline; absent: the init_from checkpoint's.
-  r.init_from = m.get_string("init_from", "");
+  const std::string source = r.model_source;  // written back by the YAML writer: a resolved recipe
   if (!m.has("model") && !r.init_from.empty()) {
-    m.get_string("model", "");  // marks the key as known
     r.model_source = r.init_from;
     r.model = read_init_config(r.init_from);
   } else if (!m.has("model")) {
     m.fail("model", "required: a model config file or an inline mapping (or give init_from)");
   } else if (root["model"].IsScalar()) {
-    r.model_source = m.get_string("model");
+    r.model_source = root["model"].as<std::string>();
     YAML::Node mn = io::load_yaml_file(r.model_source);
     for (const auto& o : model_overrides) io::apply_override(mn, o);
-    r.model = parse_model_config(mn, r.model_source);
+    r.model = io::parse_model_config(mn, r.model_source);
   } else {
-    m.get_map("model");  // marks the key as known
+    if (!root["model"].IsMap()) m.fail("model", "expected a config file name or a mapping");
     r.model_source = "<inline>";
-    r.model = parse_model_config(root["model"], path, "model.");
+    r.model = io::parse_model_config(root["model"], path, "model.");
   }
-  // Written back by emit(): a resolved recipe (model inline) keeps naming the config file it came from.
-  const std::string source = m.get_string("model_source", "");
+  // A resolved recipe (model inline) keeps naming the config file it came from.
   if (r.model_source == "<inline>" && !source.empty()) r.model_source = source;
-  r.tokenizer = m.get_string("tokenizer", "");
-  io::YamlMap d = m.get_map("data");
-  r.data_dir = d.get_string("dir", "");
-  r.sft_train = d.get_string("train", "");
-  r.sft_val = d.get_string("val", "");
+
+  // Keys that depend on the stage or on the model.
+  io::YamlMap d(root["data"], path, "data.");
   if (r.stage == "pretrain" && r.data_dir.empty()) d.fail("dir", "required for stage pretrain: a directory made by 'moeforge prepare'");
   if (r.stage == "sft" && r.sft_train.empty()) d.fail("train", "required for stage sft: a JSONL file of examples");
   if (r.stage == "sft" && r.sft_val.empty()) d.fail("val", "required for stage sft: a JSONL file of held-out examples");
@@ -127,103 +191,15 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   if (r.stage == "dpo" && r.sft_val.empty()) d.fail("val", "required for stage dpo: a JSONL file of held-out pairs");
   if (r.stage == "dpo" && r.init_from.empty())
     m.fail("init_from", "required for stage dpo: the checkpoint to tune (it is also the reference model)");
-  d.finish();
-  io::YamlMap sft = m.get_map("sft");
-  r.sft_train_on_all = sft.get_bool("train_on_all", false);
-  r.sft_overlong = sft.get_enum("overlong", {"truncate", "skip"}, "truncate");
-  r.sft_aux_loss_coef = sft.get_optional_double("aux_loss_coef", std::nullopt);
-  if (r.sft_aux_loss_coef) non_negative(sft, "aux_loss_coef", *r.sft_aux_loss_coef);
-  sft.finish();
-  io::YamlMap dpo = m.get_map("dpo");
-  r.dpo.beta = dpo.get_double("beta", r.dpo.beta);
-  if (!(r.dpo.beta > 0)) dpo.fail("beta", "must be positive");
-  r.dpo.loss = dpo.get_enum("loss", {"sigmoid", "ipo", "hinge", "robust"}, r.dpo.loss);
-  r.dpo.label_smoothing = dpo.get_double("label_smoothing", r.dpo.label_smoothing);
-  if (r.dpo.label_smoothing < 0 || r.dpo.label_smoothing >= 0.5) dpo.fail("label_smoothing", "must be in [0, 0.5)");
-  r.dpo.reference = dpo.get_enum("reference", {"frozen", "precompute"}, r.dpo.reference);
-  r.dpo.aux_loss_coef = dpo.get_optional_double("aux_loss_coef", std::nullopt);
-  if (r.dpo.aux_loss_coef) non_negative(dpo, "aux_loss_coef", *r.dpo.aux_loss_coef);
-  r.dpo.rpo_alpha = dpo.get_double("rpo_alpha", r.dpo.rpo_alpha);
-  non_negative(dpo, "rpo_alpha", r.dpo.rpo_alpha);
-  dpo.finish();
-
-  io::YamlMap t = m.get_map("train");
-  auto& tc = r.train;
-  tc.micro_batch_size = t.get_int("micro_batch_size", tc.micro_batch_size);
-  positive(t, "micro_batch_size", tc.micro_batch_size);
-  tc.seq_len = t.get_int("seq_len", tc.seq_len);
-  positive(t, "seq_len", tc.seq_len);
-  if (tc.seq_len > r.model.max_position_embeddings)
-    t.fail("seq_len", "exceeds the model's max_position_embeddings (" + std::to_string(r.model.max_position_embeddings) + ")");
-  tc.grad_accum = t.get_int("grad_accum", tc.grad_accum);
-  positive(t, "grad_accum", tc.grad_accum);
-  tc.max_steps = t.get_int("max_steps", tc.max_steps);
-  positive(t, "max_steps", tc.max_steps);
-  tc.max_tokens = t.get_optional_int("max_tokens", std::nullopt);
-  if (tc.max_tokens) positive(t, "max_tokens", *tc.max_tokens);
-  tc.log_interval = t.get_int("log_interval", tc.log_interval);
-  positive(t, "log_interval", tc.log_interval);
-  tc.eval_interval = t.get_int("eval_interval", tc.eval_interval);
-  positive(t, "eval_interval", tc.eval_interval);
-  tc.eval_batches = t.get_int("eval_batches", tc.eval_batches);
-  positive(t, "eval_batches", tc.eval_batches);
-  tc.checkpoint_interval = t.get_int("checkpoint_interval", tc.checkpoint_interval);
-  positive(t, "checkpoint_interval", tc.checkpoint_interval);
-  tc.keep_checkpoints = t.get_int("keep_checkpoints", tc.keep_checkpoints);
-  positive(t, "keep_checkpoints", tc.keep_checkpoints);
-  int64_t seed = t.get_int("seed", static_cast<int64_t>(tc.seed));
-  if (seed < 0) t.fail("seed", "must be >= 0");
-  tc.seed = static_cast<uint64_t>(seed);
-  t.finish();
-
-  io::YamlMap o = m.get_map("optim");
-  auto& oc = r.optim;
-  oc.lr = o.get_double("lr", oc.lr);
-  if (!(oc.lr > 0)) o.fail("lr", "must be positive");
-  oc.min_lr = o.get_double("min_lr", oc.min_lr);
-  non_negative(o, "min_lr", oc.min_lr);
-  auto betas = o.get_double_list("betas", {oc.beta1, oc.beta2});
-  if (betas.size() != 2) o.fail("betas", "expected [beta1, beta2]");
-  oc.beta1 = betas[0];
-  oc.beta2 = betas[1];
-  if (oc.beta1 < 0 || oc.beta1 >= 1 || oc.beta2 < 0 || oc.beta2 >= 1) o.fail("betas", "each must be in [0, 1)");
-  oc.eps = o.get_double("eps", oc.eps);
-  if (!(oc.eps > 0)) o.fail("eps", "must be positive");
-  oc.weight_decay = o.get_double("weight_decay", oc.weight_decay);
-  non_negative(o, "weight_decay", oc.weight_decay);
-  oc.grad_clip = o.get_double("grad_clip", oc.grad_clip);
-  non_negative(o, "grad_clip", oc.grad_clip);
-  oc.schedule = o.get_enum("schedule", {"cosine", "wsd", "constant"}, oc.schedule);
-  oc.warmup_steps = o.get_int("warmup_steps", oc.warmup_steps);
-  if (oc.warmup_steps < 0) o.fail("warmup_steps", "must be >= 0");
-  oc.decay_fraction = o.get_double("decay_fraction", oc.decay_fraction);
-  if (oc.decay_fraction < 0 || oc.decay_fraction > 1) o.fail("decay_fraction", "must be in [0, 1]");
-  o.finish();
-
-  io::YamlMap rt = m.get_map("runtime");
-  r.runtime.device = rt.get_enum("device", {"auto", "cpu", "cuda"}, r.runtime.device);
-  r.runtime.precision = rt.get_enum("precision", {"fp32", "bf16"}, r.runtime.precision);
-  r.runtime.threads = static_cast<int>(rt.get_int("threads", r.runtime.threads));
-  if (r.runtime.threads < 0) rt.fail("threads", "must be >= 0 (0 = all cores)");
-  rt.finish();
-
-  io::YamlMap par = m.get_map("parallel");
-  r.parallel_timeout_s = par.get_int("timeout_s", r.parallel_timeout_s);
-  positive(par, "timeout_s", r.parallel_timeout_s);
-  r.parallel_expert = par.get_int("expert", r.parallel_expert);
-  positive(par, "expert", r.parallel_expert);
+  if (r.train.seq_len > r.model.max_position_embeddings)
+    io::YamlMap(root["train"], path, "train.")
+        .fail("seq_len", "exceeds the model's max_position_embeddings (" +
+                             std::to_string(r.model.max_position_embeddings) + ")");
   if (r.model.moe.num_experts % r.parallel_expert != 0)
-    par.fail("expert", std::to_string(r.parallel_expert) + " does not divide model.moe.num_experts (" +
-                           std::to_string(r.model.moe.num_experts) + ")");
-  r.parallel_zero = par.get_int("zero", r.parallel_zero);
-  if (r.parallel_zero != 0 && r.parallel_zero != 1) par.fail("zero", "must be 0 (off) or 1 (optimizer state sharded)");
-  par.finish();
-
-  r.output_dir = m.get_string("output_dir", r.output_dir);
-  if (r.output_dir.empty()) m.fail("output_dir", "must not be empty");
-  r.resume = m.get_enum("resume", {"never", "auto"}, r.resume);
-  m.finish();
-  r.yaml = emit(r);
+    io::YamlMap(root["parallel"], path, "parallel.")
+        .fail("expert", std::to_string(r.parallel_expert) + " does not divide model.moe.num_experts (" +
+                            std::to_string(r.model.moe.num_experts) + ")");
+  r.yaml = recipe_keys().emit(r);
   return r;
 }
 

@@ -42,6 +42,9 @@ struct RuntimeConfig {
   int threads = 0;                 // 0 = number of cores
 };
 
+// The DPO losses (TRL's names): the one list that recipes, `eval --preferences` and dpo_loss accept.
+const std::vector<std::string>& dpo_loss_types();
+
 struct DpoConfig {
   double beta = 0.1;
   std::string loss = "sigmoid";       // sigmoid | ipo | hinge | robust

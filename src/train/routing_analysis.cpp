@@ -66,12 +66,10 @@ std::vector<LayerRouting> analyze_routing(const RoutingTrace& tr) {
     std::vector<int64_t> first(static_cast<size_t>(E), 0);
     for (int64_t n = 0; n < N; ++n) ++first[static_cast<size_t>(a[n * K])];
     for (auto c : first) L.independent_first_choice_rate += std::pow(static_cast<double>(c) / static_cast<double>(N), 2);
-    auto load_t = torch::tensor(L.load, torch::kLong);
-    L.load_cv = load_cv(load_t);
-    const double mean = static_cast<double>(N * K) / static_cast<double>(E);
-    L.load_max_over_mean = mean > 0 ? static_cast<double>(*std::max_element(L.load.begin(), L.load.end())) / mean : 0.0;
-    for (auto l : L.load)
-      if (static_cast<double>(l) < 0.1 * mean) ++L.dead_experts;
+    const BalanceStats bal = balance_stats(L.load);
+    L.load_cv = bal.cv;
+    L.load_max_over_mean = bal.max_over_mean;
+    L.dead_experts = bal.dead_experts;
     for (int64_t d = 0; d < D; ++d) {
       int64_t total = 0;
       for (auto c : by_domain[static_cast<size_t>(d)]) total += c;

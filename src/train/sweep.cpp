@@ -12,7 +12,9 @@
 #include <set>
 #include <sstream>
 
+#include "core/atomic_file.h"
 #include "core/error.h"
+#include "model/load_balance.h"
 #include "io/yaml_reader.h"
 #include "model/param_count.h"
 #include "train/checkpoint.h"
@@ -172,13 +174,7 @@ PointResult read_point(const SweepPoint& p) {
       r.load_cv = cv / static_cast<double>(last["layer_load_cv"].size());
       r.router_entropy = ent / static_cast<double>(last["layer_router_entropy"].size());
       r.dead_experts = 0;
-      for (const auto& layer : last["expert_load"]) {
-        double total = 0;
-        for (const auto& c : layer) total += c.get<double>();
-        const double fair = total / static_cast<double>(layer.size());
-        for (const auto& c : layer)
-          if (c.get<double>() < 0.1 * fair) ++r.dead_experts;
-      }
+      for (const auto& layer : last["expert_load"]) r.dead_experts += balance_stats(layer.get<std::vector<int64_t>>()).dead_experts;
     }
   } catch (const nlohmann::json::exception& e) {
     throw UserError(p.run_dir + ": unreadable summary or metrics (" + std::string(e.what()).substr(0, 100) + ")");
@@ -211,15 +207,6 @@ MeanSd mean_sd(const std::vector<double>& v) {
     m.sd = std::sqrt(q / (m.n - 1));
   }
   return m;
-}
-
-void write_atomic(const std::string& path, const std::string& text) {
-  {
-    std::ofstream o(path + ".tmp");
-    o << text;
-    if (!o) throw UserError(path + ".tmp: cannot write");
-  }
-  fs::rename(path + ".tmp", path);
 }
 
 }  // namespace
@@ -302,9 +289,9 @@ void write_sweep_report(const SweepSpec& spec, const std::vector<SweepPoint>& po
   md << "\nLosses: mean ± sample standard deviation over the seeds of a row. Balance columns: the last logged\n"
         "training step's expert loads (max/mean: worst layer; CV, router entropy: mean over layers; dead experts:\n"
         "(layer, expert) pairs under 10% of the fair share, summed over layers).\n";
-  write_atomic(spec.output_dir + "/summary.csv", csv.str());
-  write_atomic(spec.output_dir + "/summary.md", md.str());
-  write_atomic(spec.output_dir + "/report.json", report.dump(1) + "\n");
+  write_file_atomic(spec.output_dir + "/summary.csv", csv.str());
+  write_file_atomic(spec.output_dir + "/summary.md", md.str());
+  write_file_atomic(spec.output_dir + "/report.json", report.dump(1) + "\n");
 }
 
 }  // namespace moeforge::train

@@ -2,17 +2,15 @@
 
 #include <torch/torch.h>
 
-#include <thread>
-
 #include <chrono>
-#include <csignal>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "core/atomic_file.h"
 #include "core/compat.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -20,15 +18,12 @@
 #include "model/load_balance.h"
 #include "model/param_count.h"
 #include "parallel/dist.h"
-#include "parallel/expert_parallel.h"
-#include "parallel/grad_sync.h"
+#include "parallel/layout.h"
 #include "train/checkpoint.h"
-#include "train/evaluate.h"
-#include "train/lm_objective.h"
 #include "train/metrics.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
-#include "train/stage_data.h"
+#include "train/stage.h"
 
 namespace moeforge::train {
 
@@ -85,15 +80,6 @@ std::string fmt_duration(double s) {
   return buf;
 }
 
-void write_json_atomic(const std::string& path, const nlohmann::json& j) {
-  {
-    std::ofstream out(path + ".tmp");
-    out << j.dump(2) << "\n";
-  }
-  fsync_path(path + ".tmp");
-  fs::rename(path + ".tmp", path);
-}
-
 torch::Device pick_device(const RuntimeConfig& rt, const std::string& recipe_path, int local_rank) {
   if (rt.device == "cuda" && !torch::cuda::is_available())
     throw UserError(recipe_path + ": key 'runtime.device': cuda requested but no CUDA device is available");
@@ -106,27 +92,68 @@ torch::Device pick_device(const RuntimeConfig& rt, const std::string& recipe_pat
               : torch::Device(torch::kCPU);
 }
 
+// What the micro-batches of one optimizer step add up to on this rank, then over all ranks: losses and
+// metrics as means, token counts and expert loads as sums.
+struct StepTotals {
+  double loss = 0, aux = 0, z = 0;
+  int64_t tokens = 0, targets = 0;  // real tokens processed, tokens trained on
+  std::vector<torch::Tensor> loads;
+  std::vector<double> entropy;
+  std::map<std::string, double> metrics;
+
+  explicit StepTotals(int layers) : loads(static_cast<size_t>(layers)), entropy(static_cast<size_t>(layers), 0.0) {}
+
+  void add(const BatchLoss& l, int64_t accum) {
+    tokens += l.processed;
+    targets += l.tokens;
+    loss += l.loss / accum;
+    aux += l.aux / accum;
+    z += l.z / accum;
+    for (const auto& [k, v] : l.metrics) metrics[k] += v / static_cast<double>(accum);
+    for (size_t i = 0; i < loads.size(); ++i) {
+      loads[i] = loads[i].defined() ? loads[i] + l.load_per_layer[i] : l.load_per_layer[i];
+      entropy[i] += l.entropy_per_layer[i] / accum;
+    }
+  }
+
+  void reduce(parallel::Layout& layout) {
+    if (layout.world() == 1) return;
+    const double W = layout.world();
+    std::vector<double> v{loss, aux, z, static_cast<double>(tokens), static_cast<double>(targets)};
+    for (double e : entropy) v.push_back(e);
+    for (const auto& [k, x] : metrics) v.push_back(x);
+    std::vector<torch::Tensor> buf{torch::tensor(v, torch::kDouble), torch::stack(loads).to(torch::kDouble).contiguous()};
+    layout.all_reduce_sum(buf);
+    auto s = buf[0].accessor<double, 1>();
+    loss = s[0] / W;
+    aux = s[1] / W;
+    z = s[2] / W;
+    tokens = static_cast<int64_t>(s[3]);
+    targets = static_cast<int64_t>(s[4]);
+    const auto L = static_cast<int64_t>(entropy.size());
+    for (int64_t i = 0; i < L; ++i) entropy[static_cast<size_t>(i)] = s[5 + i] / W;
+    int64_t k = 5 + L;
+    for (auto& [name, x] : metrics) x = s[k++] / W;
+    for (int64_t i = 0; i < L; ++i) loads[static_cast<size_t>(i)] = buf[1][i].to(torch::kLong);
+  }
+};
+
+// Test hook: an interruption right after the checkpoint of step MOEFORGE_TEST_KILL_AFTER_CHECKPOINT (resume
+// tests), of one rank (MOEFORGE_TEST_KILL_RANK, default every rank), by SIGKILL or SIGSTOP (a hung rank).
+void maybe_stop_for_test(int64_t step, int rank) {
+  const char* kill_after = std::getenv("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT");
+  const char* kill_rank = std::getenv("MOEFORGE_TEST_KILL_RANK");
+  if (kill_after && std::to_string(step) == kill_after && (!kill_rank || std::to_string(rank) == kill_rank))
+    std::raise(std::getenv("MOEFORGE_TEST_KILL_SIGNAL") && std::string(std::getenv("MOEFORGE_TEST_KILL_SIGNAL")) == "STOP"
+                   ? SIGSTOP
+                   : SIGKILL);
+}
+
 }  // namespace
 
 TrainResult run_training(const Recipe& r, bool force_resume) {
-  // Ranks: WORLD_SIZE processes (one when the variables are not set) = DP data-parallel replicas x EP
-  // expert-parallel ranks. Ranks dp*EP .. dp*EP+EP-1 share one copy of the experts (an expert-parallel
-  // group); the ranks holding the same experts (one per replica) average their gradients.
   const parallel::DistEnv denv = parallel::read_dist_env();
-  const int W = denv.world_size, rank = denv.rank;
-  const int EP = static_cast<int>(r.parallel_expert);
-  if (W % EP != 0)
-    throw UserError(r.path + ": key 'parallel.expert': " + std::to_string(EP) + " does not divide the number of processes (" +
-                    std::to_string(W) + (W == 1 ? "; start the ranks with `moeforge launch --nproc-per-node N -- train ...`"
-                                                : "") + ")");
-  const int DP = W / EP, ep_rank = rank % EP, dp_rank = rank / EP;
-  int want_threads = r.runtime.threads;
-  if (want_threads == 0 && W > 1) {  // share the cores among the ranks of this machine
-    const char* lws = std::getenv("LOCAL_WORLD_SIZE");
-    const int local = lws ? std::max(1, std::atoi(lws)) : W;
-    want_threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local);
-  }
-  const int threads = compat::configure_threads(want_threads);
+  const int threads = parallel::configure_rank_threads(r.runtime.threads, denv.world_size);
   const torch::Device device = pick_device(r.runtime, r.path, denv.local_rank);
   const std::string run_dir = r.output_dir;
   const bool resume = force_resume || r.resume == "auto";
@@ -134,25 +161,18 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   if (fs::exists(run_dir) && !fs::is_empty(run_dir) && !resume)
     throw UserError(run_dir + ": run directory already exists; set 'resume: auto' (or pass --resume) to continue it, "
                               "or choose another output_dir");
-  std::unique_ptr<parallel::Dist> dist =
-      W > 1 ? std::make_unique<parallel::Dist>(denv, std::chrono::milliseconds(r.parallel_timeout_s * 1000), device)
-            : std::make_unique<parallel::Dist>();
-  dist->barrier();  // every rank has checked the run directory before rank 0 writes into it
-  std::shared_ptr<parallel::Group> ep_group, replica_group;
-  if (EP > 1) {
-    std::vector<int> ep_ranks, replica_ranks;
-    for (int k = 0; k < EP; ++k) ep_ranks.push_back(dp_rank * EP + k);
-    for (int j = 0; j < DP; ++j) replica_ranks.push_back(j * EP + ep_rank);
-    ep_group = dist->new_group("ep" + std::to_string(dp_rank), ep_ranks);
-    replica_group = dist->new_group("experts" + std::to_string(ep_rank), replica_ranks);
-  }
-  const bool main_rank = dist->is_main();
+  parallel::LayoutOptions lo;
+  lo.expert = static_cast<int>(r.parallel_expert);
+  lo.zero = r.parallel_zero == 1;
+  lo.timeout = std::chrono::milliseconds(r.parallel_timeout_s * 1000);
+  lo.source = r.path;
+  parallel::Layout layout(denv, lo, device);
+  layout.barrier();  // every rank has checked the run directory before rank 0 writes into it
+  const bool main_rank = layout.is_main();
   const ModelConfig& cfg = r.model;
   const auto& tc = r.train;
 
-  // Data: what the stage trains on.
-  std::unique_ptr<StageData> data = make_stage_data(r);
-  const std::string tokenizer = data->tokenizer();
+  std::unique_ptr<Stage> stage = make_stage(r);
 
   // Model and optimizer.
   torch::manual_seed(tc.seed);  // the global generator drives router jitter only
@@ -163,35 +183,14 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   // Weights of a checkpoint in any expert-parallel layout load into the full model; then this rank keeps
   // its experts.
   if (latest) load_model_weights(*latest, model);
-  if (EP > 1) parallel::apply_expert_parallel(model, ep_group);
+  layout.hold(model);
   model->to(device);
   model->train();
-  std::vector<std::pair<std::string, torch::Tensor>> named;
-  std::vector<torch::Tensor> params, dense_params, expert_params;
-  for (auto& p : model->named_parameters()) {
-    named.emplace_back(p.key(), p.value());
-    params.push_back(p.value());
-    (is_expert_param(p.key()) ? expert_params : dense_params).push_back(p.value());
-  }
-  // ZeRO-1: dense parameters have W copies (one per rank), experts DP copies (one per replica).
-  const bool zero = r.parallel_zero == 1 && W > 1;
-  std::vector<int> dense_owner, expert_owner;
-  std::vector<bool> owned;
-  if (zero) {
-    dense_owner = parallel::assign_owners(dense_params, W);
-    expert_owner = parallel::assign_owners(expert_params, DP);
-    size_t di = 0, ei = 0;
-    for (const auto& [name, p] : named)
-      owned.push_back(is_expert_param(name) ? expert_owner[ei++] == dp_rank : dense_owner[di++] == rank);
-  }
-  AdamW opt(named, AdamWOptions{r.optim.beta1, r.optim.beta2, r.optim.eps, r.optim.weight_decay}, owned);
-  if (zero)
-    MF_INFO("ZeRO-1: optimizer state " << opt.state_bytes() / 1024 << " KiB on rank " << rank << " (of "
-                                       << [&] {
-                                         int64_t b = 0;
-                                         for (const auto& p : params) b += p.numel() * 8 + 8;
-                                         return b / 1024;
-                                       }() << " KiB unsharded)");
+  AdamW opt(layout.named_parameters(), AdamWOptions{r.optim.beta1, r.optim.beta2, r.optim.eps, r.optim.weight_decay},
+            layout.owned());
+  if (layout.zero())
+    MF_INFO("ZeRO-1: optimizer state " << opt.state_bytes() / 1024 << " KiB on rank " << layout.rank() << " (of "
+                                       << layout.unsharded_state_bytes() / 1024 << " KiB unsharded)");
 
   const int64_t tokens_per_step = tc.micro_batch_size * tc.seq_len * tc.grad_accum;
   int64_t total_steps = tc.max_steps;
@@ -200,54 +199,44 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   TrainerState state;
   state.seq_len = tc.seq_len;
   state.seed = tc.seed;
-  bool resumed = false;  // for the log line below
-  if (resume) {
-    if (latest) {
-      load_training_state(*latest, opt, state);
-      if (state.seq_len != tc.seq_len || state.seed != tc.seed)
-        throw UserError(*latest + ": was trained with seq_len " + std::to_string(state.seq_len) + " and seed " +
-                        std::to_string(state.seed) + "; the recipe now says " + std::to_string(tc.seq_len) + " and " +
-                        std::to_string(tc.seed));
-      resumed = true;
-      MF_INFO("resuming from " << *latest << " (step " << state.step << ")");
-    }
+  if (latest) {
+    load_training_state(*latest, opt, state);
+    if (state.seq_len != tc.seq_len || state.seed != tc.seed)
+      throw UserError(*latest + ": was trained with seq_len " + std::to_string(state.seq_len) + " and seed " +
+                      std::to_string(state.seed) + "; the recipe now says " + std::to_string(tc.seq_len) + " and " +
+                      std::to_string(tc.seed));
+    MF_INFO("resuming from " << *latest << " (step " << state.step << ")");
   }
+  const bool resumed = latest.has_value();
   std::unique_ptr<MetricsLog> metrics;
   if (main_rank) {
     fs::create_directories(run_dir);
-    std::ofstream(run_dir + "/config.yaml.tmp") << r.yaml;
-    fs::rename(run_dir + "/config.yaml.tmp", run_dir + "/config.yaml");
+    write_file_atomic(run_dir + "/config.yaml", r.yaml);
     metrics = std::make_unique<MetricsLog>(run_dir, state.step);  // drops lines written after the last checkpoint
   }
-  dist->barrier();
-  data->start(run_dir, device, main_rank);
+  layout.barrier();
+  stage->start(run_dir, device, main_rank);
 
   const std::string dev_name = device.is_cuda() ? "cuda" : "cpu";
   const bool bf16 = device.is_cuda() && r.runtime.precision == "bf16";
   // MFU compares the tokens of all ranks with the matmul rate of all ranks (each measured with its threads).
   const double peak = [&] {
     std::vector<torch::Tensor> v{torch::tensor({measure_peak_gflops(dev_name)}, torch::kDouble)};
-    dist->all_reduce_sum(v);
+    layout.all_reduce_sum(v);
     return v[0].item<double>();
   }();
   const double flops_per_token = training_flops_per_token(cfg, tc.seq_len);
   const ParamCounts pc = count_params(cfg);
+  const int W = layout.world();
   if (!resumed) MF_INFO("starting a new run in " << run_dir);
   MF_INFO("model " << cfg.name << ": " << pc.total << " parameters, " << pc.active << " active; " << dev_name << ", "
                    << threads << " threads; peak matmul " << static_cast<int>(peak) << " GFLOP/s");
   MF_INFO("training " << total_steps << " steps of " << tokens_per_step * W << " tokens (" << tc.micro_batch_size
                       << " x " << tc.seq_len << " x " << tc.grad_accum << " accumulation"
                       << (W > 1 ? " x " + std::to_string(W) + " ranks" : std::string()) << "); "
-                      << (W > 1 ? "layout " + std::to_string(DP) + " data-parallel x " + std::to_string(EP) +
-                                      " expert-parallel; "
-                                : std::string())
-                      << data->describe());
+                      << (W > 1 ? "layout " + layout.describe() + "; " : std::string()) << stage->describe());
 
   const int L = static_cast<int>(cfg.num_layers);
-  // The balancing coefficient this stage trains with (fine-tuning stages may set their own).
-  double aux_coef = cfg.moe.aux_loss_coef;
-  if (r.stage == "sft" && r.sft_aux_loss_coef) aux_coef = *r.sft_aux_loss_coef;
-  if (r.stage == "dpo" && r.dpo.aux_loss_coef) aux_coef = *r.dpo.aux_loss_coef;
   EvalResult last_eval;
   auto log_eval = [&](const EvalResult& ev) {
     nlohmann::json rec = {{"step", state.step}, {"val_loss", ev.loss}, {"val_tokens", ev.tokens}};
@@ -260,15 +249,15 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     if (metrics) metrics->write(rec, "val/");
     last_eval = ev;
     if (!main_rank) return;
-    if (r.stage == "dpo")
+    if (std::isnan(ev.perplexity))  // a loss that is not a likelihood (DPO) has no perplexity
       std::fprintf(stderr, "step %6ld/%ld | val loss %.4f%s\n", (long)state.step, (long)total_steps, ev.loss,
                    extra.c_str());
     else
       std::fprintf(stderr, "step %6ld/%ld | val loss %.4f | val ppl %.2f (%ld tokens)\n", (long)state.step,
                    (long)total_steps, ev.loss, ev.perplexity, (long)ev.tokens);
   };
-  // Fine-tuning starts from a trained model: record where the held-out numbers begin.
-  if (!resumed && r.stage != "pretrain") log_eval(data->evaluate(model, tc.micro_batch_size, tc.eval_batches, device));
+  if (!resumed && stage->evaluates_at_start())
+    log_eval(stage->evaluate(model, tc.micro_batch_size, tc.eval_batches, device));
   double train_seconds = 0;       // optimizer steps only (no eval, no checkpoints), this process
   int64_t tokens_this_run = 0;
   double interval_seconds = 0;
@@ -282,91 +271,45 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     const double lr = lr_at(state.step, total_steps, r.optim.warmup_steps, r.optim.lr, r.optim.min_lr,
                             r.optim.schedule, r.optim.decay_fraction);
     opt.zero_grad();
-    double ce = 0, aux = 0, z = 0, acc = 0;
-    std::map<std::string, double> extra;
-    std::vector<torch::Tensor> loads(static_cast<size_t>(L));
-    std::vector<double> entropy(static_cast<size_t>(L), 0.0);
-    int64_t step_tokens = 0, step_targets = 0;
+    StepTotals step(L);
     for (int64_t a = 0; a < tc.grad_accum; ++a) {
       BatchLoss l = [&] {
         compat::CudaBf16Autocast autocast(bf16);
-        // Micro-batch a of rank r is global micro-batch a * W + r: W ranks x A steps see what one process
-        // sees with W x A accumulation steps.
-        return data->train_batch(model, state.samples_seen + (a * W + rank) * tc.micro_batch_size,
-                                 tc.micro_batch_size, device);
+        return stage->train_batch(model, state.samples_seen + layout.global_micro_batch(a) * tc.micro_batch_size,
+                                  tc.micro_batch_size, device);
       }();
       (l.total / static_cast<double>(tc.grad_accum)).backward();
-      step_tokens += l.processed;
-      step_targets += l.tokens;
-      ce += l.loss / tc.grad_accum;
-      acc += l.accuracy / tc.grad_accum;
-      aux += l.aux / tc.grad_accum;
-      z += l.z / tc.grad_accum;
-      for (const auto& [k, v] : l.metrics) extra[k] += v / static_cast<double>(tc.grad_accum);
-      for (int i = 0; i < L; ++i) {
-        loads[i] = loads[i].defined() ? loads[i] + l.load_per_layer[i] : l.load_per_layer[i];
-        entropy[i] += l.entropy_per_layer[i] / tc.grad_accum;
-      }
+      step.add(l, tc.grad_accum);
     }
     state.samples_seen += tc.micro_batch_size * tc.grad_accum * W;
-    if (W > 1) {
-      if (EP == 1) {
-        parallel::sync_gradients(dist->world(), params, W);  // everything replicated: one bucket
-      } else {
-        parallel::sync_gradients(dist->world(), dense_params, W);
-        parallel::sync_gradients(*replica_group, expert_params, W);
-      }
-      // Logged numbers: means over the ranks (token counts and loads: sums).
-      std::vector<double> v{ce, acc, aux, z, static_cast<double>(step_tokens), static_cast<double>(step_targets)};
-      for (double e : entropy) v.push_back(e);
-      for (const auto& [k, x] : extra) v.push_back(x);
-      std::vector<torch::Tensor> buf{torch::tensor(v, torch::kDouble),
-                                     torch::stack(loads).to(torch::kDouble).contiguous()};
-      dist->all_reduce_sum(buf);
-      auto s = buf[0].accessor<double, 1>();
-      ce = s[0] / W;
-      acc = s[1] / W;
-      aux = s[2] / W;
-      z = s[3] / W;
-      step_tokens = static_cast<int64_t>(s[4]);
-      step_targets = static_cast<int64_t>(s[5]);
-      for (int i = 0; i < L; ++i) entropy[i] = s[6 + i] / W;
-      int k = 6 + L;
-      for (auto& [name, x] : extra) x = s[k++] / W;
-      for (int i = 0; i < L; ++i) loads[i] = buf[1][i].to(torch::kLong);
-    }
-    if (!std::isfinite(ce)) throw UserError("training diverged: loss is " + std::to_string(ce) + " at step " +
-                                            std::to_string(state.step + 1) + "; lower optim.lr");
-    const double gnorm = EP > 1 ? parallel::clip_grad_norm_sharded(dense_params, expert_params, *ep_group, r.optim.grad_clip)
-                                : clip_grad_norm(params, r.optim.grad_clip);
+    layout.sync_gradients();
+    step.reduce(layout);
+    if (!std::isfinite(step.loss))
+      throw UserError("training diverged: loss is " + std::to_string(step.loss) + " at step " +
+                      std::to_string(state.step + 1) + "; lower optim.lr");
+    const double gnorm = layout.clip_grad_norm(r.optim.grad_clip);
     opt.step(lr);
-    if (zero) {
-      parallel::share_updated_params(dist->world(), dense_params, dense_owner);
-      if (EP > 1) parallel::share_updated_params(*replica_group, expert_params, expert_owner);
-      else parallel::share_updated_params(dist->world(), expert_params, expert_owner);
-    }
+    layout.share_updated_parameters();
     if (cfg.moe.balance == Balance::AuxFreeBias) {
       auto blocks = model->moe_blocks();
-      for (int i = 0; i < L; ++i) blocks[i]->gate->update_expert_bias(loads[i], cfg.moe.bias_update_rate);
+      for (int i = 0; i < L; ++i) blocks[i]->gate->update_expert_bias(step.loads[i], cfg.moe.bias_update_rate);
     }
     state.step += 1;
-    state.tokens_seen += step_tokens;
-    state.target_tokens_seen += step_targets;
+    state.tokens_seen += step.tokens;
+    state.target_tokens_seen += step.targets;
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     train_seconds += dt;
-    tokens_this_run += step_tokens;
+    tokens_this_run += step.tokens;
     interval_seconds += dt;
-    interval_tokens += step_tokens;
+    interval_tokens += step.tokens;
     ++interval_steps;
-    last_loss = ce;
+    last_loss = step.loss;
 
     if (state.step % tc.log_interval == 0 || state.step == total_steps) {
       const double tps = interval_tokens / std::max(interval_seconds, 1e-9);
       const double eta = (total_steps - state.step) * interval_seconds / std::max<int64_t>(1, interval_steps);
-      nlohmann::json rec = {{"step", state.step}, {"loss", ce}, {"aux_loss", aux}, {"z_loss", z},
-                            {"total_loss", ce + (cfg.moe.balance == Balance::AuxLoss ? aux_coef * aux : 0.0) +
-                                               cfg.moe.z_loss_coef * z +
-                                               (r.stage == "dpo" && extra.count("nll_loss") ? r.dpo.rpo_alpha * extra["nll_loss"] : 0.0)},
+      nlohmann::json rec = {{"step", state.step}, {"loss", step.loss}, {"aux_loss", step.aux}, {"z_loss", step.z},
+                            {"total_loss", stage->total_loss(step.loss, step.aux, step.z, step.metrics)},
                             {"lr", lr}, {"grad_norm", gnorm}, {"tokens_per_second", tps},
                             {"tokens", state.tokens_seen}, {"tokens_trained", state.target_tokens_seen},
                             {"mfu", flops_per_token * tps / (peak * 1e9)}};
@@ -374,19 +317,17 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
                      cv = nlohmann::json::array(), ent = nlohmann::json::array();
       double worst = 0;
       for (int i = 0; i < L; ++i) {
-        auto li = loads[i].to(torch::kLong);
+        auto li = step.loads[i].to(torch::kLong);
         std::vector<int64_t> v(li.data_ptr<int64_t>(), li.data_ptr<int64_t>() + li.numel());
+        const BalanceStats b = balance_stats(v);
         load_json.push_back(v);
-        const double mean = li.to(torch::kDouble).mean().item<double>();
-        const double mx = li.max().item<int64_t>();
-        maxmean.push_back(mean > 0 ? mx / mean : 0.0);
-        worst = std::max(worst, mean > 0 ? mx / mean : 0.0);
-        cv.push_back(load_cv(li));
-        ent.push_back(entropy[i]);
+        maxmean.push_back(b.max_over_mean);
+        worst = std::max(worst, b.max_over_mean);
+        cv.push_back(b.cv);
+        ent.push_back(step.entropy[i]);
       }
       rec["load_max_over_mean"] = worst;
-      if (r.stage == "sft") rec["token_accuracy"] = acc;
-      for (const auto& [k, v] : extra) rec[k] = v;
+      for (const auto& [k, v] : step.metrics) rec[k] = v;
       nlohmann::json full = rec;
       full["expert_load"] = load_json;
       full["layer_load_max_over_mean"] = maxmean;
@@ -395,15 +336,16 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       if (metrics) metrics->write(full, "train/");
       if (main_rank)
         std::fprintf(stderr,
-                   "step %6ld/%ld | loss %.4f | aux %.3f | z %.3f | lr %.2e | gnorm %.3f | %.0f tok/s | "
-                   "max/mean load %.2f | ETA %s\n",
-                   (long)state.step, (long)total_steps, ce, aux, z, lr, gnorm, tps, worst, fmt_duration(eta).c_str());
+                     "step %6ld/%ld | loss %.4f | aux %.3f | z %.3f | lr %.2e | gnorm %.3f | %.0f tok/s | "
+                     "max/mean load %.2f | ETA %s\n",
+                     (long)state.step, (long)total_steps, step.loss, step.aux, step.z, lr, gnorm, tps, worst,
+                     fmt_duration(eta).c_str());
       interval_seconds = 0;
       interval_tokens = 0;
       interval_steps = 0;
     }
     if (state.step % tc.eval_interval == 0 || state.step == total_steps) {
-      EvalResult ev = data->evaluate(model, tc.micro_batch_size, tc.eval_batches, device);
+      EvalResult ev = stage->evaluate(model, tc.micro_batch_size, tc.eval_batches, device);
       last_val = ev.loss;
       log_eval(ev);
     }
@@ -414,33 +356,11 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       c.model = model;
       c.optimizer = &opt;
       c.state = &state;
-      c.tokenizer_path = tokenizer;
+      c.tokenizer_path = stage->tokenizer();
       c.recipe_yaml = r.yaml;
-      c.expert_shards = EP;
-      c.expert_shard = ep_rank;
-      c.data_parallel = DP;
-      if (zero) {
-        c.optimizer_parts = W;
-        c.optimizer_part = rank;
-      }
-      if (c.sharded()) {  // every rank writes its optimizer part (ZeRO-1), the first replica its experts
-        if (main_rank) begin_sharded_checkpoint(run_dir, state.step);
-        dist->barrier();
-        if (!main_rank) write_rank_files(sharded_staging_dir(run_dir, state.step), c, dp_rank == 0);
-        dist->barrier();
-      }
-      if (main_rank) {  // replicas hold the same weights and optimizer state
-        auto dir = save_checkpoint(run_dir, c, static_cast<int>(tc.keep_checkpoints));
-        MF_INFO("checkpoint " << dir);
-      }
-      dist->barrier();
-      // Test hook: an interruption right after this checkpoint (resume tests).
-      const char* kill_after = std::getenv("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT");
-      const char* kill_rank = std::getenv("MOEFORGE_TEST_KILL_RANK");  // only this rank (default: every rank)
-      if (kill_after && std::to_string(state.step) == kill_after && (!kill_rank || std::to_string(rank) == kill_rank))
-        std::raise(std::getenv("MOEFORGE_TEST_KILL_SIGNAL") && std::string(std::getenv("MOEFORGE_TEST_KILL_SIGNAL")) == "STOP"
-                       ? SIGSTOP  // a hung rank
-                       : SIGKILL);
+      const std::string dir = save_checkpoint(layout, run_dir, c, static_cast<int>(tc.keep_checkpoints));
+      if (main_rank) MF_INFO("checkpoint " << dir);
+      maybe_stop_for_test(state.step, layout.rank());
     }
   }
 
@@ -449,7 +369,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   res.steps = state.step;
   res.final_train_loss = last_loss;
   if (std::isnan(last_val)) {
-    EvalResult ev = data->evaluate(model, tc.micro_batch_size, tc.eval_batches, device);
+    EvalResult ev = stage->evaluate(model, tc.micro_batch_size, tc.eval_batches, device);
     last_val = ev.loss;
     last_eval = ev;
   }
@@ -462,7 +382,8 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       {"tokens", state.tokens_seen},
       {"final_train_loss", std::isnan(last_loss) ? nlohmann::json(nullptr) : nlohmann::json(last_loss)},
       {"final_val_loss", last_val},
-      {"final_val_perplexity", r.stage == "dpo" ? nlohmann::json(nullptr) : nlohmann::json(std::exp(last_val))},
+      {"final_val_perplexity",
+       std::isnan(last_eval.perplexity) ? nlohmann::json(nullptr) : nlohmann::json(std::exp(last_val))},
       {"tokens_per_second", res.tokens_per_second},
       {"mfu", res.mfu},
       {"peak_gflops", peak},
@@ -473,11 +394,11 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       {"threads", threads},
       {"elapsed_s", elapsed_before + std::chrono::duration<double>(Clock::now() - run_start).count()}};
   for (const auto& [k, v] : last_eval.metrics) summary["final_val_" + k] = v;
-  data->summarize(summary);
-  summary["data_parallel_ranks"] = DP;
-  summary["expert_parallel_ranks"] = EP;
+  stage->summarize(summary);
+  summary["data_parallel_ranks"] = layout.data_parallel();
+  summary["expert_parallel_ranks"] = layout.expert_parallel();
   summary["world_size"] = W;
-  if (main_rank) write_json_atomic(run_dir + "/summary.json", summary);
+  if (main_rank) write_file_atomic(run_dir + "/summary.json", summary.dump(2) + "\n");
   const double h = summary.value("unigram_entropy", NAN);
   std::string extra;
   if (!std::isnan(h)) extra = " (unigram entropy of the val tokens " + std::to_string(h).substr(0, 6) + ")";
@@ -485,7 +406,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     if (last_eval.metrics.count(k)) extra += " | val " + std::string(k) + " " + std::to_string(last_eval.metrics.at(k)).substr(0, 6);
   if (main_rank)
     std::fprintf(stderr, "done: %ld steps | final val loss %.4f%s | %.0f tokens/s | MFU %.1f%% of a %.0f GFLOP/s matmul\n",
-               (long)state.step, last_val, extra.c_str(), res.tokens_per_second, 100 * res.mfu, peak);
+                 (long)state.step, last_val, extra.c_str(), res.tokens_per_second, 100 * res.mfu, peak);
   return res;
 }
 

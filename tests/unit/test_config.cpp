@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <string>
 
+#include "io/model_config_yaml.h"
 #include "core/error.h"
 #include "model/config.h"
 #include "test_util.h"
@@ -49,7 +50,7 @@ std::string variant(const std::string& from, const std::string& to) {
 std::string error_of(const std::string& text) {
   auto path = write_temp("cfg.yaml", text);
   try {
-    load_model_config(path);
+    io::load_model_config(path);
   } catch (const UserError& e) {
     std::remove(path.c_str());
     return e.what();
@@ -70,7 +71,7 @@ void expect_error(const std::string& text, const std::vector<std::string>& needl
 
 TEST(Config, GoodConfigParses) {
   auto path = write_temp("good.yaml", kGood);
-  ModelConfig c = load_model_config(path);
+  ModelConfig c = io::load_model_config(path);
   EXPECT_EQ(c.hidden_size, 32);
   EXPECT_EQ(c.resolved_head_dim(), 8);
   EXPECT_FALSE(c.sliding_window.has_value());
@@ -118,7 +119,7 @@ TEST(Config, HeadDimLiftsDivisibility) {
 TEST(Config, SyntaxErrorAndMissingFile) {
   expect_error("hidden_size: [1, 2\n", {"YAML syntax error"});
   try {
-    load_model_config("/nonexistent/dir/cfg.yaml");
+    io::load_model_config("/nonexistent/dir/cfg.yaml");
     FAIL() << "no error";
   } catch (const UserError& e) {
     EXPECT_NE(std::string(e.what()).find("/nonexistent/dir/cfg.yaml"), std::string::npos);
@@ -127,21 +128,21 @@ TEST(Config, SyntaxErrorAndMissingFile) {
 
 TEST(Config, OverridesApply) {
   auto path = write_temp("ovr.yaml", kGood);
-  ModelConfig c = load_model_config(path, {"moe.num_experts=8", "sliding_window=16", "name=x"});
+  ModelConfig c = io::load_model_config(path, {"moe.num_experts=8", "sliding_window=16", "name=x"});
   EXPECT_EQ(c.moe.num_experts, 8);
   EXPECT_EQ(c.sliding_window.value(), 16);
   EXPECT_EQ(c.name, "x");
-  EXPECT_THROW(load_model_config(path, {"moe.num_expertz=8"}), UserError);
-  EXPECT_THROW(load_model_config(path, {"novalue"}), UserError);
+  EXPECT_THROW(io::load_model_config(path, {"moe.num_expertz=8"}), UserError);
+  EXPECT_THROW(io::load_model_config(path, {"novalue"}), UserError);
   std::remove(path.c_str());
 }
 
 TEST(Config, YamlRoundTrip) {
   auto path = write_temp("rt.yaml", kGood);
-  ModelConfig a = load_model_config(path, {"sliding_window=8", "head_dim=16"});
-  auto path2 = write_temp("rt2.yaml", model_config_to_yaml(a));
-  ModelConfig b = load_model_config(path2);
-  EXPECT_EQ(model_config_to_yaml(a), model_config_to_yaml(b));
+  ModelConfig a = io::load_model_config(path, {"sliding_window=8", "head_dim=16"});
+  auto path2 = write_temp("rt2.yaml", io::model_config_to_yaml(a));
+  ModelConfig b = io::load_model_config(path2);
+  EXPECT_EQ(io::model_config_to_yaml(a), io::model_config_to_yaml(b));
   EXPECT_EQ(b.sliding_window.value(), 8);
   EXPECT_EQ(b.head_dim.value(), 16);
   std::remove(path.c_str());
@@ -150,7 +151,7 @@ TEST(Config, YamlRoundTrip) {
 
 TEST(Config, ShippedConfigsParse) {
   for (const char* name : {"tiny", "small", "mixtral-8x7b", "mixtral-8x22b"}) {
-    ModelConfig c = load_model_config(test::source_path(std::string("configs/") + name + ".yaml"));
+    ModelConfig c = io::load_model_config(test::source_path(std::string("configs/") + name + ".yaml"));
     EXPECT_GT(c.num_layers, 0) << name;
   }
 }

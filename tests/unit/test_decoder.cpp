@@ -1,4 +1,7 @@
 #include <gtest/gtest.h>
+
+#include <algorithm>
+#include <numeric>
 #include <torch/torch.h>
 
 #include <regex>
@@ -70,20 +73,55 @@ TEST(Decoder, InitIsDeterministicFromSeed) {
   EXPECT_NEAR(std, c.init_std, 0.2 * c.init_std);
 }
 
+// The outputs against references computed here: the logits are the final hidden states times the LM head
+// (a naive dot product), and every layer's routing statistics follow from its router logits by hand
+// (top-k choices, gate weights = softmax over the chosen logits, counts per expert, mean entropy).
 TEST(Decoder, OutputsAndRoutingStatistics) {
   ModelConfig c = test::tiny_config();
   MixtralForCausalLM m(c);
   init_weights(*m, c.init_std, 4);
+  m->eval();
+  torch::NoGradGuard ng;
   auto ids = torch::randint(0, c.vocab_size, {2, 6}, torch::kLong);
   auto out = m->forward(ids);
-  EXPECT_EQ(out.logits.sizes(), torch::IntArrayRef({2, 6, c.vocab_size}));
+  ASSERT_EQ(out.logits.sizes(), torch::IntArrayRef({2, 6, c.vocab_size}));
   ASSERT_EQ(static_cast<int64_t>(out.router.size()), c.num_layers);
+  auto h = out.hidden.to(torch::kDouble).reshape({12, c.hidden_size});
+  auto w = m->lm_head_weight().to(torch::kDouble);
+  auto lg = out.logits.to(torch::kDouble).reshape({12, c.vocab_size});
+  for (int64_t t : {0, 5, 11})
+    for (int64_t v : {0, 17, c.vocab_size - 1}) {
+      double dot = 0;
+      for (int64_t i = 0; i < c.hidden_size; ++i) dot += h[t][i].item<double>() * w[v][i].item<double>();
+      EXPECT_NEAR(lg[t][v].item<double>(), dot, 1e-4) << t << "," << v;
+    }
+  const int64_t E = c.moe.num_experts, K = c.moe.num_experts_per_tok;
   for (auto& r : out.router) {
-    EXPECT_EQ(r.logits_NE.sizes(), torch::IntArrayRef({12, c.moe.num_experts}));
-    EXPECT_EQ(r.tokens_per_expert.sum().item<int64_t>(), 12 * c.moe.num_experts_per_tok);
-    double h = r.entropy.item<double>();
-    EXPECT_GT(h, 0.0);
-    EXPECT_LE(h, std::log(static_cast<double>(c.moe.num_experts)) + 1e-6);
+    ASSERT_EQ(r.logits_NE.sizes(), torch::IntArrayRef({12, E}));
+    auto L = r.logits_NE.to(torch::kDouble);
+    std::vector<int64_t> count(static_cast<size_t>(E), 0);
+    double entropy = 0;
+    for (int64_t n = 0; n < 12; ++n) {
+      std::vector<double> row(static_cast<size_t>(E));
+      for (int64_t e = 0; e < E; ++e) row[static_cast<size_t>(e)] = L[n][e].item<double>();
+      std::vector<int64_t> order(static_cast<size_t>(E));
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return row[a] > row[b]; });
+      double zk = 0, z = 0, mx = row[static_cast<size_t>(order[0])];
+      for (int64_t j = 0; j < K; ++j) zk += std::exp(row[static_cast<size_t>(order[j])] - mx);
+      for (double x : row) z += std::exp(x - mx);
+      for (int64_t j = 0; j < K; ++j) {
+        EXPECT_EQ(r.topk_idx_NK[n][j].item<int64_t>(), order[j]) << "token " << n << " choice " << j;
+        EXPECT_NEAR(r.topk_weight_NK[n][j].item<double>(), std::exp(row[static_cast<size_t>(order[j])] - mx) / zk, 1e-5);
+        ++count[static_cast<size_t>(order[j])];
+      }
+      for (double x : row) {
+        const double p = std::exp(x - mx) / z;
+        entropy -= p * std::log(p) / 12.0;
+      }
+    }
+    for (int64_t e = 0; e < E; ++e) EXPECT_EQ(r.tokens_per_expert[e].item<int64_t>(), count[static_cast<size_t>(e)]);
+    EXPECT_NEAR(r.entropy.item<double>(), entropy, 1e-5);
   }
 }
 

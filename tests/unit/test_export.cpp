@@ -13,6 +13,7 @@
 #include "io/gguf.h"
 #include "io/gguf_export.h"
 #include "io/hf_checkpoint.h"
+#include "io/hf_import.h"
 #include "io/safetensors.h"
 #include "model/decoder.h"
 #include "test_util.h"
@@ -114,7 +115,7 @@ TEST(ExportHf, RoundTripFp32IsExactAndBf16WithinRounding) {
   o.dtype = "fp32";
   io::export_hf(c, params_of(m), o);
   MixtralForCausalLM back(io::HfCheckpoint(dir / "fp32").config());
-  train::load_hf_weights(dir / "fp32", back);
+  io::load_hf_weights(dir / "fp32", back);
   back->eval();
   EXPECT_TRUE(torch::equal(logits_of(back, ids), ref));
 
@@ -122,7 +123,7 @@ TEST(ExportHf, RoundTripFp32IsExactAndBf16WithinRounding) {
   o.dtype = "bf16";
   io::export_hf(c, params_of(m), o);
   MixtralForCausalLM b16(c);
-  train::load_hf_weights(dir / "bf16", b16);
+  io::load_hf_weights(dir / "bf16", b16);
   b16->eval();
   // Exactly the bf16-rounded weights ...
   MixtralForCausalLM rounded(c);
@@ -236,7 +237,7 @@ TEST(ImportHf, FusedLayoutGivesTheSameModel) {
   io::HfCheckpoint fck(dir / "fused");
   EXPECT_EQ(fck.layout(), "fused");
   MixtralForCausalLM a(c), b(c);
-  train::load_hf_weights(dir / "fused", a);
+  io::load_hf_weights(dir / "fused", a);
   // The same weights through the per-expert layout (rounded to bf16 like the fused file).
   {
     torch::NoGradGuard ng;
@@ -252,7 +253,7 @@ TEST(ImportHf, FusedLayoutGivesTheSameModel) {
   fused.emplace_back("model.layers.0.mlp.shared_expert.weight", torch::zeros({2, 2}));
   io::write_safetensors(dir / "fused/model.safetensors", fused, {{"format", "pt"}});
   MixtralForCausalLM d(c);
-  EXPECT_THROW(train::load_hf_weights(dir / "fused", d), UserError);
+  EXPECT_THROW(io::load_hf_weights(dir / "fused", d), UserError);
 }
 
 TEST(ImportHf, BadConfigsAreUserErrors) {

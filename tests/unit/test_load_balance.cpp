@@ -84,11 +84,48 @@ TEST(ZLoss, HandComputedAndMasked) {
   EXPECT_NEAR(router_z_loss({logits, other}, mask).item<double>(), (l2 * l2 + l4 * l4 + 2 * l2 * l2) / 4, 1e-12);
 }
 
+// The gradient reaches the logits through P only (f counts choices): by hand, for token n,
+// d aux / d logit[n, e] = (E / N) * p[n, e] * (c[e] - sum_e' p[n, e'] c[e']), c[e] = sum_j f[j, e].
 TEST(LoadBalance, GradientFlowsToLogits) {
-  auto logits = torch::randn({8, 4}, torch::requires_grad());
-  auto aux = load_balancing_loss({logits}, {topk_of(logits.detach(), 2)});
+  const int64_t N = 8, E = 4, K = 2;
+  auto logits = torch::randn({N, E}, torch::kDouble).requires_grad_(true);
+  auto idx = topk_of(logits.detach(), K);
+  auto aux = load_balancing_loss({logits}, {idx});
   aux.backward();
-  EXPECT_GT(logits.grad().abs().sum().item<double>(), 0.0);
+  auto p = torch::softmax(logits.detach(), -1);
+  auto pa = p.accessor<double, 2>();
+  auto ia = idx.accessor<int64_t, 2>();
+  std::vector<double> c(E, 0.0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < K; ++j) c[static_cast<size_t>(ia[n][j])] += 1.0 / N;
+  auto g = logits.grad().accessor<double, 2>();
+  double total = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    double pc = 0;
+    for (int64_t e = 0; e < E; ++e) pc += pa[n][e] * c[static_cast<size_t>(e)];
+    for (int64_t e = 0; e < E; ++e) {
+      const double want = static_cast<double>(E) / N * pa[n][e] * (c[static_cast<size_t>(e)] - pc);
+      EXPECT_NEAR(g[n][e], want, 1e-12) << n << "," << e;
+      total += std::abs(want);
+    }
+  }
+  EXPECT_GT(total, 1e-3);  // not a vacuous zero gradient
+}
+
+TEST(LoadBalance, BalanceStatsByHand) {
+  // Loads (10, 2, 0, 4): mean 4, max/mean 2.5, population std sqrt((36 + 4 + 16 + 0) / 4) = sqrt(14),
+  // dead: under 0.4 -> one expert.
+  const BalanceStats b = balance_stats({10, 2, 0, 4});
+  EXPECT_DOUBLE_EQ(b.max_over_mean, 2.5);
+  EXPECT_NEAR(b.cv, std::sqrt(14.0) / 4.0, 1e-12);
+  EXPECT_EQ(b.dead_experts, 1);
+  const BalanceStats even = balance_stats({3, 3, 3});
+  EXPECT_DOUBLE_EQ(even.max_over_mean, 1.0);
+  EXPECT_DOUBLE_EQ(even.cv, 0.0);
+  EXPECT_EQ(even.dead_experts, 0);
+  const BalanceStats none = balance_stats({0, 0});  // no tokens: nothing is meaningful, nothing divides by 0
+  EXPECT_DOUBLE_EQ(none.max_over_mean, 0.0);
+  EXPECT_DOUBLE_EQ(none.cv, 0.0);
 }
 
 TEST(LoadBalance, LoadCv) {

@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include "io/model_config_yaml.h"
 #include "model/config.h"
 #include "model/decoder.h"
 #include "model/param_count.h"
@@ -9,7 +10,7 @@ using namespace moeforge;
 
 namespace {
 ModelConfig shipped(const std::string& name) {
-  return load_model_config(test::source_path("configs/" + name + ".yaml"));
+  return io::load_model_config(test::source_path("configs/" + name + ".yaml"));
 }
 int64_t allocated_numel(const ModelConfig& c) {
   MixtralForCausalLM m(c);

@@ -9,6 +9,7 @@
 #include "test_util.h"
 #include "train/lm_objective.h"
 #include "model/param_count.h"
+#include "parallel/grad_sync.h"
 #include "train/optimizer.h"
 #include "train/recipe.h"
 #include "train/schedule.h"
@@ -65,7 +66,7 @@ TEST(ClipGradNorm, ScalesToMaxNorm) {
   auto a = torch::zeros({2}).requires_grad_(true), b = torch::zeros({1}).requires_grad_(true);
   a.mutable_grad() = torch::tensor({3.0f, 0.0f});
   b.mutable_grad() = torch::tensor({4.0f});
-  EXPECT_NEAR(clip_grad_norm({a, b}, 1.0), 5.0, 1e-6);
+  EXPECT_NEAR(parallel::clip_grad_norm({a, b}, 1.0), 5.0, 1e-6);
   EXPECT_NEAR(std::sqrt(a.grad().pow(2).sum().item<double>() + b.grad().pow(2).sum().item<double>()), 1.0, 1e-5);
 }
 

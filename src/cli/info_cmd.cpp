@@ -1,12 +1,14 @@
-// moeforge info CONFIG [--json]: parameter counts and memory, from the config alone.
+// moeforge info CONFIG [--json]: parameter counts and memory, from the config alone; info --keys: the key reference.
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "io/model_config_yaml.h"
 #include "cli/cli.h"
 #include "core/error.h"
 #include "model/config.h"
 #include "model/param_count.h"
+#include "train/recipe_keys.h"
 
 namespace moeforge::cli {
 
@@ -37,14 +39,41 @@ std::string gib(double bytes) {
 
 }  // namespace
 
+// `info --keys`: every key of a model config and of a recipe, with its type, default and meaning, from the
+// declarations that parsing and the YAML writer use (docs/keys.md is this output).
+static int print_keys(bool json) {
+  const ModelConfig model_defaults;
+  const train::Recipe recipe_defaults;
+  const auto model = io::model_config_keys().reference(model_defaults);
+  const auto recipe = train::recipe_keys().reference(recipe_defaults);
+  if (json) {
+    nlohmann::json j;
+    for (const auto* set : {&model, &recipe}) {
+      auto& out = j[set == &model ? "model" : "recipe"];
+      out = nlohmann::json::array();
+      for (const auto& k : *set)
+        out.push_back({{"key", k.name}, {"type", k.type}, {"default", k.default_value}, {"help", k.help}});
+    }
+    std::cout << j.dump(1) << "\n";
+    return 0;
+  }
+  std::cout << train::key_reference_markdown();
+  return 0;
+}
+
 int cmd_info(const Args& in) {
   Args args = in;
   const bool json = take_flag(args, "--json");
+  const bool keys = take_flag(args, "--keys");
   auto overrides = take_repeated(args, "--set");
-  reject_unknown_flags(args, "info", {"--json", "--set"});
-  if (args.size() != 1) throw UserError("info: expected one CONFIG file (usage: moeforge info CONFIG [--json])");
+  reject_unknown_flags(args, "info", {"--json", "--set", "--keys"});
+  if (keys) {
+    if (!args.empty() || !overrides.empty()) throw UserError("info --keys: takes no CONFIG (usage: moeforge info --keys [--json])");
+    return print_keys(json);
+  }
+  if (args.size() != 1) throw UserError("info: expected one CONFIG file (usage: moeforge info CONFIG [--json] | info --keys)");
   const std::string path = args[0];
-  ModelConfig c = load_model_config(path, overrides);
+  ModelConfig c = io::load_model_config(path, overrides);
   ParamCounts p = count_params(c);
   MemoryEstimate m = estimate_memory(p);
 

@@ -1,8 +1,9 @@
-// moeforge tokenizer train | prepare | train | eval
+// moeforge eval CHECKPOINT: held-out loss (--data / --text), exact match of greedy completions (--generate),
+// DPO reward accuracy against a reference (--preferences).
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -11,100 +12,19 @@
 #include "cli/cli.h"
 #include "core/compat.h"
 #include "core/error.h"
+#include "core/log.h"
 #include "data/chat.h"
 #include "data/lm_dataset.h"
-#include "model/generate.h"
-#include "data/prepare.h"
+#include "data/preference.h"
 #include "data/tokenizer.h"
+#include "io/jsonl.h"
+#include "model/generate.h"
 #include "train/checkpoint.h"
 #include "train/dpo_objective.h"
-#include "core/log.h"
-#include "data/preference.h"
-#include "io/jsonl.h"
-#include <yaml-cpp/yaml.h>
-#include <map>
 #include "train/evaluate.h"
 #include "train/recipe.h"
-#include "train/trainer.h"
 
 namespace moeforge::cli {
-
-namespace fs = std::filesystem;
-
-// Values of a multi-valued option: --input a b c (until the next --flag) and/or --input=a.
-static std::vector<std::string> take_list(Args& args, const std::string& flag) {
-  std::vector<std::string> out;
-  for (size_t i = 0; i < args.size();) {
-    if (args[i] == flag) {
-      size_t j = i + 1;
-      while (j < args.size() && args[j].rfind("--", 0) != 0) out.push_back(args[j++]);
-      args.erase(args.begin() + i, args.begin() + j);
-    } else if (args[i].rfind(flag + "=", 0) == 0) {
-      out.push_back(args[i].substr(flag.size() + 1));
-      args.erase(args.begin() + i);
-    } else {
-      ++i;
-    }
-  }
-  return out;
-}
-
-int cmd_tokenizer(const Args& in) {
-  Args args = in;
-  if (args.empty() || args[0] != "train")
-    throw UserError("tokenizer: expected 'train' (usage: moeforge tokenizer train --input FILES... --vocab-size N --out DIR)");
-  args.erase(args.begin());
-  data::TokenizerTrainOptions o;
-  o.inputs = take_list(args, "--input");
-  std::string v;
-  if (take_option(args, "--vocab-size", &v)) o.vocab_size = static_cast<int>(parse_int("--vocab-size", v));
-  if (!take_option(args, "--out", &o.out_dir)) throw UserError("tokenizer train: --out DIR is required");
-  if (take_option(args, "--threads", &v)) o.threads = static_cast<int>(parse_int("--threads", v));
-  reject_unknown_flags(args, "tokenizer train", {"--input", "--vocab-size", "--out", "--threads"});
-  if (!args.empty()) throw UserError("tokenizer train: unexpected argument '" + args[0] + "'");
-  std::string path = data::train_tokenizer(o);
-  data::Tokenizer tok(path);
-  std::printf("tokenizer: %s (%d pieces; unk %d, <s> %d, </s> %d)\n", path.c_str(), tok.vocab_size(), tok.unk_id(),
-              tok.bos_id(), tok.eos_id());
-  return 0;
-}
-
-int cmd_prepare(const Args& in) {
-  Args args = in;
-  data::PrepareOptions o;
-  std::string v;
-  if (!take_option(args, "--tokenizer", &o.tokenizer)) throw UserError("prepare: --tokenizer MODEL is required");
-  o.inputs = take_list(args, "--input");
-  if (o.inputs.empty()) throw UserError("prepare: --input FILES/GLOBS is required");
-  if (!take_option(args, "--out", &o.out_dir)) throw UserError("prepare: --out DIR is required");
-  if (take_option(args, "--val-fraction", &v)) o.val_fraction = parse_double("--val-fraction", v);
-  if (take_option(args, "--seed", &v)) o.seed = static_cast<uint64_t>(parse_int("--seed", v));
-  take_option(args, "--domain-field", &o.domain_field);
-  o.split_blank_lines = take_flag(args, "--split-blank-lines");
-  o.overwrite = take_flag(args, "--overwrite");
-  reject_unknown_flags(args, "prepare",
-                       {"--tokenizer", "--input", "--out", "--val-fraction", "--seed", "--domain-field",
-                        "--split-blank-lines", "--overwrite"});
-  if (!args.empty()) throw UserError("prepare: unexpected argument '" + args[0] + "'");
-  auto r = data::prepare_corpus(o);
-  std::printf("prepared %s: train %ld documents / %ld tokens, validation %ld documents / %ld tokens, %zu domains\n",
-              o.out_dir.c_str(), (long)r.train_docs, (long)r.train_tokens, (long)r.val_docs, (long)r.val_tokens,
-              r.domains.size());
-  return 0;
-}
-
-int cmd_train(const Args& in) {
-  Args args = in;
-  auto overrides = take_repeated(args, "--set");
-  const bool resume = take_flag(args, "--resume");
-  reject_unknown_flags(args, "train", {"--set", "--resume"});
-  if (args.size() != 1) throw UserError("train: expected one RECIPE file (usage: moeforge train RECIPE.yaml [--set k=v] [--resume])");
-  train::Recipe r = train::load_recipe(args[0], overrides);
-  train::TrainResult res = train::run_training(r, resume);
-  std::printf("run %s: %ld steps, final val loss %.4f, %.0f tokens/s, MFU %.2f%%\n", res.run_dir.c_str(),
-              (long)res.steps, res.final_val_loss, res.tokens_per_second, 100 * res.mfu);
-  return 0;
-}
 
 // Greedy completions for each prompt of a JSONL file ({"prompt", "completion"} or {"messages"} ending in
 // an assistant turn), rendered in the chat format; exact match against the reference after trimming.
@@ -146,16 +66,9 @@ static int eval_generate(const std::string& ckpt, const std::string& file, int64
   return 0;
 }
 
-// Seq_len a checkpoint was trained with (trainer_state.json), or the model's limit capped at 2048.
+// Seq_len a checkpoint was trained with, or (weights only) the model's limit capped at 2048.
 static int64_t checkpoint_seq_len(const std::string& ckpt, const ModelConfig& cfg) {
-  std::ifstream st(ckpt + "/trainer_state.json");
-  if (st) {
-    try {
-      const auto v = nlohmann::json::parse(st).at("seq_len").get<int64_t>();
-      if (v > 0) return v;
-    } catch (const std::exception&) {
-    }
-  }
+  if (auto st = train::checkpoint_trainer_state(ckpt)) return st->seq_len;
   return std::min<int64_t>(cfg.max_position_embeddings, 2048);
 }
 
@@ -168,28 +81,13 @@ static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt
     throw UserError(ref_ckpt + ": its vocabulary (" + std::to_string(ref_cfg.vocab_size) + ") differs from " + ckpt +
                     "'s (" + std::to_string(cfg.vocab_size) + ")");
   const std::string tok_path = train::require_checkpoint_tokenizer(ckpt, "--preferences");
-  // beta, loss and label smoothing: as given, else as the checkpoint was tuned (its recipe), else TRL's defaults.
-  double tuned_beta = 0.1, label_smoothing = 0.0;
-  std::string tuned_loss = "sigmoid";
-  if (std::ifstream rf(ckpt + "/recipe.yaml"); rf) {
-    try {
-      YAML::Node n = YAML::Load(rf);
-      if (n["stage"] && n["stage"].as<std::string>() == "dpo" && n["dpo"]) {
-        if (n["dpo"]["beta"]) tuned_beta = n["dpo"]["beta"].as<double>();
-        if (n["dpo"]["loss"]) tuned_loss = n["dpo"]["loss"].as<std::string>();
-        if (n["dpo"]["label_smoothing"]) label_smoothing = n["dpo"]["label_smoothing"].as<double>();
-      }
-    } catch (const std::exception&) {
-      MF_WARN(ckpt << "/recipe.yaml: unreadable; using beta 0.1, sigmoid loss");
-    }
-  }
-  if (beta <= 0) beta = tuned_beta;
-  if (loss.empty()) loss = tuned_loss;
-  if (loss != "sigmoid" && loss != "ipo" && loss != "hinge" && loss != "robust") loss = "sigmoid";
-  if (!(beta > 0) || label_smoothing < 0 || label_smoothing >= 0.5) {
-    beta = 0.1;
-    label_smoothing = 0.0;
-  }
+  // beta, loss and label smoothing: as given, else as the checkpoint was tuned (its recipe, when a DPO run's),
+  // else TRL's defaults.
+  train::DpoConfig tuned;
+  if (auto recipe = train::checkpoint_recipe(ckpt); recipe && recipe->stage == "dpo") tuned = recipe->dpo;
+  if (beta <= 0) beta = tuned.beta;
+  if (loss.empty()) loss = tuned.loss;
+  const double label_smoothing = tuned.label_smoothing;
   if (seq_len <= 0) seq_len = checkpoint_seq_len(ckpt, cfg);
   if (seq_len > cfg.max_position_embeddings || seq_len > ref_cfg.max_position_embeddings)
     throw UserError("eval: --seq-len " + std::to_string(seq_len) + " exceeds a model's max_position_embeddings");
@@ -262,8 +160,10 @@ int cmd_eval(const Args& in) {
     if (args.size() != 1 || prefs.empty() || ref_ckpt.empty())
       throw UserError("eval --preferences: usage: moeforge eval CHECKPOINT --preferences FILE.jsonl --reference "
                       "REF_CHECKPOINT [--beta B] [--loss sigmoid|ipo|hinge|robust] [--json]");
-    if (!loss_type.empty() && loss_type != "sigmoid" && loss_type != "ipo" && loss_type != "hinge" && loss_type != "robust")
-      throw UserError("eval: --loss must be sigmoid, ipo, hinge or robust, got '" + loss_type + "'");
+    const auto& losses = train::dpo_loss_types();
+    if (!loss_type.empty() && std::find(losses.begin(), losses.end(), loss_type) == losses.end())
+      throw UserError("eval: --loss must be one of sigmoid, ipo, hinge, robust, got '" + loss_type + "'" +
+                      did_you_mean(loss_type, losses));
     if (batch_size <= 0) throw UserError("eval: --batch-size must be positive");
     return eval_preferences(args[0], ref_ckpt, prefs, beta, loss_type, batch_size, seq_len, json,
                             static_cast<int>(threads));

@@ -1,4 +1,4 @@
-// moeforge export CHECKPOINT --format hf|gguf --out PATH ... ; moeforge import HF_DIR --out CHECKPOINT
+// moeforge export CHECKPOINT --format hf|gguf --out PATH [--dtype D] [--max-shard-size S]
 #include <torch/torch.h>
 
 #include <cstdio>
@@ -78,30 +78,6 @@ int cmd_export(const Args& in) {
   io::export_gguf(cfg, wm, v, out, d);
   std::printf("exported %s -> %s (GGUF v3, llama architecture with %ld experts, %s)\n", ckpt.c_str(), out.c_str(),
               (long)cfg.moe.num_experts, d.c_str());
-  return 0;
-}
-
-int cmd_import(const Args& in) {
-  Args args = in;
-  std::string out;
-  if (!take_option(args, "--out", &out)) throw UserError("import: --out CHECKPOINT is required");
-  reject_unknown_flags(args, "import", {"--out"});
-  if (args.size() != 1) throw UserError("import: expected one Hugging Face model directory");
-  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)))
-    throw UserError(out + ": already exists; choose a new --out directory");
-  const std::string dir = args[0];
-  io::HfCheckpoint hf(dir);
-  ModelConfig cfg = hf.config();
-  MixtralForCausalLM model(cfg);
-  train::load_hf_weights(dir, model);
-  train::CheckpointContents c;
-  c.config = &cfg;
-  c.model = model;
-  c.tokenizer_path = hf.tokenizer_path();
-  if (fs::exists(out)) fs::remove(out);
-  if (fs::path(out).has_parent_path()) fs::create_directories(fs::path(out).parent_path());
-  train::write_checkpoint_dir(out, c);
-  std::printf("imported %s (%s layout) -> %s\n", dir.c_str(), hf.layout().c_str(), out.c_str());
   return 0;
 }
 

@@ -1,0 +1,41 @@
+// moeforge import HF_DIR --out CHECKPOINT: a Hugging Face MixtralForCausalLM directory as a moeforge checkpoint.
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <filesystem>
+
+#include "cli/cli.h"
+#include "core/error.h"
+#include "io/hf_checkpoint.h"
+#include "io/hf_import.h"
+#include "train/checkpoint.h"
+
+namespace moeforge::cli {
+
+namespace fs = std::filesystem;
+
+int cmd_import(const Args& in) {
+  Args args = in;
+  std::string out;
+  if (!take_option(args, "--out", &out)) throw UserError("import: --out CHECKPOINT is required");
+  reject_unknown_flags(args, "import", {"--out"});
+  if (args.size() != 1) throw UserError("import: expected one Hugging Face model directory");
+  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)))
+    throw UserError(out + ": already exists; choose a new --out directory");
+  const std::string dir = args[0];
+  io::HfCheckpoint hf(dir);
+  ModelConfig cfg = hf.config();
+  MixtralForCausalLM model(cfg);
+  io::load_hf_weights(dir, model);
+  train::CheckpointContents c;
+  c.config = &cfg;
+  c.model = model;
+  c.tokenizer_path = hf.tokenizer_path();
+  if (fs::exists(out)) fs::remove(out);
+  if (fs::path(out).has_parent_path()) fs::create_directories(fs::path(out).parent_path());
+  train::write_checkpoint_dir(out, c);
+  std::printf("imported %s (%s layout) -> %s\n", dir.c_str(), hf.layout().c_str(), out.c_str());
+  return 0;
+}
+
+}  // namespace moeforge::cli

@@ -1,0 +1,43 @@
+// The reference model of a DPO run, behind one call that gives the reference log-probs of a batch of pairs:
+//   frozen:     a copy of init_from kept in memory (no gradient, eval mode);
+//   precompute: the log-probs of every training and held-out pair computed once at the start into
+//               run_dir/reference_logps.json (with a fingerprint of the token ids, the model config, the
+//               precision and init_from's files), reused by a resumed run when the fingerprint matches;
+//               the reference model is freed before training.
+#pragma once
+#include <torch/types.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "data/preference.h"
+#include "model/decoder.h"
+#include "train/recipe.h"
+
+namespace moeforge::train {
+
+class DpoReference {
+ public:
+  DpoReference(const Recipe& r, const std::vector<data::PreferencePair>& train,
+               const std::vector<data::PreferencePair>& val);
+  // Builds the frozen model or the table (only the main rank writes the table file).
+  void start(const std::string& run_dir, const torch::Device& device, bool main_rank);
+  // Reference log-prob sums {chosen [n], rejected [n]} of pairs idx of the training set or the held-out set.
+  // The training pairs go through the precision the policy trains in; held-out evaluation runs in fp32.
+  std::pair<torch::Tensor, torch::Tensor> logps(bool training_set, const std::vector<size_t>& idx,
+                                                const torch::Device& device);
+
+ private:
+  std::string fingerprint() const;
+  bool load_table(const std::string& path, const std::string& fp);
+
+  const Recipe& r_;
+  const std::vector<data::PreferencePair>& train_;
+  const std::vector<data::PreferencePair>& val_;
+  MixtralForCausalLM ref_{nullptr};
+  bool bf16_ = false;
+  torch::Tensor table_[4];  // train chosen, train rejected, val chosen, val rejected
+};
+
+}  // namespace moeforge::train

@@ -1,0 +1,57 @@
+// A stage is what differs between pretraining, supervised fine-tuning and preference tuning inside the
+// one training loop: its data, its objective and coefficients, what it logs and summarises, and (DPO) its
+// reference. The loop asks the stage; it never asks which stage it is.
+#pragma once
+#include <torch/types.h>
+
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "model/decoder.h"
+#include "train/batch_loss.h"
+#include "train/evaluate.h"
+#include "train/recipe.h"
+
+namespace moeforge::train {
+
+class Stage {
+ public:
+  explicit Stage(const Recipe& r, double aux_loss_coef) : recipe_(r), aux_loss_coef_(aux_loss_coef) {}
+  virtual ~Stage() = default;
+
+  virtual std::string describe() const = 0;
+  // The SentencePiece model checkpoints carry.
+  virtual const std::string& tokenizer() const = 0;
+  // Fine-tuning starts from a trained model: its held-out numbers are recorded at step 0, before any update.
+  virtual bool evaluates_at_start() const { return true; }
+  // Called once the run directory exists, before the first batch (DPO builds its reference here); only the
+  // main rank writes into the run directory.
+  virtual void start(const std::string& run_dir, const torch::Device& device, bool main_rank) {}
+  // Micro-batch of `batch_size` samples starting at global sample index `first`.
+  virtual BatchLoss train_batch(MixtralForCausalLM& model, int64_t first, int64_t batch_size,
+                                const torch::Device& device) = 0;
+  // Held-out loss (perplexity NaN where the loss is not a likelihood) and the stage's metrics.
+  virtual EvalResult evaluate(MixtralForCausalLM& model, int64_t batch_size, int64_t max_batches,
+                              const torch::Device& device) = 0;
+  // The objective backward ran on, from a logged step's averaged parts.
+  virtual double total_loss(double loss, double aux, double z, const std::map<std::string, double>& metrics) const;
+  // Summary extras (e.g. the unigram entropy of the validation tokens, examples skipped).
+  virtual void summarize(nlohmann::json& summary) = 0;
+
+  // The load-balancing coefficient this stage trains with (fine-tuning stages may set their own).
+  double aux_loss_coef() const { return aux_loss_coef_; }
+
+ protected:
+  const Recipe& recipe_;
+  double aux_loss_coef_;
+};
+
+std::unique_ptr<Stage> make_pretrain_stage(const Recipe& r);
+std::unique_ptr<Stage> make_sft_stage(const Recipe& r);
+std::unique_ptr<Stage> make_dpo_stage(const Recipe& r);
+// The stage the recipe names.
+std::unique_ptr<Stage> make_stage(const Recipe& r);
+
+}  // namespace moeforge::train

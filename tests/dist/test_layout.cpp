@@ -1,0 +1,148 @@
+// parallel::Layout over 2 ranks (this binary re-run as workers) against one process: the global gradient
+// norm with the experts split by expert parallelism counts each expert once and clips exactly as one process
+// holding every gradient would, and ZeRO-1 gives every dense parameter exactly one owner.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <torch/torch.h>
+
+#include "corpus.h"
+#include "model/decoder.h"
+#include "model/param_names.h"
+#include "parallel/grad_sync.h"
+#include "parallel/layout.h"
+#include "run_util.h"
+#include "test_util.h"
+
+using namespace moeforge;
+
+namespace {
+constexpr int kWorld = 2;
+
+ModelConfig layout_config() {
+  ModelConfig c = test::tiny_config();
+  c.moe.num_experts = 4;
+  c.moe.num_experts_per_tok = 2;
+  return c;
+}
+
+// The gradient one process would hold for parameter `name`: a fixed function of the name.
+torch::Tensor full_grad(const std::string& name, torch::IntArrayRef shape) {
+  auto g = torch::make_generator<at::CPUGeneratorImpl>(std::hash<std::string>{}(name) % 100000);
+  return torch::randn(shape, g, torch::kDouble).to(torch::kFloat);
+}
+
+MixtralForCausalLM make_model() {
+  MixtralForCausalLM m(layout_config());
+  init_weights(*m, 0.02, 3);
+  return m;
+}
+
+std::string self_exe() {
+  char buf[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  buf[n > 0 ? n : 0] = '\0';
+  return buf;
+}
+}  // namespace
+
+// Worker side: runs only when the parent test sets MOEFORGE_LAYOUT_WORKER_DIR.
+TEST(LayoutWorker, Run) {
+  const char* dir = std::getenv("MOEFORGE_LAYOUT_WORKER_DIR");
+  if (!dir) GTEST_SKIP() << "run by Layout.* as a worker";
+  const double max_norm = std::atof(std::getenv("MOEFORGE_LAYOUT_MAX_NORM"));
+  auto env = parallel::read_dist_env();
+  parallel::LayoutOptions o;
+  o.expert = 2;
+  o.zero = true;
+  o.timeout = std::chrono::milliseconds(60000);
+  parallel::Layout layout(env, o, torch::kCPU);
+  auto model = make_model();
+  layout.hold(model);  // keeps experts 2r, 2r+1 of every layer (names unchanged)
+  // This rank's gradients: what one process would hold for the same names (dense ones are replicated).
+  for (auto& [name, p] : layout.named_parameters()) p.mutable_grad() = full_grad(name, p.sizes());
+  const double norm = layout.clip_grad_norm(max_norm);
+  std::ofstream out(std::string(dir) + "/rank" + std::to_string(env.rank) + ".txt");
+  out.precision(17);
+  out << norm << "\n";
+  for (size_t i = 0; i < layout.named_parameters().size(); ++i) {
+    const auto& [name, p] = layout.named_parameters()[i];
+    out << name << " " << layout.owned()[i] << " " << p.grad().to(torch::kDouble).sum().item<double>() << "\n";
+  }
+}
+
+class Layout : public ::testing::TestWithParam<double> {};
+
+TEST_P(Layout, ShardedClippingAndOwnershipEqualOneProcess) {
+  const double max_norm = GetParam();
+  test::TempDir dir("layout");
+  const int port = test::free_port();
+  std::vector<pid_t> pids;
+  for (int r = 0; r < kWorld; ++r) {
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      ::setenv("MOEFORGE_LAYOUT_WORKER_DIR", dir.path.c_str(), 1);
+      ::setenv("MOEFORGE_LAYOUT_MAX_NORM", std::to_string(max_norm).c_str(), 1);
+      ::setenv("RANK", std::to_string(r).c_str(), 1);
+      ::setenv("WORLD_SIZE", std::to_string(kWorld).c_str(), 1);
+      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
+      ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+      const std::string exe = self_exe();
+      ::execl(exe.c_str(), exe.c_str(), "--gtest_filter=LayoutWorker.Run", "--gtest_brief=1", static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    pids.push_back(pid);
+  }
+  for (pid_t p : pids) {
+    int st = 0;
+    ::waitpid(p, &st, 0);
+    ASSERT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << "worker failed";
+  }
+  // One process holding every gradient: the norm in fp64 by hand, and each clipped gradient's sum.
+  auto model = make_model();
+  double sq = 0;
+  std::map<std::string, torch::Tensor> grads;
+  for (auto& p : model->named_parameters()) {
+    grads[p.key()] = full_grad(p.key(), p.value().sizes()).to(torch::kDouble);
+    sq += grads[p.key()].pow(2).sum().item<double>();
+  }
+  const double norm = std::sqrt(sq);
+  const double scale = max_norm > 0 && norm > max_norm ? max_norm / (norm + 1e-6) : 1.0;
+  std::map<std::string, int> dense_owners, expert_holders;
+  for (int r = 0; r < kWorld; ++r) {
+    std::ifstream in(dir.path + "/rank" + std::to_string(r) + ".txt");
+    double rank_norm = 0;
+    in >> rank_norm;
+    EXPECT_NEAR(rank_norm, norm, 1e-5 * norm) << "rank " << r;
+    std::string name;
+    int owned = 0;
+    double sum = 0;
+    int n = 0;
+    while (in >> name >> owned >> sum) {
+      ++n;
+      ASSERT_TRUE(grads.count(name)) << name;
+      const double want = grads[name].sum().item<double>() * scale;
+      EXPECT_NEAR(sum, want, 1e-4 * (1 + std::abs(want))) << name << " on rank " << r;
+      if (is_expert_param(name)) {
+        ++expert_holders[name];
+        EXPECT_EQ(owned, 1) << name << ": one replica, so its holder owns it";
+      } else {
+        dense_owners[name] += owned;
+      }
+    }
+    EXPECT_GT(n, 0);
+  }
+  for (const auto& [name, g] : grads) {
+    if (is_expert_param(name)) EXPECT_EQ(expert_holders[name], 1) << name << " held by exactly one rank";
+    else EXPECT_EQ(dense_owners[name], 1) << name << " owned by exactly one rank";
+  }
+}
+
+// max_norm 0: no clipping (the norm is still reported); 1e-3: every gradient scaled down.
+INSTANTIATE_TEST_SUITE_P(MaxNorm, Layout, ::testing::Values(0.0, 1e-3));

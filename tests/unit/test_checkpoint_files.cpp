@@ -1,0 +1,138 @@
+// The small pieces under checkpoints and run files: atomic writes, the layout.json of a sharded checkpoint
+// (untrusted: duplicates, odd names and missing files are errors), the `hf:` init source, the epoch order.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <random>
+#include <set>
+#include <sstream>
+
+#include "core/atomic_file.h"
+#include "core/error.h"
+#include "corpus.h"
+#include "data/epoch_order.h"
+#include "io/init_source.h"
+#include "io/safetensors.h"
+#include "model/decoder.h"
+#include "test_util.h"
+#include "train/checkpoint.h"
+#include "train/optimizer.h"
+
+using namespace moeforge;
+namespace fs = std::filesystem;
+
+namespace {
+std::string read_all(const std::string& p) {
+  std::ifstream in(p);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const UserError& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST(AtomicFile, ReplacesWholeAndLeavesNoTemp) {
+  test::TempDir dir("atomic");
+  const std::string p = dir.path + "/a.json";
+  write_file_atomic(p, "first\n");
+  EXPECT_EQ(read_all(p), "first\n");
+  write_file_atomic(p, std::string(100000, 'x'));
+  EXPECT_EQ(read_all(p).size(), 100000u);
+  EXPECT_FALSE(fs::exists(p + ".tmp"));
+  // The temp file cannot be made (a directory stands in its way, even for root): a UserError naming the
+  // file, and the old contents untouched.
+  write_file_atomic(dir.path + "/b.json", "old");
+  fs::create_directories(dir.path + "/b.json.tmp");
+  const std::string msg = error_of([&] { write_file_atomic(dir.path + "/b.json", "new"); });
+  EXPECT_NE(msg.find(dir.path + "/b.json"), std::string::npos) << msg;
+  EXPECT_EQ(read_all(dir.path + "/b.json"), "old");
+}
+
+TEST(AtomicFile, FailureNamesTheFile) {
+  const std::string msg = error_of([] { write_file_atomic("/nonexistent_dir_moeforge/x.json", "y"); });
+  EXPECT_NE(msg.find("/nonexistent_dir_moeforge/x.json"), std::string::npos) << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos);
+}
+
+TEST(InitSource, HfPrefixParsedOnce) {
+  auto a = io::parse_init_source("hf:/models/mixtral");
+  EXPECT_TRUE(a.hf);
+  EXPECT_EQ(a.dir, "/models/mixtral");
+  auto b = io::parse_init_source("runs/x/checkpoints/step_00000010");
+  EXPECT_FALSE(b.hf);
+  EXPECT_EQ(b.dir, "runs/x/checkpoints/step_00000010");
+  EXPECT_FALSE(io::parse_init_source("hfx:/a").hf);
+}
+
+TEST(EpochOrder, SeededPermutationPerEpoch) {
+  const auto a = data::epoch_order(50, 7, 0), again = data::epoch_order(50, 7, 0), next = data::epoch_order(50, 7, 1);
+  EXPECT_EQ(a, again);
+  EXPECT_NE(a, next);
+  EXPECT_EQ(std::set<size_t>(a.begin(), a.end()).size(), 50u);
+  EXPECT_EQ(*std::max_element(a.begin(), a.end()), 49u);
+  // The recipe: mt19937_64(seed * 1000003 + epoch), Fisher-Yates from the back (by hand for n = 3).
+  std::mt19937_64 rng(7ULL * 1000003ULL + 2);
+  std::vector<size_t> want{0, 1, 2};
+  std::swap(want[2], want[rng() % 3]);
+  std::swap(want[1], want[rng() % 2]);
+  EXPECT_EQ(data::epoch_order(3, 7, 2), want);
+}
+
+// A layout.json that names a tensor twice, a path outside the checkpoint, or a missing file is refused.
+TEST(CheckpointLayout, DuplicatesAndBadNamesAreErrors) {
+  test::TempDir dir("ckpt_layout");
+  ModelConfig c = test::tiny_config();
+  MixtralForCausalLM m(c);
+  init_weights(*m, c.init_std, 1);
+  train::CheckpointContents cc;
+  cc.config = &c;
+  cc.model = m;
+  const std::string ck = dir.path + "/ck";
+  train::write_checkpoint_dir(ck, cc);
+  MixtralForCausalLM into(c);
+  EXPECT_NO_THROW(train::load_model_weights(ck, into));
+  const std::string expert = "model.layers.0.block_sparse_moe.experts.0.w1.weight";
+  io::write_safetensors(ck + "/experts-00-of-02.safetensors", {{expert, m->named_parameters()[expert].detach()}});
+  auto layout = [&](const std::string& json) { std::ofstream(ck + "/layout.json") << json; };
+  layout(R"({"weights": ["model.safetensors", "experts-00-of-02.safetensors"]})");
+  std::string msg = error_of([&] { train::load_model_weights(ck, into); });
+  EXPECT_NE(msg.find("tensor '" + expert + "' is also in"), std::string::npos) << msg;
+  layout(R"({"weights": ["model.safetensors", "../ck/model.safetensors"]})");
+  msg = error_of([&] { train::load_model_weights(ck, into); });
+  EXPECT_NE(msg.find("is not a plain file name"), std::string::npos) << msg;
+  layout(R"({"weights": ["model.safetensors", "experts-01-of-02.safetensors"]})");
+  msg = error_of([&] { train::load_model_weights(ck, into); });
+  EXPECT_NE(msg.find("names 'experts-01-of-02.safetensors', which is missing"), std::string::npos) << msg;
+  layout(R"({"weights": ["model.safetensors"], "experts": )");  // torn
+  EXPECT_NE(error_of([&] { train::load_model_weights(ck, into); }).find("layout.json: invalid layout"), std::string::npos);
+  // Optimizer state in two files of the layout.
+  layout(R"({"weights": ["model.safetensors"], "optimizer": ["optimizer.safetensors", "optimizer-part-01-of-02.safetensors"]})");
+  io::write_safetensors(ck + "/optimizer.safetensors", {{"exp_avg.x", torch::zeros({2})}});
+  io::write_safetensors(ck + "/optimizer-part-01-of-02.safetensors", {{"exp_avg.x", torch::zeros({2})}});
+  std::ofstream(ck + "/trainer_state.json")
+      << R"({"step": 1, "samples_seen": 2, "tokens_seen": 3, "seq_len": 8, "elapsed_s": 0, "seed": 1})";
+  std::vector<std::pair<std::string, torch::Tensor>> named;
+  for (auto& p : into->named_parameters()) named.emplace_back(p.key(), p.value());
+  train::AdamW opt(named, train::AdamWOptions{});
+  train::TrainerState st;
+  msg = error_of([&] { train::load_training_state(ck, opt, st); });
+  EXPECT_NE(msg.find("optimizer state 'exp_avg.x' is in two files of the layout"), std::string::npos) << msg;
+  // The trainer state itself, read once for every command.
+  auto state = train::checkpoint_trainer_state(ck);
+  ASSERT_TRUE(state.has_value());
+  EXPECT_EQ(state->seq_len, 8);
+  std::ofstream(ck + "/trainer_state.json") << R"({"step": "x"})";
+  EXPECT_NE(error_of([&] { train::checkpoint_trainer_state(ck); }).find("invalid trainer state"), std::string::npos);
+  fs::remove(ck + "/trainer_state.json");
+  EXPECT_FALSE(train::checkpoint_trainer_state(ck).has_value());
+}
