@@ -90,7 +90,7 @@ TEST(Decoder, OutputsAndRoutingStatistics) {
   auto w = m->lm_head_weight().to(torch::kDouble);
   auto lg = out.logits.to(torch::kDouble).reshape({12, c.vocab_size});
   for (int64_t t : {0, 5, 11})
-    for (int64_t v : {0, 17, c.vocab_size - 1}) {
+    for (int64_t v : {int64_t{0}, int64_t{17}, c.vocab_size - 1}) {
       double dot = 0;
       for (int64_t i = 0; i < c.hidden_size; ++i) dot += h[t][i].item<double>() * w[v][i].item<double>();
       EXPECT_NEAR(lg[t][v].item<double>(), dot, 1e-4) << t << "," << v;

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "core/error.h"
 #include "model/decoder.h"
 #include "parallel/dist.h"
 #include "parallel/grad_sync.h"
@@ -15,11 +16,11 @@
 using namespace moeforge;
 
 TEST(AssignOwners, GreedyLeastLoadedInOrder) {
-  // Sizes 10, 4, 4, 3, 1 over 2 ranks, by hand: 10 -> r0 (0,0); 4 -> r1 (10,0); 4 -> r1 (10,4);
-  // 3 -> r1 (10,8); 1 -> r1 (10,11).
+  // Sizes 10, 4, 4, 3, 1 over 2 ranks, by hand (loads before each pick): 10 -> r0 (0,0); 4 -> r1 (10,0);
+  // 4 -> r1 (10,4); 3 -> r1 (10,8); 1 -> r0 (10,11).
   std::vector<torch::Tensor> ps{torch::zeros({10}), torch::zeros({2, 2}), torch::zeros({4}), torch::zeros({3}),
                                 torch::zeros({1})};
-  EXPECT_EQ(parallel::assign_owners(ps, 2), (std::vector<int>{0, 1, 1, 1, 1}));
+  EXPECT_EQ(parallel::assign_owners(ps, 2), (std::vector<int>{0, 1, 1, 1, 0}));
   // Ties go to the lowest rank: four equal tensors over 3 ranks.
   std::vector<torch::Tensor> eq(4, torch::zeros({5}));
   EXPECT_EQ(parallel::assign_owners(eq, 3), (std::vector<int>{0, 1, 2, 0}));
