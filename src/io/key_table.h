@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -62,6 +63,11 @@ class KeyTable {
  public:
   KeyTable& add(KeySpec<T> k) {
     keys_.push_back(std::move(k));
+    return *this;
+  }
+  // What the reference shows as the last key's default, instead of its written value.
+  KeyTable& shown_default(std::string text) {
+    shown_defaults_[keys_.back().name] = std::move(text);
     return *this;
   }
 
@@ -127,7 +133,7 @@ class KeyTable {
                   auto& f = get(t);
                   f = m.get_bool(leaf, f);
                 },
-                [get](YAML::Emitter& e, const T& t) { e << get(t); }});
+                [get](YAML::Emitter& e, const T& t) { e << get(t); }, nullptr});
   }
   // A string; `check` may refuse some values (e.g. empty).
   template <class Get>
@@ -174,7 +180,10 @@ class KeyTable {
                   for (size_t i = 0; i < names.size(); ++i)
                     if (names[i] == s) f = values[i];
                 },
-                [get, name_of](YAML::Emitter& e, const T& t) { e << name_of(get(t)); }});
+                [get, name_of](YAML::Emitter& e, const T& t) { e << name_of(get(t)); },
+                [get, name_of](const T& t) {
+                  return name_of(get(t)) == "?" ? std::string("not one of the allowed values") : std::string();
+                }});
   }
 
   // Reads every declared key below `m` (sections as nested maps), then refuses keys nobody declared.
@@ -216,7 +225,8 @@ class KeyTable {
       YAML::Emitter e;
       e << YAML::Flow;
       k.write(e, defaults);
-      const std::string d = e.c_str();
+      const auto shown = shown_defaults_.find(k.name);
+      const std::string d = shown != shown_defaults_.end() ? shown->second : e.c_str();
       docs.push_back({prefix + k.name, k.type, d == "~" ? "null" : d, k.help});
     }
     return docs;
@@ -267,6 +277,7 @@ class KeyTable {
   }
 
   std::vector<KeySpec<T>> keys_;
+  std::map<std::string, std::string> shown_defaults_;
 };
 
 }  // namespace moeforge::io

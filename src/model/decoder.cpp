@@ -59,6 +59,11 @@ std::vector<MoEBlock> MixtralForCausalLMImpl::moe_blocks() const {
   return out;
 }
 
+void MixtralForCausalLMImpl::seed_router_jitter(uint64_t seed) {
+  uint64_t layer = 0;
+  for (auto& b : moe_blocks()) b->gate->seed_jitter(seed * 1000003ULL + 7919ULL * ++layer);
+}
+
 ForwardOutput MixtralForCausalLMImpl::forward(const ForwardInputs& in) {
   MF_CHECK(in.input_ids.dim() == 2, "input_ids must be [B, T]");
   const auto B = in.input_ids.size(0), T = in.input_ids.size(1);

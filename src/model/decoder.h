@@ -67,6 +67,8 @@ class MixtralForCausalLMImpl : public torch::nn::Module {
   torch::Tensor lm_head_weight() const;
   // The MoE blocks in layer order (for dispatchers and aux-free bias updates).
   std::vector<MoEBlock> moe_blocks() const;
+  // Seeds every layer's router-jitter generator from the run seed (a distinct stream per layer).
+  void seed_router_jitter(uint64_t seed);
 
   const ModelConfig& config() const { return cfg_; }
   MixtralModel model{nullptr};

@@ -1,5 +1,6 @@
 #include "model/router.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 namespace moeforge {
@@ -12,6 +13,12 @@ RouterImpl::RouterImpl(int64_t hidden, const MoEConfig& cfg)
     : num_experts(cfg.num_experts), top_k(cfg.num_experts_per_tok), jitter(cfg.router_jitter), balance(cfg.balance) {
   weight = register_parameter("weight", torch::empty({num_experts, hidden}));
   expert_bias = register_buffer("expert_bias", torch::zeros({num_experts}));
+  jitter_gen_ = at::make_generator<at::CPUGeneratorImpl>(0);
+}
+
+void RouterImpl::seed_jitter(uint64_t seed) {
+  std::lock_guard<std::mutex> lock(jitter_gen_.mutex());
+  jitter_gen_.set_current_seed(seed);
 }
 
 RouterOutput RouterImpl::forward(const torch::Tensor& x_NH) {
@@ -19,7 +26,9 @@ RouterOutput RouterImpl::forward(const torch::Tensor& x_NH) {
   auto dt = router_dtype(x_NH.scalar_type());
   auto x = x_NH.to(dt);
   if (is_training() && jitter > 0) {
-    x = x * torch::empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter);
+    // uniform_ takes the generator's lock itself.
+    auto noise = torch::empty(x.sizes(), x.options().device(torch::kCPU)).uniform_(1.0 - jitter, 1.0 + jitter, jitter_gen_);
+    x = x * noise.to(x.device());
   }
   r.logits_NE = torch::nn::functional::linear(x, weight.to(dt));
   torch::Tensor chosen_logits;

@@ -1,4 +1,5 @@
 #pragma once
+#include <ATen/core/Generator.h>
 #include <torch/nn/module.h>
 
 #include "model/config.h"
@@ -27,11 +28,20 @@ class RouterImpl : public torch::nn::Module {
   // re-centred to zero mean. `load_E` are token counts per expert since the last update.
   void update_expert_bias(const torch::Tensor& load_E, double rate);
 
+  // The jitter noise comes from this router's own CPU generator (moved to the input's device), so no other
+  // use of randomness shifts it and it is the same on every device: seeded by the trainer from the run seed,
+  // its state saved in training checkpoints.
+  void seed_jitter(uint64_t seed);
+  at::Generator& jitter_generator() { return jitter_gen_; }
+
   torch::Tensor weight;       // [E, H]
   torch::Tensor expert_bias;  // [E], buffer
   int64_t num_experts, top_k;
   double jitter;
   Balance balance;
+
+ private:
+  at::Generator jitter_gen_;
 };
 TORCH_MODULE(Router);
 

@@ -109,14 +109,7 @@ void apply_expert_parallel(MoEBlock& block, const ModelConfig& cfg, const std::s
                     std::to_string(E) + ")");
   const int64_t El = E / W, first = group->rank() * El;
   torch::NoGradGuard ng;
-  // Building modules draws from the global generator (their default init, overwritten below); keep it
-  // where it was, so the router-jitter stream does not depend on the layout.
-  const auto rng = at::detail::getDefaultCPUGenerator().get_state();
   ExpertBank bank(cfg.hidden_size, cfg.intermediate_size, first, El);
-  {
-    auto gen = at::detail::getDefaultCPUGenerator();
-    gen.set_state(rng);
-  }
   for (int64_t e = first; e < first + El; ++e) {
     auto src = block->experts->expert(e)->named_parameters();
     for (auto& p : bank->expert(e)->named_parameters()) p.value().copy_(src[p.key()]);

@@ -175,7 +175,10 @@ void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
     std::vector<std::pair<std::string, torch::Tensor>> st;
     for (auto& [k, v] : c.optimizer->state())
       if (c.shard.optimizer_parts == 0 && (c.shard.expert_shards == 1 || !is_expert_param(k))) st.emplace_back(k, v);
-    st.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+    // The routers' jitter generators (rank 0's; every rank draws the same amount in pretraining).
+    auto blocks = c.model->moe_blocks();
+    for (size_t i = 0; i < blocks.size(); ++i)
+      st.emplace_back("rng.router." + std::to_string(i), blocks[i]->gate->jitter_generator().get_state());
     io::write_safetensors(tmp + "/optimizer.safetensors", st);
     nlohmann::json j = {{"step", c.state->step},         {"samples_seen", c.state->samples_seen},
                         {"tokens_seen", c.state->tokens_seen},
@@ -312,7 +315,7 @@ std::optional<Recipe> checkpoint_recipe(const std::string& ckpt_dir) {
   return load_recipe(p, {});
 }
 
-void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& state) {
+void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& state, MixtralForCausalLM& model) {
   auto st = checkpoint_trainer_state(ckpt_dir);
   if (!st) throw UserError(ckpt_dir + "/trainer_state.json: missing; this checkpoint holds weights only and cannot be resumed");
   state = *st;
@@ -325,9 +328,17 @@ void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& 
     }
   }
   opt.load_state(s, ckpt_dir + "/optimizer*.safetensors");
-  if (s.count("rng.cpu")) {
-    at::Generator g = at::detail::getDefaultCPUGenerator();  // shares the default generator's state
-    g.set_state(s["rng.cpu"]);
+  auto blocks = model->moe_blocks();
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const std::string k = "rng.router." + std::to_string(i);
+    if (!s.count(k)) continue;  // written before the routers had their own generators: a fresh stream
+    auto& g = blocks[i]->gate->jitter_generator();
+    std::lock_guard<std::mutex> lock(g.mutex());
+    try {
+      g.set_state(s[k]);
+    } catch (const c10::Error&) {
+      throw UserError(ckpt_dir + "/optimizer.safetensors: '" + k + "' is not a generator state");
+    }
   }
 }
 

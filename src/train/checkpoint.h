@@ -88,7 +88,8 @@ ModelConfig read_init_config(const std::string& init_from);
 void load_init_weights(const std::string& init_from, MixtralForCausalLM& model);
 // The tokenizer.model of an init source ("hf:DIR" or a checkpoint), or "" when it has none.
 std::string init_tokenizer(const std::string& init_from);
-void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& state);
+// Restores the optimizer state, the trainer state and the routers' jitter generators of `model`.
+void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& state, MixtralForCausalLM& model);
 // A checkpoint's trainer_state.json (nullopt: a weights-only checkpoint; unreadable: UserError).
 std::optional<TrainerState> checkpoint_trainer_state(const std::string& ckpt_dir);
 // The recipe a checkpoint was trained with (its recipe.yaml, read as strictly as any recipe), if it has one.

@@ -1,7 +1,6 @@
 #include "io/model_config_yaml.h"
 #include "train/dpo_reference.h"
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -37,15 +36,7 @@ void DpoReference::start(const std::string& run_dir, const torch::Device& device
     MF_INFO("dpo: reference log-probs from " << path);
     return;
   }
-  // Building a model draws from the global generator (module constructors); a resumed run has just
-  // restored it, so put it back afterwards.
-  MixtralForCausalLM ref{nullptr};
-  {
-    const auto rng = at::detail::getDefaultCPUGenerator().get_state();
-    ref = MixtralForCausalLM(r_.model);
-    auto gen = at::detail::getDefaultCPUGenerator();
-    gen.set_state(rng);
-  }
+  MixtralForCausalLM ref(r_.model);
   load_init_weights(r_.init_from, ref);
   ref->to(device);
   ref->eval();

@@ -27,6 +27,7 @@ const io::KeyTable<Recipe>& recipe_keys() {
         .add({"model", "path or mapping", "the model config: a file, inline keys, or absent (init_from's config)",
               [](YamlMap& m, const std::string& leaf, Recipe&) { m.accept(leaf); },
               [](YAML::Emitter& e, const Recipe& r) { model_config_keys().emit(e, r.model); }, nullptr})
+        .shown_default("(init_from's config)")
         .string("model_source", [](auto& r) -> auto& { return r.model_source; }, nullptr,
                 "where the model config came from (written by moeforge)")
         .string("tokenizer", [](auto& r) -> auto& { return r.tokenizer; }, nullptr,

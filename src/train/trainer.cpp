@@ -175,9 +175,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   std::unique_ptr<Stage> stage = make_stage(r);
 
   // Model and optimizer.
-  torch::manual_seed(tc.seed);  // the global generator drives router jitter only
   MixtralForCausalLM model(cfg);
   init_weights(*model, cfg.init_std, tc.seed);
+  model->seed_router_jitter(tc.seed);  // a resumed run restores the generators' states below
   if (!r.init_from.empty()) load_init_weights(r.init_from, model);
   const std::optional<std::string> latest = resume ? latest_checkpoint(run_dir) : std::nullopt;
   // Weights of a checkpoint in any expert-parallel layout load into the full model; then this rank keeps
@@ -200,7 +200,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   state.seq_len = tc.seq_len;
   state.seed = tc.seed;
   if (latest) {
-    load_training_state(*latest, opt, state);
+    load_training_state(*latest, opt, state, model);
     if (state.seq_len != tc.seq_len || state.seed != tc.seed)
       throw UserError(*latest + ": was trained with seq_len " + std::to_string(state.seq_len) + " and seed " +
                       std::to_string(state.seed) + "; the recipe now says " + std::to_string(tc.seq_len) + " and " +

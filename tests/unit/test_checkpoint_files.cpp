@@ -125,7 +125,7 @@ TEST(CheckpointLayout, DuplicatesAndBadNamesAreErrors) {
   for (auto& p : into->named_parameters()) named.emplace_back(p.key(), p.value());
   train::AdamW opt(named, train::AdamWOptions{});
   train::TrainerState st;
-  msg = error_of([&] { train::load_training_state(ck, opt, st); });
+  msg = error_of([&] { train::load_training_state(ck, opt, st, into); });
   EXPECT_NE(msg.find("optimizer state 'exp_avg.x' is in two files of the layout"), std::string::npos) << msg;
   // The trainer state itself, read once for every command.
   auto state = train::checkpoint_trainer_state(ck);

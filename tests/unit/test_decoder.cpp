@@ -144,3 +144,36 @@ TEST(Decoder, PackedSegmentsEqualSeparateSequences) {
   EXPECT_LT(test::max_abs_diff(packed.narrow(1, 0, 4), la), 1e-5);
   EXPECT_LT(test::max_abs_diff(packed.narrow(1, 4, 3), lb), 1e-5);
 }
+
+// Router jitter draws from each router's own generator, seeded from the run seed: other uses of the global
+// generator (building a reference model, an expert bank) do not move it, and the same seed gives the same noise.
+TEST(Decoder, RouterJitterOwnsItsGenerator) {
+  ModelConfig c = test::tiny_config();
+  c.moe.router_jitter = 0.2;
+  MixtralForCausalLM m(c);
+  init_weights(*m, c.init_std, 4);
+  m->train();
+  torch::NoGradGuard ng;
+  auto ids = torch::randint(0, c.vocab_size, {2, 6}, torch::kLong);
+  auto logits_after = [&](uint64_t seed, uint64_t global_seed) {
+    m->seed_router_jitter(seed);
+    torch::manual_seed(global_seed);
+    (void)torch::rand({100});  // someone else drawing from the global generator
+    return m->forward(ids).router[0].logits_NE;
+  };
+  auto a = logits_after(5, 1), b = logits_after(5, 999), other = logits_after(6, 1);
+  EXPECT_TRUE(torch::equal(a, b)) << "the global generator moved the jitter";
+  EXPECT_FALSE(torch::equal(a, other)) << "another run seed gives other noise";
+  m->eval();  // no noise at evaluation
+  auto e1 = m->forward(ids).router[0].logits_NE;
+  m->seed_router_jitter(77);
+  EXPECT_TRUE(torch::equal(e1, m->forward(ids).router[0].logits_NE));
+  // The generator's state round-trips (what a checkpoint stores).
+  m->train();
+  m->seed_router_jitter(5);
+  auto& g = m->moe_blocks()[0]->gate->jitter_generator();
+  const auto state = g.get_state();
+  auto first = m->forward(ids).router[0].logits_NE;
+  g.set_state(state);
+  EXPECT_TRUE(torch::equal(first, m->forward(ids).router[0].logits_NE));
+}
