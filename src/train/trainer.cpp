@@ -22,6 +22,7 @@
 #include "train/checkpoint.h"
 #include "train/metrics.h"
 #include "train/optimizer.h"
+#include "train/run_log.h"
 #include "train/schedule.h"
 #include "train/stage.h"
 
@@ -73,13 +74,6 @@ double unigram_entropy(const std::string& data_dir, const std::string& split) {
 
 namespace {
 
-std::string fmt_duration(double s) {
-  char buf[32];
-  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", static_cast<int>(s / 3600), static_cast<int>(s / 60) % 60);
-  else std::snprintf(buf, sizeof buf, "%dm%02ds", static_cast<int>(s / 60), static_cast<int>(s) % 60);
-  return buf;
-}
-
 torch::Device pick_device(const RuntimeConfig& rt, const std::string& recipe_path, int local_rank) {
   if (rt.device == "cuda" && !torch::cuda::is_available())
     throw UserError(recipe_path + ": key 'runtime.device': cuda requested but no CUDA device is available");
@@ -91,52 +85,6 @@ torch::Device pick_device(const RuntimeConfig& rt, const std::string& recipe_pat
   return cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank % std::max(1, n)))
               : torch::Device(torch::kCPU);
 }
-
-// What the micro-batches of one optimizer step add up to on this rank, then over all ranks: losses and
-// metrics as means, token counts and expert loads as sums.
-struct StepTotals {
-  double loss = 0, aux = 0, z = 0;
-  int64_t tokens = 0, targets = 0;  // real tokens processed, tokens trained on
-  std::vector<torch::Tensor> loads;
-  std::vector<double> entropy;
-  std::map<std::string, double> metrics;
-
-  explicit StepTotals(int layers) : loads(static_cast<size_t>(layers)), entropy(static_cast<size_t>(layers), 0.0) {}
-
-  void add(const BatchLoss& l, int64_t accum) {
-    tokens += l.processed;
-    targets += l.tokens;
-    loss += l.loss / accum;
-    aux += l.aux / accum;
-    z += l.z / accum;
-    for (const auto& [k, v] : l.metrics) metrics[k] += v / static_cast<double>(accum);
-    for (size_t i = 0; i < loads.size(); ++i) {
-      loads[i] = loads[i].defined() ? loads[i] + l.load_per_layer[i] : l.load_per_layer[i];
-      entropy[i] += l.entropy_per_layer[i] / accum;
-    }
-  }
-
-  void reduce(parallel::Layout& layout) {
-    if (layout.world() == 1) return;
-    const double W = layout.world();
-    std::vector<double> v{loss, aux, z, static_cast<double>(tokens), static_cast<double>(targets)};
-    for (double e : entropy) v.push_back(e);
-    for (const auto& [k, x] : metrics) v.push_back(x);
-    std::vector<torch::Tensor> buf{torch::tensor(v, torch::kDouble), torch::stack(loads).to(torch::kDouble).contiguous()};
-    layout.all_reduce_sum(buf);
-    auto s = buf[0].accessor<double, 1>();
-    loss = s[0] / W;
-    aux = s[1] / W;
-    z = s[2] / W;
-    tokens = static_cast<int64_t>(s[3]);
-    targets = static_cast<int64_t>(s[4]);
-    const auto L = static_cast<int64_t>(entropy.size());
-    for (int64_t i = 0; i < L; ++i) entropy[static_cast<size_t>(i)] = s[5 + i] / W;
-    int64_t k = 5 + L;
-    for (auto& [name, x] : metrics) x = s[k++] / W;
-    for (int64_t i = 0; i < L; ++i) loads[static_cast<size_t>(i)] = buf[1][i].to(torch::kLong);
-  }
-};
 
 // Test hook: an interruption right after the checkpoint of step MOEFORGE_TEST_KILL_AFTER_CHECKPOINT (resume
 // tests), of one rank (MOEFORGE_TEST_KILL_RANK, default every rank), by SIGKILL or SIGSTOP (a hung rank).
@@ -237,24 +185,11 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
                       << (W > 1 ? "layout " + layout.describe() + "; " : std::string()) << stage->describe());
 
   const int L = static_cast<int>(cfg.num_layers);
+  RunLog log(std::move(metrics), main_rank, total_steps, flops_per_token, peak);
   EvalResult last_eval;
   auto log_eval = [&](const EvalResult& ev) {
-    nlohmann::json rec = {{"step", state.step}, {"val_loss", ev.loss}, {"val_tokens", ev.tokens}};
-    if (!std::isnan(ev.perplexity)) rec["val_perplexity"] = ev.perplexity;
-    std::string extra;
-    for (const auto& [k, v] : ev.metrics) {
-      rec["val_" + k] = v;
-      if (k == "rewards/accuracies" || k == "rewards/margins") extra += " | " + k + " " + std::to_string(v).substr(0, 6);
-    }
-    if (metrics) metrics->write(rec, "val/");
+    log.eval(state.step, ev);
     last_eval = ev;
-    if (!main_rank) return;
-    if (std::isnan(ev.perplexity))  // a loss that is not a likelihood (DPO) has no perplexity
-      std::fprintf(stderr, "step %6ld/%ld | val loss %.4f%s\n", (long)state.step, (long)total_steps, ev.loss,
-                   extra.c_str());
-    else
-      std::fprintf(stderr, "step %6ld/%ld | val loss %.4f | val ppl %.2f (%ld tokens)\n", (long)state.step,
-                   (long)total_steps, ev.loss, ev.perplexity, (long)ev.tokens);
   };
   if (!resumed && stage->evaluates_at_start())
     log_eval(stage->evaluate(model, tc.micro_batch_size, tc.eval_batches, device));
@@ -308,38 +243,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     if (state.step % tc.log_interval == 0 || state.step == total_steps) {
       const double tps = interval_tokens / std::max(interval_seconds, 1e-9);
       const double eta = (total_steps - state.step) * interval_seconds / std::max<int64_t>(1, interval_steps);
-      nlohmann::json rec = {{"step", state.step}, {"loss", step.loss}, {"aux_loss", step.aux}, {"z_loss", step.z},
-                            {"total_loss", stage->total_loss(step.loss, step.aux, step.z, step.metrics)},
-                            {"lr", lr}, {"grad_norm", gnorm}, {"tokens_per_second", tps},
-                            {"tokens", state.tokens_seen}, {"tokens_trained", state.target_tokens_seen},
-                            {"mfu", flops_per_token * tps / (peak * 1e9)}};
-      nlohmann::json load_json = nlohmann::json::array(), maxmean = nlohmann::json::array(),
-                     cv = nlohmann::json::array(), ent = nlohmann::json::array();
-      double worst = 0;
-      for (int i = 0; i < L; ++i) {
-        auto li = step.loads[i].to(torch::kLong);
-        std::vector<int64_t> v(li.data_ptr<int64_t>(), li.data_ptr<int64_t>() + li.numel());
-        const BalanceStats b = balance_stats(v);
-        load_json.push_back(v);
-        maxmean.push_back(b.max_over_mean);
-        worst = std::max(worst, b.max_over_mean);
-        cv.push_back(b.cv);
-        ent.push_back(step.entropy[i]);
-      }
-      rec["load_max_over_mean"] = worst;
-      for (const auto& [k, v] : step.metrics) rec[k] = v;
-      nlohmann::json full = rec;
-      full["expert_load"] = load_json;
-      full["layer_load_max_over_mean"] = maxmean;
-      full["layer_load_cv"] = cv;
-      full["layer_router_entropy"] = ent;
-      if (metrics) metrics->write(full, "train/");
-      if (main_rank)
-        std::fprintf(stderr,
-                     "step %6ld/%ld | loss %.4f | aux %.3f | z %.3f | lr %.2e | gnorm %.3f | %.0f tok/s | "
-                     "max/mean load %.2f | ETA %s\n",
-                     (long)state.step, (long)total_steps, step.loss, step.aux, step.z, lr, gnorm, tps, worst,
-                     fmt_duration(eta).c_str());
+      log.train(state, step, stage->total_loss(step.loss, step.aux, step.z, step.metrics), lr, gnorm, tps, eta);
       interval_seconds = 0;
       interval_tokens = 0;
       interval_steps = 0;
