@@ -161,9 +161,11 @@ int cmd_eval(const Args& in) {
       throw UserError("eval --preferences: usage: moeforge eval CHECKPOINT --preferences FILE.jsonl --reference "
                       "REF_CHECKPOINT [--beta B] [--loss sigmoid|ipo|hinge|robust] [--json]");
     const auto& losses = train::dpo_loss_types();
-    if (!loss_type.empty() && std::find(losses.begin(), losses.end(), loss_type) == losses.end())
-      throw UserError("eval: --loss must be one of sigmoid, ipo, hinge, robust, got '" + loss_type + "'" +
-                      did_you_mean(loss_type, losses));
+    if (!loss_type.empty() && std::find(losses.begin(), losses.end(), loss_type) == losses.end()) {
+      std::string names;
+      for (const auto& l : losses) names += (names.empty() ? "" : ", ") + l;
+      throw UserError("eval: --loss must be one of " + names + ", got '" + loss_type + "'" + did_you_mean(loss_type, losses));
+    }
     if (batch_size <= 0) throw UserError("eval: --batch-size must be positive");
     return eval_preferences(args[0], ref_ckpt, prefs, beta, loss_type, batch_size, seq_len, json,
                             static_cast<int>(threads));

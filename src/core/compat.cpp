@@ -1,10 +1,15 @@
 #include "core/compat.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#ifdef MOEFORGE_WITH_CUDA
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#endif
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 
 #include <cmath>
+#include <mutex>
 #include <thread>
 
 namespace moeforge::compat {
@@ -62,6 +67,21 @@ CudaBf16Autocast::~CudaBf16Autocast() {
 #else
   at::autocast::set_enabled(false);
 #endif
+}
+
+at::Tensor uniform_noise(at::IntArrayRef sizes, double lo, double hi, uint64_t seed, const at::TensorOptions& options) {
+#ifdef MOEFORGE_WITH_CUDA
+  if (options.device().is_cuda()) {
+    at::Generator g = at::cuda::detail::createCUDAGenerator(options.device().index());
+    {
+      std::lock_guard<std::mutex> lock(g.mutex());
+      g.set_current_seed(seed);
+    }
+    return at::empty(sizes, options).uniform_(lo, hi, g);
+  }
+#endif
+  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::empty(sizes, options.device(at::kCPU)).uniform_(lo, hi, g).to(options.device());
 }
 
 int configure_threads(int requested) {

@@ -4,6 +4,7 @@
 //   - at::_grouped_mm: 2.8+ (per-expert loop otherwise)
 //   - c10d Backend vs ProcessGroup base class: 2.0+
 //   - autocast API with a device type argument: 2.4+
+//   - a CUDA generator of our own (router jitter on the device): CUDA builds only
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <torch/version.h>
@@ -46,6 +47,10 @@ class CudaBf16Autocast {
  private:
   bool enabled_;
 };
+
+// Uniform noise U(lo, hi) of `sizes` on `options`' device, from a generator of that device seeded with `seed`
+// (a fresh CUDA generator with a CUDA LibTorch, MOEFORGE_WITH_CUDA; compiled only there).
+at::Tensor uniform_noise(at::IntArrayRef sizes, double lo, double hi, uint64_t seed, const at::TensorOptions& options);
 
 // Intra-op threads: `requested` > 0 wins, else the number of cores.
 int configure_threads(int requested);

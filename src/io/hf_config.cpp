@@ -1,8 +1,8 @@
-#include "io/model_config_yaml.h"
 #include "io/hf_config.h"
 
 #include <fstream>
 
+#include "io/model_config_yaml.h"
 #include "core/error.h"
 
 namespace moeforge::io {

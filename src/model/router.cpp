@@ -3,6 +3,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
+#include "core/compat.h"
+
 namespace moeforge {
 
 at::ScalarType router_dtype(at::ScalarType input) {
@@ -26,9 +28,18 @@ RouterOutput RouterImpl::forward(const torch::Tensor& x_NH) {
   auto dt = router_dtype(x_NH.scalar_type());
   auto x = x_NH.to(dt);
   if (is_training() && jitter > 0) {
-    // uniform_ takes the generator's lock itself.
-    auto noise = torch::empty(x.sizes(), x.options().device(torch::kCPU)).uniform_(1.0 - jitter, 1.0 + jitter, jitter_gen_);
-    x = x * noise.to(x.device());
+    torch::Tensor noise;
+    if (x.is_cuda()) {  // drawn on the device, from a generator seeded by this router's stream
+      uint64_t seed = 0;
+      {
+        std::lock_guard<std::mutex> lock(jitter_gen_.mutex());
+        seed = jitter_gen_.get<at::CPUGeneratorImpl>()->random64();
+      }
+      noise = compat::uniform_noise(x.sizes(), 1.0 - jitter, 1.0 + jitter, seed, x.options());
+    } else {
+      noise = torch::empty(x.sizes(), x.options()).uniform_(1.0 - jitter, 1.0 + jitter, jitter_gen_);  // locks it itself
+    }
+    x = x * noise;
   }
   r.logits_NE = torch::nn::functional::linear(x, weight.to(dt));
   torch::Tensor chosen_logits;

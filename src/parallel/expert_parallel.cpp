@@ -1,6 +1,5 @@
 #include "parallel/expert_parallel.h"
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include "core/error.h"

@@ -15,6 +15,7 @@ namespace moeforge::parallel {
 
 Layout::Layout(const DistEnv& env, const LayoutOptions& opt, at::Device device)
     : world_(env.world_size), rank_(env.rank), ep_(opt.expert), zero_(opt.zero && env.world_size > 1) {
+  if (ep_ < 1) throw UserError(opt.source + ": key 'parallel.expert': must be positive, got " + std::to_string(ep_));
   if (world_ % ep_ != 0)
     throw UserError(opt.source + ": key 'parallel.expert': " + std::to_string(ep_) +
                     " does not divide the number of processes (" + std::to_string(world_) +

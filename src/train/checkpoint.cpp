@@ -1,9 +1,7 @@
-#include "io/model_config_yaml.h"
 #include "train/checkpoint.h"
 
 #include <unistd.h>
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -13,6 +11,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "io/model_config_yaml.h"
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "io/init_source.h"
@@ -90,11 +89,14 @@ std::vector<std::string> checkpoint_files(const std::string& ckpt_dir, const cha
 
 }  // namespace
 
-std::string sharded_staging_dir(const std::string& run_dir, int64_t step) {
+// Sharded checkpoints (save_checkpoint with a layout): rank 0 prepares the staging directory of step_N, every
+// other rank writes its files into it (`experts`: its expert shard, the first replica only), then rank 0
+// writes the dense part and its own files and renames the whole into place.
+static std::string sharded_staging_dir(const std::string& run_dir, int64_t step) {
   return staging_for(run_dir + "/checkpoints/" + step_name(step));
 }
 
-std::string begin_sharded_checkpoint(const std::string& run_dir, int64_t step) {
+static std::string begin_sharded_checkpoint(const std::string& run_dir, int64_t step) {
   const std::string root = run_dir + "/checkpoints";
   fs::create_directories(root);
   for (auto& e : fs::directory_iterator(root))  // leftovers of a crashed write
@@ -105,7 +107,7 @@ std::string begin_sharded_checkpoint(const std::string& run_dir, int64_t step) {
   return staging;
 }
 
-void write_rank_files(const std::string& staging_dir, const CheckpointContents& c, bool experts) {
+static void write_rank_files(const std::string& staging_dir, const CheckpointContents& c, bool experts) {
   if (c.optimizer && c.shard.optimizer_parts > 0) {  // ZeRO-1: the state this rank owns, whatever it is
     const std::string f = staging_dir + "/optimizer-part" + shard_suffix(c.shard.optimizer_part, c.shard.optimizer_parts);
     io::write_safetensors(f, c.optimizer->state());
@@ -216,10 +218,9 @@ std::string save_checkpoint(parallel::Layout& layout, const std::string& run_dir
   MF_CHECK(c.state != nullptr, "training checkpoints carry their state");
   c.shard = layout.shard_placement();
   const int64_t step = c.state->step;
-  std::string dir;
   layout.write_checkpoint([&] { begin_sharded_checkpoint(run_dir, step); },
                           [&] { write_rank_files(sharded_staging_dir(run_dir, step), c, c.shard.writes_experts); },
-                          [&] { dir = save_checkpoint(run_dir, c, keep); });
+                          [&] { save_checkpoint(run_dir, c, keep); });
   return run_dir + "/checkpoints/" + step_name(step);
 }
 

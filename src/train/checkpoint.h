@@ -60,14 +60,6 @@ struct CheckpointContents {
   bool sharded() const { return shard.sharded(); }
 };
 
-// Sharded checkpoints: rank 0 first prepares the staging directory of step_N (returned); after a
-// barrier, every other rank calls write_rank_files into it (`experts`: this rank writes its expert
-// shard, i.e. it is in the first data-parallel replica); after another barrier, rank 0's save_checkpoint
-// writes the dense part and its own files and renames the whole into place.
-std::string begin_sharded_checkpoint(const std::string& run_dir, int64_t step);
-std::string sharded_staging_dir(const std::string& run_dir, int64_t step);
-void write_rank_files(const std::string& staging_dir, const CheckpointContents& c, bool experts);
-
 // Writes run_dir/checkpoints/step_N and keeps the newest `keep` of them. Returns the directory.
 std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& c, int keep);
 // The same from every rank of `layout` (each writes its part, set here from the layout); returns the

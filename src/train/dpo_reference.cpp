@@ -1,4 +1,3 @@
-#include "io/model_config_yaml.h"
 #include "train/dpo_reference.h"
 
 #include <torch/torch.h>
@@ -9,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 
+#include "io/model_config_yaml.h"
 #include "core/atomic_file.h"
 #include "core/compat.h"
 #include "core/log.h"

@@ -19,8 +19,11 @@ namespace moeforge::train {
 
 class DpoReference {
  public:
+  // Refers to `r`, `train` and `val`, which must outlive it (the DPO stage owns all three).
   DpoReference(const Recipe& r, const std::vector<data::PreferencePair>& train,
                const std::vector<data::PreferencePair>& val);
+  DpoReference(const DpoReference&) = delete;
+  DpoReference& operator=(const DpoReference&) = delete;
   // Builds the frozen model or the table (only the main rank writes the table file).
   void start(const std::string& run_dir, const torch::Device& device, bool main_rank);
   // Reference log-prob sums {chosen [n], rejected [n]} of pairs idx of the training set or the held-out set.

@@ -18,8 +18,11 @@ namespace moeforge::train {
 
 class Stage {
  public:
+  // The stage refers to `r`, which must outlive it (the trainer's recipe does).
   explicit Stage(const Recipe& r, double aux_loss_coef) : recipe_(r), aux_loss_coef_(aux_loss_coef) {}
   virtual ~Stage() = default;
+  Stage(const Stage&) = delete;
+  Stage& operator=(const Stage&) = delete;
 
   virtual std::string describe() const = 0;
   // The SentencePiece model checkpoints carry.

@@ -7,7 +7,6 @@
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
-#include <map>
 #include <nlohmann/json.hpp>
 
 #include "core/atomic_file.h"
@@ -15,7 +14,6 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "data/lm_dataset.h"
-#include "model/load_balance.h"
 #include "model/param_count.h"
 #include "parallel/dist.h"
 #include "parallel/layout.h"
@@ -131,7 +129,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   // Weights of a checkpoint in any expert-parallel layout load into the full model; then this rank keeps
   // its experts.
   if (latest) load_model_weights(*latest, model);
-  layout.hold(model);
+  layout.hold(model);  // before the move: only this rank's experts go to the device (to() keeps the handles)
   model->to(device);
   model->train();
   AdamW opt(layout.named_parameters(), AdamWOptions{r.optim.beta1, r.optim.beta2, r.optim.eps, r.optim.weight_decay},

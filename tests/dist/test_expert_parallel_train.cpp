@@ -193,8 +193,8 @@ TEST(ExpertParallelTraining, ShardedCheckpointResumesExactlyAndLoadsIntoOneProce
   EXPECT_EQ(test::run_quiet(kBin + " eval " + ckpt + " --data " + data + " --batches 1"), 2);
 }
 
-// With router jitter the ranks draw noise from the global generator; taking a rank's share of the experts
-// must not draw from it, so EP=2 trains exactly what DP=2 trains.
+// With router jitter each rank's routers draw noise from their own generators; nothing in taking a rank's
+// share of the experts may move them, so EP=2 trains exactly what DP=2 trains.
 TEST(ExpertParallelTraining, RouterJitterDoesNotDependOnTheLayout) {
   test::TempDir dir("epjitter");
   std::string data = test::make_prepared(dir, 80);

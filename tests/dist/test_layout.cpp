@@ -1,6 +1,7 @@
-// parallel::Layout over 2 ranks (this binary re-run as workers) against one process: the global gradient
-// norm with the experts split by expert parallelism counts each expert once and clips exactly as one process
-// holding every gradient would, and ZeRO-1 gives every dense parameter exactly one owner.
+// parallel::Layout over 2 and 4 ranks (this binary re-run as workers) against one process: gradients averaged
+// over the world (dense) and over the replicas (experts), then the global norm with the experts split by
+// expert parallelism counting each expert once and clipping exactly as one process holding every averaged
+// gradient would; ZeRO-1 gives every parameter exactly one owner among the ranks holding it.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -22,7 +23,7 @@
 using namespace moeforge;
 
 namespace {
-constexpr int kWorld = 2;
+constexpr int kExpertParallel = 2;
 
 ModelConfig layout_config() {
   ModelConfig c = test::tiny_config();
@@ -58,14 +59,15 @@ TEST(LayoutWorker, Run) {
   const double max_norm = std::atof(std::getenv("MOEFORGE_LAYOUT_MAX_NORM"));
   auto env = parallel::read_dist_env();
   parallel::LayoutOptions o;
-  o.expert = 2;
+  o.expert = kExpertParallel;
   o.zero = true;
   o.timeout = std::chrono::milliseconds(60000);
   parallel::Layout layout(env, o, torch::kCPU);
   auto model = make_model();
   layout.hold(model);  // keeps experts 2r, 2r+1 of every layer (names unchanged)
-  // This rank's gradients: what one process would hold for the same names (dense ones are replicated).
-  for (auto& [name, p] : layout.named_parameters()) p.mutable_grad() = full_grad(name, p.sizes());
+  // This rank's gradients: a rank-dependent multiple of a fixed function of the name; then averaged.
+  for (auto& [name, p] : layout.named_parameters()) p.mutable_grad() = full_grad(name, p.sizes()) * (env.rank + 1);
+  layout.sync_gradients();
   const double norm = layout.clip_grad_norm(max_norm);
   std::ofstream out(std::string(dir) + "/rank" + std::to_string(env.rank) + ".txt");
   out.precision(17);
@@ -76,10 +78,11 @@ TEST(LayoutWorker, Run) {
   }
 }
 
-class Layout : public ::testing::TestWithParam<double> {};
+class Layout : public ::testing::TestWithParam<std::pair<int, double>> {};
 
-TEST_P(Layout, ShardedClippingAndOwnershipEqualOneProcess) {
-  const double max_norm = GetParam();
+TEST_P(Layout, AveragingClippingAndOwnershipEqualOneProcess) {
+  const int kWorld = GetParam().first;
+  const double max_norm = GetParam().second;
   test::TempDir dir("layout");
   const int port = test::free_port();
   std::vector<pid_t> pids;
@@ -104,17 +107,32 @@ TEST_P(Layout, ShardedClippingAndOwnershipEqualOneProcess) {
     ::waitpid(p, &st, 0);
     ASSERT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << "worker failed";
   }
-  // One process holding every gradient: the norm in fp64 by hand, and each clipped gradient's sum.
+  // One process holding every averaged gradient, by hand in fp64: a dense gradient is the mean over the W ranks
+  // of (r + 1) x g, an expert's the sum over its holders (one per replica) of (r + 1) x g, divided by W.
   auto model = make_model();
+  const ModelConfig c = layout_config();
+  const int64_t local = c.moe.num_experts / kExpertParallel;
+  auto factor = [&](const std::string& name) {
+    double f = 0;
+    if (!is_expert_param(name)) {
+      for (int r = 0; r < kWorld; ++r) f += r + 1;
+    } else {
+      const auto at = name.find(".experts.") + 9;
+      const int64_t e = std::stoll(name.substr(at, name.find('.', at) - at));
+      for (int r = 0; r < kWorld; ++r)
+        if (r % kExpertParallel == e / local) f += r + 1;
+    }
+    return f / kWorld;
+  };
   double sq = 0;
   std::map<std::string, torch::Tensor> grads;
   for (auto& p : model->named_parameters()) {
-    grads[p.key()] = full_grad(p.key(), p.value().sizes()).to(torch::kDouble);
+    grads[p.key()] = full_grad(p.key(), p.value().sizes()).to(torch::kDouble) * factor(p.key());
     sq += grads[p.key()].pow(2).sum().item<double>();
   }
   const double norm = std::sqrt(sq);
   const double scale = max_norm > 0 && norm > max_norm ? max_norm / (norm + 1e-6) : 1.0;
-  std::map<std::string, int> dense_owners, expert_holders;
+  std::map<std::string, int> owners, holders;
   for (int r = 0; r < kWorld; ++r) {
     std::ifstream in(dir.path + "/rank" + std::to_string(r) + ".txt");
     double rank_norm = 0;
@@ -129,20 +147,18 @@ TEST_P(Layout, ShardedClippingAndOwnershipEqualOneProcess) {
       ASSERT_TRUE(grads.count(name)) << name;
       const double want = grads[name].sum().item<double>() * scale;
       EXPECT_NEAR(sum, want, 1e-4 * (1 + std::abs(want))) << name << " on rank " << r;
-      if (is_expert_param(name)) {
-        ++expert_holders[name];
-        EXPECT_EQ(owned, 1) << name << ": one replica, so its holder owns it";
-      } else {
-        dense_owners[name] += owned;
-      }
+      ++holders[name];
+      owners[name] += owned;
     }
     EXPECT_GT(n, 0);
   }
   for (const auto& [name, g] : grads) {
-    if (is_expert_param(name)) EXPECT_EQ(expert_holders[name], 1) << name << " held by exactly one rank";
-    else EXPECT_EQ(dense_owners[name], 1) << name << " owned by exactly one rank";
+    // Dense parameters live on every rank, experts on one rank per replica; one holder owns each.
+    EXPECT_EQ(holders[name], is_expert_param(name) ? kWorld / kExpertParallel : kWorld) << name;
+    EXPECT_EQ(owners[name], 1) << name << " owned by exactly one of its holders";
   }
 }
 
-// max_norm 0: no clipping (the norm is still reported); 1e-3: every gradient scaled down.
-INSTANTIATE_TEST_SUITE_P(MaxNorm, Layout, ::testing::Values(0.0, 1e-3));
+// EP=2 x DP=1 and EP=2 x DP=2; max_norm 0: no clipping (the norm is still reported), 1e-3: all scaled down.
+INSTANTIATE_TEST_SUITE_P(WorldAndMaxNorm, Layout,
+                         ::testing::Values(std::make_pair(2, 0.0), std::make_pair(2, 1e-3), std::make_pair(4, 1e-3)));
