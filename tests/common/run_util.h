@@ -10,6 +10,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace moeforge::test {
@@ -51,6 +52,39 @@ inline int free_port() {
   const int port = ntohs(a.sin_port);
   ::close(s);
   return port;
+}
+
+// Runs this test binary again as `world` ranks on loopback (RANK, WORLD_SIZE, MASTER_ADDR/PORT set, plus
+// `env`), each running only the tests matching `filter` (a worker test that skips unless its variables are
+// set); returns true when every rank exited with status 0.
+inline bool run_worker_ranks(int world, const std::string& filter, const std::vector<std::pair<std::string, std::string>>& env) {
+  char buf[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  buf[n > 0 ? n : 0] = '\0';
+  const std::string exe = buf, flag = "--gtest_filter=" + filter;
+  const int port = free_port();
+  std::vector<pid_t> pids;
+  for (int r = 0; r < world; ++r) {
+    const pid_t pid = ::fork();
+    if (pid < 0) return false;
+    if (pid == 0) {
+      for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
+      ::setenv("RANK", std::to_string(r).c_str(), 1);
+      ::setenv("WORLD_SIZE", std::to_string(world).c_str(), 1);
+      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
+      ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+      ::execl(exe.c_str(), exe.c_str(), flag.c_str(), "--gtest_brief=1", static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    pids.push_back(pid);
+  }
+  bool ok = true;
+  for (pid_t p : pids) {
+    int st = 0;
+    ::waitpid(p, &st, 0);
+    ok = ok && WIFEXITED(st) && WEXITSTATUS(st) == 0;
+  }
+  return ok;
 }
 
 }  // namespace moeforge::test

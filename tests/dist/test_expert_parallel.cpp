@@ -63,13 +63,6 @@ torch::Tensor out_weights(const ModelConfig& c, int rank, int mode) {
   return torch::randn({n, c.hidden_size}, g);
 }
 
-
-std::string self_exe() {
-  char buf[4096];
-  const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
-  buf[n > 0 ? n : 0] = '\0';
-  return buf;
-}
 }  // namespace
 
 // Worker side: runs only when the parent test sets MOEFORGE_EP_WORKER_DIR.
@@ -100,30 +93,9 @@ class ExpertParallel : public ::testing::TestWithParam<int> {};
 TEST_P(ExpertParallel, BlockEqualsOneProcess) {
   const int mode = GetParam();
   test::TempDir dir("ep");
-  const int port = test::free_port();
-  std::vector<pid_t> pids;
-  for (int r = 0; r < kWorld; ++r) {
-    const pid_t pid = ::fork();
-    ASSERT_GE(pid, 0);
-    if (pid == 0) {
-      ::setenv("MOEFORGE_EP_WORKER_DIR", dir.path.c_str(), 1);
-      ::setenv("MOEFORGE_EP_MODE", std::to_string(mode).c_str(), 1);
-      ::setenv("RANK", std::to_string(r).c_str(), 1);
-      ::setenv("WORLD_SIZE", std::to_string(kWorld).c_str(), 1);
-      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
-      ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
-      const std::string exe = self_exe();
-      ::execl(exe.c_str(), exe.c_str(), "--gtest_filter=ExpertParallelWorker.Run", "--gtest_brief=1",
-              static_cast<char*>(nullptr));
-      ::_exit(127);
-    }
-    pids.push_back(pid);
-  }
-  for (pid_t p : pids) {
-    int st = 0;
-    ::waitpid(p, &st, 0);
-    ASSERT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << "worker failed";
-  }
+  ASSERT_TRUE(test::run_worker_ranks(kWorld, "ExpertParallelWorker.Run",
+                                     {{"MOEFORGE_EP_WORKER_DIR", dir.path}, {"MOEFORGE_EP_MODE", std::to_string(mode)}}))
+      << "worker failed";
   // One process, every token: rank 0's rows, then rank 1's.
   const ModelConfig c = ep_config();
   MoEBlock b = make_block(c, mode);

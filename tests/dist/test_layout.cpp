@@ -44,12 +44,6 @@ MixtralForCausalLM make_model() {
   return m;
 }
 
-std::string self_exe() {
-  char buf[4096];
-  const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
-  buf[n > 0 ? n : 0] = '\0';
-  return buf;
-}
 }  // namespace
 
 // Worker side: runs only when the parent test sets MOEFORGE_LAYOUT_WORKER_DIR.
@@ -84,29 +78,10 @@ TEST_P(Layout, AveragingClippingAndOwnershipEqualOneProcess) {
   const int kWorld = GetParam().first;
   const double max_norm = GetParam().second;
   test::TempDir dir("layout");
-  const int port = test::free_port();
-  std::vector<pid_t> pids;
-  for (int r = 0; r < kWorld; ++r) {
-    const pid_t pid = ::fork();
-    ASSERT_GE(pid, 0);
-    if (pid == 0) {
-      ::setenv("MOEFORGE_LAYOUT_WORKER_DIR", dir.path.c_str(), 1);
-      ::setenv("MOEFORGE_LAYOUT_MAX_NORM", std::to_string(max_norm).c_str(), 1);
-      ::setenv("RANK", std::to_string(r).c_str(), 1);
-      ::setenv("WORLD_SIZE", std::to_string(kWorld).c_str(), 1);
-      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
-      ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
-      const std::string exe = self_exe();
-      ::execl(exe.c_str(), exe.c_str(), "--gtest_filter=LayoutWorker.Run", "--gtest_brief=1", static_cast<char*>(nullptr));
-      ::_exit(127);
-    }
-    pids.push_back(pid);
-  }
-  for (pid_t p : pids) {
-    int st = 0;
-    ::waitpid(p, &st, 0);
-    ASSERT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << "worker failed";
-  }
+  ASSERT_TRUE(test::run_worker_ranks(kWorld, "LayoutWorker.Run",
+                                     {{"MOEFORGE_LAYOUT_WORKER_DIR", dir.path},
+                                      {"MOEFORGE_LAYOUT_MAX_NORM", std::to_string(max_norm)}}))
+      << "worker failed";
   // One process holding every averaged gradient, by hand in fp64: a dense gradient is the mean over the W ranks
   // of (r + 1) x g, an expert's the sum over its holders (one per replica) of (r + 1) x g, divided by W.
   auto model = make_model();
