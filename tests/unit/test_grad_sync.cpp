@@ -79,7 +79,7 @@ TEST(Layout, OneProcessIsTheIdentity) {
   EXPECT_EQ(layout.named_parameters().size(), m->named_parameters().size());
   EXPECT_TRUE(layout.owned().empty());
   for (auto& [name, p] : layout.named_parameters()) p.mutable_grad() = torch::full_like(p, 0.5);
-  layout.sync_gradients();  // nothing to exchange: gradients untouched (no division by a world of 1)
+  layout.sync_gradients();  // one process: gradients left as they are (not zeroed, not rescaled)
   int64_t n = 0;
   for (auto& [name, p] : layout.named_parameters()) {
     EXPECT_FLOAT_EQ(p.grad().view(-1)[0].item<float>(), 0.5f) << name;
