@@ -18,7 +18,7 @@ const char* kUsage =
     "                                               tokenize text / JSONL into train and validation shards\n"
     "  train RECIPE.yaml [--set key=value ...] [--resume]\n"
     "                                               pretrain, SFT or DPO (stage: ...) as the recipe says\n"
-    "  eval CHECKPOINT (--data DIR | --text FILE) [--json] [--batches N] [--seq-len T]\n"
+    "  eval CHECKPOINT (--data DIR | --text FILE) [--json] [--batches N] [--seq-len T] [--precision fp32|bf16]\n"
     "                                               validation loss and perplexity\n"
     "  eval CHECKPOINT --generate --data FILE.jsonl [--json] [--max-new-tokens N]\n"
     "                                               greedy completions, exact match against the reference\n"

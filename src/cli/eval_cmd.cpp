@@ -19,6 +19,7 @@
 #include "data/tokenizer.h"
 #include "io/jsonl.h"
 #include "model/generate.h"
+#include "model/mixed.h"
 #include "train/checkpoint.h"
 #include "train/dpo_objective.h"
 #include "train/evaluate.h"
@@ -28,10 +29,11 @@ namespace moeforge::cli {
 
 // Greedy completions for each prompt of a JSONL file ({"prompt", "completion"} or {"messages"} ending in
 // an assistant turn), rendered in the chat format; exact match against the reference after trimming.
-static int eval_generate(const std::string& ckpt, const std::string& file, int64_t max_new, bool json, int threads) {
+static int eval_generate(const std::string& ckpt, const std::string& file, int64_t max_new, bool json, int threads,
+                         const std::string& precision) {
   compat::configure_threads(threads);
   data::Tokenizer tok(train::require_checkpoint_tokenizer(ckpt, "--generate"));
-  MixtralForCausalLM model = train::load_checkpoint_model(ckpt);
+  MixtralForCausalLM model = train::load_checkpoint_model(ckpt, precision);
   auto trim = [](std::string s) {
     size_t a = s.find_first_not_of(" \t\r\n"), b = s.find_last_not_of(" \t\r\n");
     return a == std::string::npos ? std::string() : s.substr(a, b - a + 1);
@@ -74,7 +76,8 @@ static int64_t checkpoint_seq_len(const std::string& ckpt, const ModelConfig& cf
 
 // DPO's implicit rewards of a tuned checkpoint against its reference on held-out preference pairs.
 static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt, const std::string& file, double beta,
-                            std::string loss, int64_t batch_size, int64_t seq_len, bool json, int threads) {
+                            std::string loss, int64_t batch_size, int64_t seq_len, bool json, int threads,
+                            const std::string& precision) {
   compat::configure_threads(threads);
   ModelConfig cfg = train::read_checkpoint_config(ckpt), ref_cfg = train::read_checkpoint_config(ref_ckpt);
   if (cfg.vocab_size != ref_cfg.vocab_size)
@@ -102,6 +105,10 @@ static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt
   train::load_model_weights(ref_ckpt, ref);
   policy->to(device);
   ref->to(device);
+  // Both models compute in the policy's precision (as they did in training: the DPO reference follows it).
+  const auto dtype = compute_dtype_for(precision.empty() ? train::checkpoint_precision(ckpt) : precision);
+  policy->set_compute_dtype(dtype);
+  ref->set_compute_dtype(dtype);
   train::DpoOptions o;
   o.beta = beta;
   o.loss = loss;
@@ -154,7 +161,10 @@ int cmd_eval(const Args& in) {
   if (take_option(args, "--batch-size", &v)) batch_size = parse_int("--batch-size", v);
   if (take_option(args, "--seq-len", &v)) seq_len = parse_int("--seq-len", v);
   if (take_option(args, "--threads", &v)) threads = parse_int("--threads", v);
-  reject_unknown_flags(args, "eval", {"--json", "--data", "--text", "--batches", "--batch-size", "--seq-len", "--threads",
+  std::string precision;  // "" = the precision the checkpoint was trained in
+  if (take_option(args, "--precision", &precision) && precision != "fp32" && precision != "bf16")
+    throw UserError("eval: --precision must be fp32 or bf16, got '" + precision + "'");
+  reject_unknown_flags(args, "eval", {"--precision", "--json", "--data", "--text", "--batches", "--batch-size", "--seq-len", "--threads",
                                       "--generate", "--max-new-tokens", "--preferences", "--reference", "--beta", "--loss"});
   if (!prefs.empty() || !ref_ckpt.empty()) {
     if (args.size() != 1 || prefs.empty() || ref_ckpt.empty())
@@ -168,13 +178,13 @@ int cmd_eval(const Args& in) {
     }
     if (batch_size <= 0) throw UserError("eval: --batch-size must be positive");
     return eval_preferences(args[0], ref_ckpt, prefs, beta, loss_type, batch_size, seq_len, json,
-                            static_cast<int>(threads));
+                            static_cast<int>(threads), precision);
   }
   if (gen) {
     if (args.size() != 1 || data_dir.empty())
       throw UserError("eval --generate: usage: moeforge eval CHECKPOINT --generate --data FILE.jsonl [--json]");
     if (max_new <= 0) throw UserError("eval: --max-new-tokens must be positive");
-    return eval_generate(args[0], data_dir, max_new, json, static_cast<int>(threads));
+    return eval_generate(args[0], data_dir, max_new, json, static_cast<int>(threads), precision);
   }
   if (args.size() != 1) throw UserError("eval: expected one CHECKPOINT directory (usage: moeforge eval CHECKPOINT --data DIR | --text FILE [--json])");
   if (data_dir.empty() == text_file.empty()) throw UserError("eval: give exactly one of --data DIR or --text FILE");
@@ -189,6 +199,7 @@ int cmd_eval(const Args& in) {
   train::load_model_weights(ckpt, model);
   torch::Device device = torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
   model->to(device);
+  model->set_compute_dtype(compute_dtype_for(precision.empty() ? train::checkpoint_precision(ckpt) : precision));
   train::EvalResult r;
   std::string source;
   if (!data_dir.empty()) {

@@ -6,7 +6,6 @@
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #endif
 #include <ATen/Parallel.h>
-#include <ATen/autocast_mode.h>
 
 #include <cmath>
 #include <mutex>
@@ -22,9 +21,13 @@ std::string torch_version() {
 at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& allowed_mask) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
-  // Softmax in fp32 at least, whatever the input dtype.
+  // Softmax in fp32 at least, whatever the input dtype. The two matmuls run in the input dtype: with bf16
+  // inputs Q K^T and P V are bf16 matmuls (fp32 accumulation inside), the scores are taken to fp32 before
+  // the scale, the mask and the softmax, and the probabilities go back to bf16 for P V.
+  const bool reduced = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
   auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto scores = at::matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale;
+  auto scores = reduced ? at::matmul(q, k.transpose(-2, -1)).to(acc) * scale
+                        : at::matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale;
   at::Tensor allowed = allowed_mask;
   if (!allowed.defined()) {
     const int64_t T = q.size(-2), S = k.size(-2);
@@ -32,6 +35,7 @@ at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const a
   }
   scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
   auto probs = at::softmax(scores, -1);
+  if (reduced) return at::matmul(probs.to(q.scalar_type()), v);
   return at::matmul(probs, v.to(acc)).to(q.scalar_type());
 }
 
@@ -44,28 +48,6 @@ at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k
   return at::scaled_dot_product_attention(q, k, v, allowed_mask, /*dropout_p=*/0.0, /*is_causal=*/false);
 #else
   return attention_reference(q, k, v, allowed_mask);
-#endif
-}
-
-CudaBf16Autocast::CudaBf16Autocast(bool enabled) : enabled_(enabled) {
-  if (!enabled_) return;
-#if MOEFORGE_HAS_DEVICE_AUTOCAST
-  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-  at::autocast::set_autocast_enabled(at::kCUDA, true);
-#else
-  at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
-  at::autocast::set_enabled(true);
-#endif
-  at::autocast::increment_nesting();
-}
-
-CudaBf16Autocast::~CudaBf16Autocast() {
-  if (!enabled_) return;
-  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-#if MOEFORGE_HAS_DEVICE_AUTOCAST
-  at::autocast::set_autocast_enabled(at::kCUDA, false);
-#else
-  at::autocast::set_enabled(false);
 #endif
 }
 

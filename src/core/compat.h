@@ -3,7 +3,6 @@
 //   - scaled_dot_product_attention: 2.0+ (explicit softmax path on 1.13)
 //   - at::_grouped_mm: 2.8+ (per-expert loop otherwise)
 //   - c10d Backend vs ProcessGroup base class: 2.0+
-//   - autocast API with a device type argument: 2.4+
 //   - a CUDA generator of our own (router jitter on the device): CUDA builds only
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -17,7 +16,6 @@
 #define MOEFORGE_HAS_SDPA MOEFORGE_TORCH_AT_LEAST(2, 0)
 #define MOEFORGE_HAS_GROUPED_MM MOEFORGE_TORCH_AT_LEAST(2, 8)
 #define MOEFORGE_HAS_C10D_BACKEND MOEFORGE_TORCH_AT_LEAST(2, 0)
-#define MOEFORGE_HAS_DEVICE_AUTOCAST MOEFORGE_TORCH_AT_LEAST(2, 4)
 
 namespace moeforge::compat {
 
@@ -34,19 +32,6 @@ at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k
 // The explicit path, also used as the reference in tests.
 at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& allowed_mask);
-
-// bf16 autocast on CUDA for the scope of the guard (mixed precision: fp32 weights, bf16 matmuls).
-// Does nothing when `enabled` is false.
-class CudaBf16Autocast {
- public:
-  explicit CudaBf16Autocast(bool enabled);
-  ~CudaBf16Autocast();
-  CudaBf16Autocast(const CudaBf16Autocast&) = delete;
-  CudaBf16Autocast& operator=(const CudaBf16Autocast&) = delete;
-
- private:
-  bool enabled_;
-};
 
 // Uniform noise U(lo, hi) of `sizes` on `options`' device, from a generator of that device seeded with `seed`
 // (a fresh CUDA generator with a CUDA LibTorch, MOEFORGE_WITH_CUDA; compiled only there).

@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include "core/compat.h"
+#include "model/mixed.h"
 #include "model/rope.h"
 
 namespace moeforge {
@@ -44,9 +45,9 @@ torch::Tensor AttentionImpl::repeat_kv(const torch::Tensor& x, int64_t groups) {
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BTH, const torch::Tensor& cos, const torch::Tensor& sin,
                                      const torch::Tensor& mask) {
   const auto B = x_BTH.size(0), T = x_BTH.size(1);
-  auto q = q_proj(x_BTH).view({B, T, num_heads, head_dim}).transpose(1, 2);
-  auto k = k_proj(x_BTH).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
-  auto v = v_proj(x_BTH).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
+  auto q = mixed_linear(x_BTH, q_proj->weight).view({B, T, num_heads, head_dim}).transpose(1, 2);
+  auto k = mixed_linear(x_BTH, k_proj->weight).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
+  auto v = mixed_linear(x_BTH, v_proj->weight).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
   q = apply_rope(q, cos, sin);
   k = apply_rope(k, cos, sin);
   const int64_t groups = num_heads / num_kv_heads;
@@ -54,7 +55,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BTH, const torch::Te
   v = repeat_kv(v, groups);
   auto out = compat::scaled_dot_product_attention(q, k, v, mask);  // [B, Nh, T, D]
   out = out.transpose(1, 2).reshape({B, T, num_heads * head_dim});
-  return o_proj(out);
+  return mixed_linear(out, o_proj->weight);
 }
 
 }  // namespace moeforge
@@ -65,9 +66,9 @@ torch::Tensor AttentionImpl::forward_cached(const torch::Tensor& x_BTH, const to
                                             const torch::Tensor& sin, const torch::Tensor& pos_new,
                                             std::optional<int64_t> window, LayerKVCache& cache) {
   const auto B = x_BTH.size(0), n = x_BTH.size(1);
-  auto q = q_proj(x_BTH).view({B, n, num_heads, head_dim}).transpose(1, 2);
-  auto k = k_proj(x_BTH).view({B, n, num_kv_heads, head_dim}).transpose(1, 2);
-  auto v = v_proj(x_BTH).view({B, n, num_kv_heads, head_dim}).transpose(1, 2);
+  auto q = mixed_linear(x_BTH, q_proj->weight).view({B, n, num_heads, head_dim}).transpose(1, 2);
+  auto k = mixed_linear(x_BTH, k_proj->weight).view({B, n, num_kv_heads, head_dim}).transpose(1, 2);
+  auto v = mixed_linear(x_BTH, v_proj->weight).view({B, n, num_kv_heads, head_dim}).transpose(1, 2);
   q = apply_rope(q, cos, sin);
   k = apply_rope(k, cos, sin);
   // Keys: the filled slots of the cache, then the new ones; the mask comes from absolute positions,
@@ -94,7 +95,7 @@ torch::Tensor AttentionImpl::forward_cached(const torch::Tensor& x_BTH, const to
     cache.pos.index_copy_(0, slots, pos_new.index_select(0, keep));
   }
   out = out.transpose(1, 2).reshape({B, n, num_heads * head_dim});
-  return o_proj(out);
+  return mixed_linear(out, o_proj->weight);
 }
 
 }  // namespace moeforge

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "model/mixed.h"
 #include "model/rope.h"
 
 namespace moeforge {
@@ -15,19 +16,63 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& cfg) {
   post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps));
 }
 
-torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                        const torch::Tensor& mask, RouterOutput* router_out) {
-  auto h = x + self_attn->forward(input_layernorm->forward(x), cos, sin, mask);
-  MoEOutput moe = block_sparse_moe->forward(post_attention_layernorm->forward(h));
+torch::Tensor DecoderLayerImpl::forward_once(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                             const torch::Tensor& mask, RouterOutput* router_out) {
+  auto h = x + self_attn->forward(input_layernorm->forward(x, compute_dtype), cos, sin, mask);
+  MoEOutput moe = block_sparse_moe->forward(post_attention_layernorm->forward(h), compute_dtype);
   if (router_out) *router_out = std::move(moe.router);
   return h + moe.y;
+}
+
+torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                        const torch::Tensor& mask, RouterOutput* router_out) {
+  if (recompute == Recompute::None || !torch::GradMode::is_enabled()) return forward_once(x, cos, sin, mask, router_out);
+  // The router decision of the first run is the one that counts (loads, entropy, the aux loss's top-k): the
+  // recomputation repeats it (same inputs, same jitter draws) but its statistics are not recorded again.
+  // Only the logits leave the recomputed piece with a gradient, beside its output.
+  auto first = std::make_shared<RouterOutput>();
+  auto recorded = std::make_shared<bool>(false);
+  auto keep_first = [first, recorded](RouterOutput& r) {
+    if (*recorded) return;
+    *first = r;
+    *recorded = true;
+  };
+  std::vector<at::Generator> gens;
+  auto& gate = block_sparse_moe->gate;
+  if (gate->is_training() && gate->jitter > 0) gens.push_back(gate->jitter_generator());
+  std::vector<at::Tensor> out;
+  torch::Tensor h;
+  if (recompute == Recompute::Full) {
+    out = run_recomputed(
+        [this, cos, sin, mask, keep_first](const std::vector<at::Tensor>& in) {
+          RouterOutput r;
+          auto y = forward_once(in[0], cos, sin, mask, &r);
+          keep_first(r);
+          return std::vector<at::Tensor>{y, r.logits_NE};
+        },
+        {x}, gens);
+  } else {
+    h = x + self_attn->forward(input_layernorm->forward(x, compute_dtype), cos, sin, mask);
+    out = run_recomputed(
+        [this, keep_first](const std::vector<at::Tensor>& in) {
+          MoEOutput m = block_sparse_moe->forward(post_attention_layernorm->forward(in[0]), compute_dtype);
+          keep_first(m.router);
+          return std::vector<at::Tensor>{m.y, m.router.logits_NE};
+        },
+        {h}, gens);
+  }
+  if (router_out) {
+    *router_out = *first;
+    router_out->logits_NE = out[1];
+  }
+  return recompute == Recompute::Full ? out[0] : h + out[0];
 }
 
 torch::Tensor DecoderLayerImpl::forward_cached(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                                                const torch::Tensor& pos_new, std::optional<int64_t> window,
                                                LayerKVCache& cache) {
-  auto h = x + self_attn->forward_cached(input_layernorm->forward(x), cos, sin, pos_new, window, cache);
-  return h + block_sparse_moe->forward(post_attention_layernorm->forward(h)).y;
+  auto h = x + self_attn->forward_cached(input_layernorm->forward(x, compute_dtype), cos, sin, pos_new, window, cache);
+  return h + block_sparse_moe->forward(post_attention_layernorm->forward(h), compute_dtype).y;
 }
 
 MixtralModelImpl::MixtralModelImpl(const ModelConfig& cfg) {
@@ -59,6 +104,15 @@ std::vector<MoEBlock> MixtralForCausalLMImpl::moe_blocks() const {
   return out;
 }
 
+void MixtralForCausalLMImpl::set_compute_dtype(std::optional<at::ScalarType> dtype) {
+  compute_dtype_ = dtype;
+  for (auto& l : model->layers) l->compute_dtype = dtype;
+}
+
+void MixtralForCausalLMImpl::set_recompute(Recompute r) {
+  for (auto& l : model->layers) l->recompute = r;
+}
+
 void MixtralForCausalLMImpl::seed_router_jitter(uint64_t seed) {
   uint64_t layer = 0;
   for (auto& b : moe_blocks()) b->gate->seed_jitter(seed * 1000003ULL + 7919ULL * ++layer);
@@ -68,18 +122,18 @@ ForwardOutput MixtralForCausalLMImpl::forward(const ForwardInputs& in) {
   MF_CHECK(in.input_ids.dim() == 2, "input_ids must be [B, T]");
   const auto B = in.input_ids.size(0), T = in.input_ids.size(1);
   auto device = in.input_ids.device();
-  auto x = model->embed_tokens->forward(in.input_ids);
+  auto x = model->embed_tokens->forward(in.input_ids);  // the residual stream stays in the parameters' dtype
   torch::Tensor pos = in.position_ids;
   if (!pos.defined()) pos = torch::arange(T, torch::TensorOptions().dtype(torch::kLong).device(device)).expand({B, T});
-  auto cs = rope_cos_sin(pos, cfg_.resolved_head_dim(), cfg_.rope_theta, x.scalar_type());
+  auto cs = rope_cos_sin(pos, cfg_.resolved_head_dim(), cfg_.rope_theta, compute_dtype_.value_or(x.scalar_type()));
   auto mask = build_attention_mask(B, T, cfg_.sliding_window, in.segment_ids, device);
   ForwardOutput out;
   out.router.resize(model->layers.size());
   for (size_t i = 0; i < model->layers.size(); ++i) {
     x = model->layers[i]->forward(x, cs.first, cs.second, mask, &out.router[i]);
   }
-  out.hidden = model->norm->forward(x);
-  out.logits = torch::nn::functional::linear(out.hidden, lm_head_weight().to(out.hidden.scalar_type()));
+  out.hidden = model->norm->forward(x, compute_dtype_);
+  out.logits = mixed_linear(out.hidden, lm_head_weight());
   return out;
 }
 
@@ -88,7 +142,7 @@ KVCache MixtralForCausalLMImpl::make_cache(int64_t batch, int64_t max_len) const
   c.window = cfg_.sliding_window;
   c.capacity = cfg_.sliding_window ? std::min(*cfg_.sliding_window, max_len) : max_len;
   auto w = model->embed_tokens->weight;
-  auto opts = w.options();
+  auto opts = w.options().dtype(compute_dtype_.value_or(w.scalar_type()));
   for (size_t i = 0; i < model->layers.size(); ++i) {
     LayerKVCache l;
     l.k = torch::zeros({batch, cfg_.num_key_value_heads, c.capacity, cfg_.resolved_head_dim()}, opts);
@@ -106,13 +160,13 @@ torch::Tensor MixtralForCausalLMImpl::forward_cached(const torch::Tensor& input_
     throw UserError("generation: the sequence would exceed the cache of " + std::to_string(cache.capacity) + " tokens");
   auto x = model->embed_tokens->forward(input_ids);
   auto pos = torch::arange(cache.next_pos, cache.next_pos + n, input_ids.options().dtype(torch::kLong));
-  auto cs = rope_cos_sin(pos.unsqueeze(0).expand({B, n}), cfg_.resolved_head_dim(), cfg_.rope_theta, x.scalar_type());
+  auto cs = rope_cos_sin(pos.unsqueeze(0).expand({B, n}), cfg_.resolved_head_dim(), cfg_.rope_theta,
+                         compute_dtype_.value_or(x.scalar_type()));
   for (size_t i = 0; i < model->layers.size(); ++i) {
     x = model->layers[i]->forward_cached(x, cs.first, cs.second, pos, cfg_.sliding_window, cache.layers[i]);
   }
   cache.next_pos += n;
-  auto h = model->norm->forward(x);
-  return torch::nn::functional::linear(h, lm_head_weight().to(h.scalar_type()));
+  return mixed_linear(model->norm->forward(x, compute_dtype_), lm_head_weight());
 }
 
 void init_weights(torch::nn::Module& module, double init_std, uint64_t seed) {

@@ -12,6 +12,7 @@
 #include "model/attention.h"
 #include "model/config.h"
 #include "model/moe_block.h"
+#include "model/recompute.h"
 #include "model/rms_norm.h"
 
 namespace moeforge {
@@ -36,9 +37,17 @@ class DecoderLayerImpl : public torch::nn::Module {
                         const torch::Tensor& mask, RouterOutput* router_out);
   torch::Tensor forward_cached(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                                const torch::Tensor& pos_new, std::optional<int64_t> window, LayerKVCache& cache);
+  // Mixed precision: the matmuls run in this dtype (the residual stream, norms and router stay fp32).
+  std::optional<at::ScalarType> compute_dtype;
+  // What the backward recomputes instead of keeping (training with grad enabled only).
+  Recompute recompute = Recompute::None;
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};
   MoEBlock block_sparse_moe{nullptr};
+
+ private:
+  torch::Tensor forward_once(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                             const torch::Tensor& mask, RouterOutput* router_out);
 };
 TORCH_MODULE(DecoderLayer);
 
@@ -67,6 +76,14 @@ class MixtralForCausalLMImpl : public torch::nn::Module {
   torch::Tensor lm_head_weight() const;
   // The MoE blocks in layer order (for dispatchers and aux-free bias updates).
   std::vector<MoEBlock> moe_blocks() const;
+  // Mixed precision: matmuls, attention and the LM head in `dtype` (bf16) with the parameters kept in their own
+  // dtype (fp32 master weights); nullopt computes in the parameters' dtype. The residual stream, RMSNorm
+  // statistics, the router (logits, softmax, top-k) and the softmax of attention stay fp32; the objectives
+  // take the logits to fp32 before their log-softmax.
+  void set_compute_dtype(std::optional<at::ScalarType> dtype);
+  std::optional<at::ScalarType> compute_dtype() const { return compute_dtype_; }
+  // Activation recomputation for every decoder layer.
+  void set_recompute(Recompute r);
   // Seeds every layer's router-jitter generator from the run seed (a distinct stream per layer).
   void seed_router_jitter(uint64_t seed);
 
@@ -76,6 +93,7 @@ class MixtralForCausalLMImpl : public torch::nn::Module {
 
  private:
   ModelConfig cfg_;
+  std::optional<at::ScalarType> compute_dtype_;
   torch::nn::ModuleList layer_list_{nullptr};
 };
 TORCH_MODULE(MixtralForCausalLM);

@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "model/mixed.h"
 
 namespace moeforge {
 
@@ -14,7 +15,7 @@ ExpertImpl::ExpertImpl(int64_t hidden, int64_t intermediate) {
 }
 
 torch::Tensor ExpertImpl::forward(const torch::Tensor& x_NH) {
-  return w2(torch::silu(w1(x_NH)) * w3(x_NH));
+  return mixed_linear(torch::silu(mixed_linear(x_NH, w1->weight)) * mixed_linear(x_NH, w3->weight), w2->weight);
 }
 
 ExpertBankImpl::ExpertBankImpl(int64_t hidden, int64_t intermediate, int64_t first, int64_t count) : first_(first) {

@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "model/mixed.h"
 
 namespace moeforge {
 
@@ -19,12 +20,12 @@ void MoEBlockImpl::set_dispatcher(std::shared_ptr<Dispatcher> d, ExpertBank bank
   experts = replace_module("experts", bank);
 }
 
-MoEOutput MoEBlockImpl::forward(const torch::Tensor& x) {
+MoEOutput MoEBlockImpl::forward(const torch::Tensor& x, std::optional<at::ScalarType> compute) {
   const auto H = x.size(-1);
   auto x_NH = x.reshape({-1, H});
   MoEOutput out;
   out.router = gate->forward(x_NH);
-  Dispatched d = dispatcher_->dispatch(x_NH, out.router.topk_idx_NK, out.router.tokens_per_expert);
+  Dispatched d = dispatcher_->dispatch(to_compute(x_NH, compute), out.router.topk_idx_NK, out.router.tokens_per_expert);
   auto y_grouped = experts->forward(d.x_grouped, d.counts);
   auto y_NH = dispatcher_->combine(y_grouped, d, out.router.topk_weight_NK);
   out.y = y_NH.view(x.sizes());

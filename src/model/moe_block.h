@@ -20,7 +20,9 @@ struct MoEOutput {
 class MoEBlockImpl : public torch::nn::Module {
  public:
   explicit MoEBlockImpl(const ModelConfig& cfg);
-  MoEOutput forward(const torch::Tensor& x);  // x [..., H]
+  // x [..., H]. The router sees x as it comes (fp32); the experts see it in `compute` when given
+  // (mixed precision), and y is in that dtype.
+  MoEOutput forward(const torch::Tensor& x, std::optional<at::ScalarType> compute = std::nullopt);
 
   // Replaces the dispatcher (the expert-parallel layout swaps in an all-to-all one). The
   // expert bank must hold exactly the dispatcher's local experts.

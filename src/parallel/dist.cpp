@@ -154,6 +154,10 @@ at::Tensor Group::all_to_all(const at::Tensor& x, const std::vector<int64_t>& in
   if (size_ == 1) return x.clone();
   if (x.device() != impl_->device)  // e.g. CUDA tensors over Gloo when NCCL is not built in
     return all_to_all(x.to(impl_->device), in_splits, out_splits).to(x.device());
+  // bf16 rows travel as the 16-bit values they are (Gloo in LibTorch 1.13 has no bf16; an all-to-all does
+  // no arithmetic, so any 16-bit type carries the bits unchanged).
+  if (x.scalar_type() == at::kBFloat16)
+    return all_to_all(x.view(at::kHalf), in_splits, out_splits).view(at::kBFloat16);
   // One extra row from this rank to itself, so no buffer is ever empty (a rank may send or receive
   // nothing); it is dropped again below.
   auto in_sizes = x.sizes().vec();

@@ -15,6 +15,7 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "io/init_source.h"
+#include "model/mixed.h"
 #include "model/param_names.h"
 #include "parallel/layout.h"
 #include "io/hf_checkpoint.h"
@@ -354,9 +355,15 @@ std::string require_checkpoint_tokenizer(const std::string& ckpt_dir, const std:
   return p;
 }
 
-MixtralForCausalLM load_checkpoint_model(const std::string& ckpt_dir) {
+std::string checkpoint_precision(const std::string& ckpt_dir) {
+  auto r = checkpoint_recipe(ckpt_dir);
+  return r ? r->runtime.precision : "fp32";
+}
+
+MixtralForCausalLM load_checkpoint_model(const std::string& ckpt_dir, const std::string& precision) {
   MixtralForCausalLM model(read_checkpoint_config(ckpt_dir));
   load_model_weights(ckpt_dir, model);
+  model->set_compute_dtype(compute_dtype_for(precision.empty() ? checkpoint_precision(ckpt_dir) : precision));
   return model;
 }
 

@@ -90,7 +90,10 @@ std::optional<Recipe> checkpoint_recipe(const std::string& ckpt_dir);
 std::string checkpoint_tokenizer(const std::string& ckpt_dir);
 // The tokenizer path, or a UserError saying that `purpose` (e.g. "generation") needs one.
 std::string require_checkpoint_tokenizer(const std::string& ckpt_dir, const std::string& purpose);
-// A checkpoint's model (its config) with its weights loaded, on the CPU.
-MixtralForCausalLM load_checkpoint_model(const std::string& ckpt_dir);
+// The precision a checkpoint was trained in (its recipe's runtime.precision; "fp32" without a recipe).
+std::string checkpoint_precision(const std::string& ckpt_dir);
+// A checkpoint's model (its config) with its weights loaded, on the CPU, computing in `precision`
+// ("" = the precision it was trained in).
+MixtralForCausalLM load_checkpoint_model(const std::string& ckpt_dir, const std::string& precision = "");
 
 }  // namespace moeforge::train

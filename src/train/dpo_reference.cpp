@@ -10,9 +10,9 @@
 
 #include "io/model_config_yaml.h"
 #include "core/atomic_file.h"
-#include "core/compat.h"
 #include "core/log.h"
 #include "io/init_source.h"
+#include "model/mixed.h"
 #include "train/checkpoint.h"
 #include "train/dpo_objective.h"
 
@@ -29,7 +29,6 @@ DpoReference::DpoReference(const Recipe& r, const std::vector<data::PreferencePa
     : r_(r), train_(train), val_(val) {}
 
 void DpoReference::start(const std::string& run_dir, const torch::Device& device, bool main_rank) {
-  bf16_ = device.is_cuda() && r_.runtime.precision == "bf16";
   const std::string path = run_dir + "/reference_logps.json";
   const std::string fp = fingerprint();
   if (r_.dpo.reference == "precompute" && load_table(path, fp)) {
@@ -39,6 +38,7 @@ void DpoReference::start(const std::string& run_dir, const torch::Device& device
   MixtralForCausalLM ref(r_.model);
   load_init_weights(r_.init_from, ref);
   ref->to(device);
+  ref->set_compute_dtype(compute_dtype_for(r_.runtime.precision));  // the policy's precision, train and val alike
   ref->eval();
   for (auto& p : ref->parameters()) p.requires_grad_(false);
   if (r_.dpo.reference == "frozen") {
@@ -51,11 +51,8 @@ void DpoReference::start(const std::string& run_dir, const torch::Device& device
     std::iota(v.begin(), v.end(), 0);
     return v;
   };
-  {  // the training pairs under the precision the policy trains in (held-out evaluation runs in fp32)
-    compat::CudaBf16Autocast autocast(bf16_);
-    std::tie(table_[0], table_[1]) =
-        reference_logps(ref, train_, all(train_.size()), r_.train.micro_batch_size, r_.train.seq_len, device);
-  }
+  std::tie(table_[0], table_[1]) =
+      reference_logps(ref, train_, all(train_.size()), r_.train.micro_batch_size, r_.train.seq_len, device);
   std::tie(table_[2], table_[3]) =
       reference_logps(ref, val_, all(val_.size()), r_.train.micro_batch_size, r_.train.seq_len, device);
   if (!main_rank) return;  // every rank computed the same table; rank 0 keeps it
@@ -71,7 +68,6 @@ std::pair<torch::Tensor, torch::Tensor> DpoReference::logps(bool training_set, c
                                                             const torch::Device& d) {
   const auto& pairs = training_set ? train_ : val_;
   if (!ref_.is_empty()) {
-    compat::CudaBf16Autocast autocast(bf16_ && training_set);  // as the policy: autocast in training only
     return reference_logps(ref_, pairs, idx, static_cast<int64_t>(idx.size()), r_.train.seq_len, d);
   }
   const int table = training_set ? 0 : 2;

@@ -27,7 +27,7 @@ class DpoReference {
   // Builds the frozen model or the table (only the main rank writes the table file).
   void start(const std::string& run_dir, const torch::Device& device, bool main_rank);
   // Reference log-prob sums {chosen [n], rejected [n]} of pairs idx of the training set or the held-out set.
-  // The training pairs go through the precision the policy trains in; held-out evaluation runs in fp32.
+  // Training and held-out pairs alike go through the precision the policy trains in (runtime.precision).
   std::pair<torch::Tensor, torch::Tensor> logps(bool training_set, const std::vector<size_t>& idx,
                                                 const torch::Device& device);
 
@@ -39,7 +39,6 @@ class DpoReference {
   const std::vector<data::PreferencePair>& train_;
   const std::vector<data::PreferencePair>& val_;
   MixtralForCausalLM ref_{nullptr};
-  bool bf16_ = false;
   torch::Tensor table_[4];  // train chosen, train rejected, val chosen, val rejected
 };
 

@@ -75,6 +75,9 @@ const io::KeyTable<Recipe>& recipe_keys() {
                  "newest checkpoints kept")
         .integer("train.seed", [](auto& r) -> auto& { return r.train.seed; }, non_negative(),
                  "initialisation, data order and router jitter")
+        .choice("train.activation_checkpointing",
+                [](auto& r) -> auto& { return r.train.activation_checkpointing; }, {"none", "full", "moe"},
+                "recompute in the backward instead of keeping: full = each decoder layer, moe = each MoE block")
         .number("optim.lr", [](auto& r) -> auto& { return r.optim.lr; }, positive(), "peak learning rate")
         .number("optim.min_lr", [](auto& r) -> auto& { return r.optim.min_lr; }, non_negative(),
                 "learning rate at the end of the decay")
@@ -104,7 +107,7 @@ const io::KeyTable<Recipe>& recipe_keys() {
         .choice("runtime.device", [](auto& r) -> auto& { return r.runtime.device; }, {"auto", "cpu", "cuda"},
                 "auto = CUDA when available")
         .choice("runtime.precision", [](auto& r) -> auto& { return r.runtime.precision; }, {"fp32", "bf16"},
-                "bf16 = mixed precision (CUDA)")
+                "bf16 = mixed: bf16 matmuls, fp32 master weights, optimizer, router, norms and loss")
         .integer("runtime.threads", [](auto& r) -> auto& { return r.runtime.threads; }, non_negative(),
                  "intra-op threads, 0 = the cores (shared among the ranks of a machine)")
         .integer("parallel.timeout_s", [](auto& r) -> auto& { return r.parallel_timeout_s; }, positive(),

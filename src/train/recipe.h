@@ -34,11 +34,12 @@ struct TrainLoopConfig {
   int64_t checkpoint_interval = 100;
   int64_t keep_checkpoints = 2;
   uint64_t seed = 1234;
+  std::string activation_checkpointing = "none";  // none | full (each decoder layer) | moe (each MoE block)
 };
 
 struct RuntimeConfig {
   std::string device = "auto";     // auto | cpu | cuda
-  std::string precision = "fp32";  // fp32 | bf16 (mixed, CUDA)
+  std::string precision = "fp32";  // fp32 | bf16 (mixed: bf16 matmuls, fp32 master weights and AdamW state)
   int threads = 0;                 // 0 = number of cores
 };
 

@@ -14,7 +14,9 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "data/lm_dataset.h"
+#include "model/mixed.h"
 #include "model/param_count.h"
+#include "model/recompute.h"
 #include "parallel/dist.h"
 #include "parallel/layout.h"
 #include "train/checkpoint.h"
@@ -35,22 +37,34 @@ double training_flops_per_token(const ModelConfig& c, int64_t seq_len) {
   return 6.0 * dense_active + 12.0 * c.num_layers * static_cast<double>(seq_len) * c.q_dim();
 }
 
-double measure_peak_gflops(const std::string& device) {
+double measure_peak_gflops(const std::string& device, const std::string& precision) {
   torch::NoGradGuard ng;
   const bool cuda = device == "cuda";
+  const bool bf16 = precision == "bf16";
   const int64_t n = cuda ? 8192 : 2048;
-  auto opts = torch::TensorOptions().dtype(cuda ? torch::kBFloat16 : torch::kFloat).device(cuda ? torch::kCUDA : torch::kCPU);
+  auto opts = torch::TensorOptions().dtype(bf16 ? torch::kBFloat16 : torch::kFloat).device(cuda ? torch::kCUDA : torch::kCPU);
   // Constant inputs: timing does not depend on the values, and the global RNG (which a resumed
   // run has just restored) must not be consumed here.
   auto a = torch::full({n, n}, 0.5, opts), b = torch::full({n, n}, 0.25, opts);
   (void)torch::mm(a, b).sum().item<double>();  // warm-up
-  const int iters = cuda ? 20 : 3;
+  const int iters = cuda ? 20 : bf16 ? 10 : 3;
   auto t0 = Clock::now();
   torch::Tensor c;
   for (int i = 0; i < iters; ++i) c = torch::mm(a, b);
   (void)c.sum().item<double>();
   const double s = std::chrono::duration<double>(Clock::now() - t0).count();
   return 2.0 * n * n * n * iters / s / 1e9;
+}
+
+int64_t peak_rss_bytes() {
+  std::FILE* f = std::fopen("/proc/self/status", "r");
+  if (!f) return 0;
+  char line[256];
+  int64_t kib = 0;
+  while (std::fgets(line, sizeof line, f))
+    if (std::sscanf(line, "VmHWM: %ld kB", &kib) == 1) break;
+  std::fclose(f);
+  return kib * 1024;
 }
 
 double unigram_entropy(const std::string& data_dir, const std::string& split) {
@@ -76,8 +90,6 @@ torch::Device pick_device(const RuntimeConfig& rt, const std::string& recipe_pat
   if (rt.device == "cuda" && !torch::cuda::is_available())
     throw UserError(recipe_path + ": key 'runtime.device': cuda requested but no CUDA device is available");
   const bool cuda = rt.device == "cuda" || (rt.device == "auto" && torch::cuda::is_available());
-  if (rt.precision == "bf16" && !cuda)
-    throw UserError(recipe_path + ": key 'runtime.precision': bf16 mixed precision needs a CUDA device; use fp32 on CPU");
   // Each local rank takes its own GPU.
   const int n = cuda ? static_cast<int>(torch::cuda::device_count()) : 0;
   return cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank % std::max(1, n)))
@@ -131,6 +143,8 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   if (latest) load_model_weights(*latest, model);
   layout.hold(model);  // before the move: only this rank's experts go to the device (to() keeps the handles)
   model->to(device);
+  model->set_compute_dtype(compute_dtype_for(r.runtime.precision));
+  model->set_recompute(parse_recompute(tc.activation_checkpointing));
   model->train();
   AdamW opt(layout.named_parameters(), AdamWOptions{r.optim.beta1, r.optim.beta2, r.optim.eps, r.optim.weight_decay},
             layout.owned());
@@ -164,10 +178,10 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   stage->start(run_dir, device, main_rank);
 
   const std::string dev_name = device.is_cuda() ? "cuda" : "cpu";
-  const bool bf16 = device.is_cuda() && r.runtime.precision == "bf16";
-  // MFU compares the tokens of all ranks with the matmul rate of all ranks (each measured with its threads).
+  // MFU compares the tokens of all ranks with the matmul rate of all ranks (each measured with its threads),
+  // in the precision the matmuls run in.
   const double peak = [&] {
-    std::vector<torch::Tensor> v{torch::tensor({measure_peak_gflops(dev_name)}, torch::kDouble)};
+    std::vector<torch::Tensor> v{torch::tensor({measure_peak_gflops(dev_name, r.runtime.precision)}, torch::kDouble)};
     layout.all_reduce_sum(v);
     return v[0].item<double>();
   }();
@@ -176,7 +190,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   const int W = layout.world();
   if (!resumed) MF_INFO("starting a new run in " << run_dir);
   MF_INFO("model " << cfg.name << ": " << pc.total << " parameters, " << pc.active << " active; " << dev_name << ", "
-                   << threads << " threads; peak matmul " << static_cast<int>(peak) << " GFLOP/s");
+                   << threads << " threads, " << r.runtime.precision
+                   << (tc.activation_checkpointing != "none" ? ", recomputing " + tc.activation_checkpointing : std::string())
+                   << "; peak " << r.runtime.precision << " matmul " << static_cast<int>(peak) << " GFLOP/s");
   MF_INFO("training " << total_steps << " steps of " << tokens_per_step * W << " tokens (" << tc.micro_batch_size
                       << " x " << tc.seq_len << " x " << tc.grad_accum << " accumulation"
                       << (W > 1 ? " x " + std::to_string(W) + " ranks" : std::string()) << "); "
@@ -206,11 +222,8 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     opt.zero_grad();
     StepTotals step(L);
     for (int64_t a = 0; a < tc.grad_accum; ++a) {
-      BatchLoss l = [&] {
-        compat::CudaBf16Autocast autocast(bf16);
-        return stage->train_batch(model, state.samples_seen + layout.global_micro_batch(a) * tc.micro_batch_size,
-                                  tc.micro_batch_size, device);
-      }();
+      BatchLoss l = stage->train_batch(model, state.samples_seen + layout.global_micro_batch(a) * tc.micro_batch_size,
+                                       tc.micro_batch_size, device);
       (l.total / static_cast<double>(tc.grad_accum)).backward();
       step.add(l, tc.grad_accum);
     }
@@ -293,6 +306,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       {"total_params", pc.total},
       {"active_params", pc.active},
       {"device", dev_name},
+      {"precision", r.runtime.precision},
+      {"activation_checkpointing", tc.activation_checkpointing},
+      {"peak_rss_bytes", peak_rss_bytes()},
       {"threads", threads},
       {"elapsed_s", elapsed_before + std::chrono::duration<double>(Clock::now() - run_start).count()}};
   for (const auto& [k, v] : last_eval.metrics) summary["final_val_" + k] = v;
@@ -307,8 +323,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   for (const char* k : {"rewards/accuracies", "rewards/margins"})
     if (last_eval.metrics.count(k)) extra += " | val " + std::string(k) + " " + std::to_string(last_eval.metrics.at(k)).substr(0, 6);
   if (main_rank)
-    std::fprintf(stderr, "done: %ld steps | final val loss %.4f%s | %.0f tokens/s | MFU %.1f%% of a %.0f GFLOP/s matmul\n",
-                 (long)state.step, last_val, extra.c_str(), res.tokens_per_second, 100 * res.mfu, peak);
+    std::fprintf(stderr, "done: %ld steps | final val loss %.4f%s | %.0f tokens/s | MFU %.1f%% of a %.0f GFLOP/s %s matmul\n",
+                 (long)state.step, last_val, extra.c_str(), res.tokens_per_second, 100 * res.mfu, peak,
+                 r.runtime.precision.c_str());
   return res;
 }
 

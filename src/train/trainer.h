@@ -20,8 +20,12 @@ TrainResult run_training(const Recipe& recipe, bool force_resume);
 // attention 12 * layers * seq_len * q_dim (forward + backward of QK^T and AV, causal not discounted).
 double training_flops_per_token(const ModelConfig& c, int64_t seq_len);
 
-// GFLOP/s of a large fp32 matmul (bf16 on CUDA) on `device`, measured now: the peak that MFU divides by.
-double measure_peak_gflops(const std::string& device);
+// GFLOP/s of a large matmul in `precision` (fp32 | bf16) on `device`, measured now: the peak that MFU
+// divides by.
+double measure_peak_gflops(const std::string& device, const std::string& precision);
+
+// The process's peak resident memory (VmHWM) in bytes; 0 where /proc does not tell.
+int64_t peak_rss_bytes();
 
 // Entropy in nats of the tokens under their own unigram distribution.
 double unigram_entropy(const std::string& data_dir, const std::string& split);

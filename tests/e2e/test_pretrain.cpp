@@ -225,3 +225,88 @@ TEST(ExportImport, CliRoundTripAndFineTuneFromHf) {
   ASSERT_EQ(run_cli("train " + ft).status, 0);
   EXPECT_TRUE(train::latest_checkpoint(dir / "ft").has_value());
 }
+
+namespace {
+// The train records of a run without the fields that measure time.
+std::vector<nlohmann::json> train_records(const std::string& run_dir) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (!j.contains("loss")) continue;
+    for (auto k : {"tokens_per_second", "mfu", "eta_s", "wall_time"}) j.erase(k);
+    out.push_back(j);
+  }
+  return out;
+}
+}  // namespace
+
+// bf16 mixed precision on the CPU, against the fp32 run of the same recipe. Tolerance: at every step the loss
+// is within one bf16 epsilon (2^-7) of the fp32 loss, relative: the losses agree to bf16's own resolution
+// (the per-token errors of bf16 logits, up to u = 2^-9 relative each, average over the batch, and 12 steps
+// do not let the trajectories drift apart further). A bf16 run interrupted and resumed reproduces its losses
+// bit for bit, and its checkpoint exported to HF (fp32 tensors) and imported back evaluates exactly as it does.
+TEST(Bf16, TracksFp32ResumesBitwiseAndExportsItsOwnModel) {
+  test::TempDir dir("bf16");
+  std::string data = test::make_prepared(dir, 100);
+  const std::string bf16 = " --set runtime.precision=bf16";
+  ASSERT_EQ(run_cli("train " + write_recipe(dir, data, dir / "fp32", 12, 6)).status, 0);
+  auto straight = write_recipe(dir, data, dir / "straight", 12, 6);
+  auto broken = write_recipe(dir, data, dir / "broken", 12, 6);
+  ASSERT_EQ(run_cli("train " + straight + bf16).status, 0);
+  CliRun killed = run_cli("train " + broken + bf16, "MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=6");
+  EXPECT_EQ(killed.status, 128 + SIGKILL) << killed.err;
+  ASSERT_EQ(run_cli("train " + broken + bf16 + " --resume").status, 0);
+  auto a = losses(dir / "straight"), b = losses(dir / "broken");
+  ASSERT_EQ(a.size(), 12u);
+  EXPECT_EQ(a, b);
+
+  auto f = train_records(dir / "fp32"), h = train_records(dir / "straight");
+  ASSERT_EQ(f.size(), h.size());
+  int differ = 0;
+  for (size_t i = 0; i < f.size(); ++i) {
+    const double lf = f[i]["loss"].get<double>(), lh = h[i]["loss"].get<double>();
+    EXPECT_LE(std::abs(lh - lf), lf / 128) << "step " << i + 1 << ": fp32 " << lf << ", bf16 " << lh;
+    differ += lh != lf;
+  }
+  EXPECT_GT(differ, 0) << "the bf16 run computed exactly as the fp32 one: no bf16 arithmetic";
+  std::ifstream sin(dir / "straight/summary.json");
+  auto s = nlohmann::json::parse(sin);
+  EXPECT_EQ(s["precision"], "bf16");
+  EXPECT_GT(s["peak_rss_bytes"].get<int64_t>(), 0);
+
+  auto ck = *train::latest_checkpoint(dir / "straight");
+  ASSERT_EQ(run_cli("export " + ck + " --format hf --dtype fp32 --out " + (dir / "hf")).status, 0);
+  ASSERT_EQ(run_cli("import " + (dir / "hf") + " --out " + (dir / "imported")).status, 0);
+  auto eval_json = [&](const std::string& c, const std::string& extra) {
+    std::string out = dir / "e.json";
+    EXPECT_EQ(std::system((std::string(MOEFORGE_BINARY) + " eval " + c + " --data " + data + " --seq-len 32 --json" +
+                           extra + " > " + out).c_str()),
+              0);
+    std::ifstream in(out);
+    return nlohmann::json::parse(in)["loss"].get<double>();
+  };
+  const double own = eval_json(ck, "");  // in the precision it was trained in
+  EXPECT_EQ(own, eval_json(dir / "imported", " --precision bf16"));
+  EXPECT_EQ(own, eval_json(ck, " --precision bf16"));
+  EXPECT_NE(own, eval_json(ck, " --precision fp32"));
+}
+
+// Activation recomputation of whole layers or of the MoE blocks trains exactly as keeping the activations
+// does (router jitter on, two accumulated micro-batches): the same losses, aux and z losses, gradient norms
+// and expert loads, each counted once.
+TEST(Recompute, FullAndMoeTrainLikeNone) {
+  test::TempDir dir("recompute");
+  std::string data = test::make_prepared(dir, 80);
+  for (auto mode : {"none", "full", "moe"})
+    ASSERT_EQ(run_cli("train " + write_recipe(dir, data, dir / mode, 4, 4) + " --set train.activation_checkpointing=" +
+                      mode).status,
+              0);
+  auto none = train_records(dir / "none");
+  ASSERT_EQ(none.size(), 4u);
+  EXPECT_EQ(train_records(dir / "full"), none);
+  EXPECT_EQ(train_records(dir / "moe"), none);
+  expect_user_error(run_cli("train " + write_recipe(dir, data, dir / "bad", 4, 4) +
+                            " --set train.activation_checkpointing=layers"),
+                    "train.activation_checkpointing");
+}
