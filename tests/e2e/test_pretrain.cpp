@@ -292,9 +292,12 @@ TEST(Bf16, TracksFp32ResumesBitwiseAndExportsItsOwnModel) {
   EXPECT_NE(own, eval_json(ck, " --precision fp32"));
 }
 
-// Activation recomputation of whole layers or of the MoE blocks trains exactly as keeping the activations
-// does (router jitter on, two accumulated micro-batches): the same losses, aux and z losses, gradient norms
-// and expert loads, each counted once.
+// Activation recomputation of whole layers or of the MoE blocks trains as keeping the activations does
+// (router jitter on, two accumulated micro-batches), with the expert loads counted once. Recomputing whole
+// layers repeats every operation in the same order: the records are identical. Recomputing the MoE block only
+// splits the gradient of its input into two sums (inside the recomputed block, then with the residual), a
+// different order of fp32 additions: the records agree to 1e-6 relative (fp32 has 2^-24 = 6e-8) and the loads,
+// which count whole tokens, exactly.
 TEST(Recompute, FullAndMoeTrainLikeNone) {
   test::TempDir dir("recompute");
   std::string data = test::make_prepared(dir, 80);
@@ -305,7 +308,15 @@ TEST(Recompute, FullAndMoeTrainLikeNone) {
   auto none = train_records(dir / "none");
   ASSERT_EQ(none.size(), 4u);
   EXPECT_EQ(train_records(dir / "full"), none);
-  EXPECT_EQ(train_records(dir / "moe"), none);
+  auto moe = train_records(dir / "moe");
+  ASSERT_EQ(moe.size(), none.size());
+  for (size_t i = 0; i < none.size(); ++i) {
+    EXPECT_EQ(moe[i]["expert_load"], none[i]["expert_load"]) << "step " << i + 1;
+    for (auto k : {"loss", "aux_loss", "z_loss", "total_loss", "grad_norm"}) {
+      const double a = moe[i][k].get<double>(), b = none[i][k].get<double>();
+      EXPECT_LE(std::abs(a - b), 1e-6 * std::abs(b)) << k << " at step " << i + 1;
+    }
+  }
   expect_user_error(run_cli("train " + write_recipe(dir, data, dir / "bad", 4, 4) +
                             " --set train.activation_checkpointing=layers"),
                     "train.activation_checkpointing");

@@ -235,6 +235,9 @@ TEST(Recompute, SameGradientsLoadsAndJitterStream) {
     r.seeded_state = m->moe_blocks()[0]->gate->jitter_generator().get_state();
     for (int mb = 0; mb < 2; ++mb) {
       auto out = m->forward(ids[mb]);
+      // The router logits leave a recomputed piece through its autograd node.
+      const std::string node = out.router[0].logits_NE.grad_fn()->name();
+      EXPECT_EQ(node.find("RecomputeFunction") != std::string::npos, mode != Recompute::None) << node;
       std::vector<torch::Tensor> logits, idx;
       for (auto& ro : out.router) {
         logits.push_back(ro.logits_NE);
