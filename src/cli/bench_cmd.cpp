@@ -1,6 +1,7 @@
 // moeforge bench moe: forward+backward of one MoE block against the same FLOPs done
 // without routing (one dense SwiGLU FFN over all N*k assignments) and a plain matmul,
-// measured in the same run, so the ratio shows what routing costs.
+// measured in the same run, so the ratio shows what routing costs. --dtype bf16 runs the block in
+// mixed precision as training does (fp32 weights and router, bf16 expert matmuls).
 #include <torch/torch.h>
 
 #include <chrono>
@@ -64,15 +65,19 @@ int cmd_bench(const Args& in) {
   cfg.intermediate_size = I;
   cfg.moe.num_experts = E;
   cfg.moe.num_experts_per_tok = K;
+  // The MoE block as training runs it: fp32 parameters and router; under bf16 the experts compute in bf16
+  // from their fp32 master weights (mixed precision). The dense FFN and the plain matmul run in `dtype`.
   MoEBlock block(cfg);
   init_weights(*block, 0.02, 1234);
-  block->to(dev, dtype);
+  block->to(dev);
+  const std::optional<at::ScalarType> compute =
+      dtype == torch::kFloat ? std::nullopt : std::optional<at::ScalarType>(dtype);
   Expert dense(H, I);
   init_weights(*dense, 0.02, 1234);
   dense->to(dev, dtype);
 
   torch::manual_seed(0);
-  auto x = torch::randn({N, H}, torch::TensorOptions().dtype(dtype).device(dev)).requires_grad_(true);
+  auto x = torch::randn({N, H}, torch::TensorOptions().device(dev)).requires_grad_(true);
   auto xd = torch::randn({N * K, H}, torch::TensorOptions().dtype(dtype).device(dev)).requires_grad_(true);
   auto a = torch::randn({N * K, H}, torch::TensorOptions().dtype(dtype).device(dev));
   auto b = torch::randn({H, I}, torch::TensorOptions().dtype(dtype).device(dev));
@@ -83,7 +88,7 @@ int cmd_bench(const Args& in) {
 
   double t_moe = time_it([&] {
     block->zero_grad();
-    auto out = block->forward(x);
+    auto out = block->forward(x, compute);
     out.y.sum().backward();
     sync(x.grad());
   }, 1, static_cast<int>(iters));

@@ -21,21 +21,23 @@ std::string torch_version() {
 at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& allowed_mask) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
-  // Softmax in fp32 at least, whatever the input dtype. The two matmuls run in the input dtype: with bf16
-  // inputs Q K^T and P V are bf16 matmuls (fp32 accumulation inside), the scores are taken to fp32 before
-  // the scale, the mask and the softmax, and the probabilities go back to bf16 for P V.
-  const bool reduced = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
-  auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto scores = reduced ? at::matmul(q, k.transpose(-2, -1)).to(acc) * scale
-                        : at::matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale;
+  const int64_t T = q.size(-2), S = k.size(-2);
   at::Tensor allowed = allowed_mask;
-  if (!allowed.defined()) {
-    const int64_t T = q.size(-2), S = k.size(-2);
-    allowed = at::ones({T, S}, q.options().dtype(at::kBool)).tril(S - T);
+  if (!allowed.defined()) allowed = at::ones({T, S}, q.options().dtype(at::kBool)).tril(S - T);
+  if (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) {
+    // Reduced precision: Q K^T and P V are bf16 matmuls (fp32 accumulation inside); the softmax is fp32. The
+    // scale goes into q before the matmul, and the mask is added as fp32 0 / -inf, which takes the bf16 scores
+    // to fp32 in the same pass (no cast, no masked_fill, and an add's backward costs nothing).
+    auto bias = at::zeros(allowed.sizes(), q.options().dtype(at::kFloat))
+                    .masked_fill_(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+    auto scores = at::add(at::matmul(q * scale, k.transpose(-2, -1)), bias);
+    return at::matmul(at::softmax(scores, -1).to(q.scalar_type()), v);
   }
+  // Softmax in fp32 at least (fp64 for fp64 inputs).
+  auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto scores = at::matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale;
   scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
   auto probs = at::softmax(scores, -1);
-  if (reduced) return at::matmul(probs.to(q.scalar_type()), v);
   return at::matmul(probs, v.to(acc)).to(q.scalar_type());
 }
 

@@ -15,7 +15,12 @@ ExpertImpl::ExpertImpl(int64_t hidden, int64_t intermediate) {
 }
 
 torch::Tensor ExpertImpl::forward(const torch::Tensor& x_NH) {
-  return mixed_linear(torch::silu(mixed_linear(x_NH, w1->weight)) * mixed_linear(x_NH, w3->weight), w2->weight);
+  auto h1 = mixed_linear(x_NH, w1->weight), h3 = mixed_linear(x_NH, w3->weight);
+  // silu(h) = h sigmoid(h). LibTorch 1.13's CPU silu and its backward are scalar loops in bf16, 2.5x slower
+  // than sigmoid and mul (measured: 10.9 vs 4.3 ms for fwd+bwd of [8192, 256]); fp32 and fp64 keep silu.
+  const bool reduced = h1.scalar_type() == torch::kBFloat16 || h1.scalar_type() == torch::kHalf;
+  auto act = reduced ? h1 * torch::sigmoid(h1) : torch::silu(h1);
+  return mixed_linear(act * h3, w2->weight);
 }
 
 ExpertBankImpl::ExpertBankImpl(int64_t hidden, int64_t intermediate, int64_t first, int64_t count) : first_(first) {
