@@ -8,7 +8,8 @@
 #      BENCH_STEPS steps (default 60): tokens/s and MFU.
 #   4. Peak memory (VmHWM) of a training run whose activations dominate (bench-h256 at micro-batch 32, seq 512),
 #      with train.activation_checkpointing none / moe / full, MEM_STEPS steps (default 4).
-# usage: scripts/bench.sh   (from anywhere; builds the binary and prepares the quickstart data if needed)
+# usage: scripts/bench.sh   (from anywhere; builds the binary and prepares the quickstart data if needed;
+#        KEEP=1 keeps the training runs that finished before, e.g. after an interruption)
 # Each run is a separate process; nothing else should run on the machine meanwhile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,7 @@ mkdir -p "$OUT"
 
 run() {  # name, recipe, overrides...
   local name=$1 recipe=$2; shift 2
+  if [ -n "${KEEP:-}" ] && [ -f "$OUT/$name/summary.json" ]; then echo "   (kept $OUT/$name)" >&2; return; fi
   rm -rf "$OUT/$name"
   local sets=()
   for s in "$@"; do sets+=(--set "$s"); done
@@ -36,8 +38,10 @@ run() {  # name, recipe, overrides...
 }
 
 echo "== bench moe" >&2
-$MF bench moe --dtype fp32 --json > $OUT/moe_fp32.json
-$MF bench moe --dtype bf16 --json > $OUT/moe_bf16.json
+if [ -z "${KEEP:-}" ] || [ ! -s $OUT/moe_bf16.json ]; then
+  $MF bench moe --dtype fp32 --json > $OUT/moe_fp32.json
+  $MF bench moe --dtype bf16 --json > $OUT/moe_bf16.json
+fi
 
 for p in fp32 bf16; do
   echo "== quickstart $p ($STEPS steps)" >&2
@@ -47,7 +51,7 @@ for p in fp32 bf16; do
   echo "== bench-h256 $p ($BENCH_STEPS steps)" >&2
   run h256_$p recipes/quickstart.yaml model=configs/bench-h256.yaml runtime.precision=$p train.micro_batch_size=8 \
     train.max_steps=$BENCH_STEPS train.eval_interval=$BENCH_STEPS train.checkpoint_interval=$BENCH_STEPS \
-    train.eval_batches=4 train.warmup_steps=10
+    train.eval_batches=4 optim.warmup_steps=10
 done
 for m in none moe full; do
   echo "== memory, activation_checkpointing $m ($MEM_STEPS steps)" >&2
