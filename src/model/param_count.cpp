@@ -27,7 +27,7 @@ MemoryEstimate estimate_memory(const ParamCounts& p) {
   m.grads_bf16 = 2 * n;
   m.grads_fp32 = 4 * n;
   m.adamw_fp32 = 8 * n;
-  m.mixed_bf16_total = (2 + 2 + 4 + 8) * n;
+  m.mixed_bf16_total = (4 + 4 + 8 + 2) * n;
   m.fp32_total = (4 + 4 + 8) * n;
   return m;
 }

@@ -25,7 +25,8 @@ struct MemoryEstimate {
   double weights_bf16, weights_fp32;
   double grads_bf16, grads_fp32;
   double adamw_fp32;         // m and v in fp32 (8 bytes / parameter)
-  double mixed_bf16_total;   // bf16 weights + bf16 grads + fp32 master + fp32 m, v (16 bytes / parameter)
+  double mixed_bf16_total;   // moeforge's bf16 mixed precision: fp32 master weights + fp32 grads + fp32 m, v +
+                             // the bf16 weight copies the matmuls keep until the backward (18 bytes / parameter)
   double fp32_total;         // fp32 weights + fp32 grads + fp32 m, v (16 bytes / parameter)
 };
 MemoryEstimate estimate_memory(const ParamCounts& p);
