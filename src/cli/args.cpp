@@ -61,6 +61,13 @@ double parse_double(const std::string& flag, const std::string& v) {
   return x;
 }
 
+std::string take_precision(Args& args, const std::string& command) {
+  std::string p;
+  if (take_option(args, "--precision", &p) && p != "fp32" && p != "bf16")
+    throw UserError(command + ": --precision must be fp32 or bf16, got '" + p + "'");
+  return p;
+}
+
 // Values of a multi-valued option: --input a b c (until the next --flag) and/or --input=a.
 std::vector<std::string> take_list(Args& args, const std::string& flag) {
   std::vector<std::string> out;

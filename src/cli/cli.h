@@ -28,6 +28,8 @@ std::vector<std::string> take_repeated(Args& args, const std::string& flag);   /
 std::vector<std::string> take_list(Args& args, const std::string& flag);       // --input a b c / --input=a
 void reject_unknown_flags(const Args& args, const std::string& command, const std::vector<std::string>& known);
 int64_t parse_int(const std::string& flag, const std::string& v);
+// --precision fp32|bf16 ("" when absent: the precision the checkpoint was trained in).
+std::string take_precision(Args& args, const std::string& command);
 double parse_double(const std::string& flag, const std::string& v);
 
 }  // namespace moeforge::cli

@@ -161,9 +161,7 @@ int cmd_eval(const Args& in) {
   if (take_option(args, "--batch-size", &v)) batch_size = parse_int("--batch-size", v);
   if (take_option(args, "--seq-len", &v)) seq_len = parse_int("--seq-len", v);
   if (take_option(args, "--threads", &v)) threads = parse_int("--threads", v);
-  std::string precision;  // "" = the precision the checkpoint was trained in
-  if (take_option(args, "--precision", &precision) && precision != "fp32" && precision != "bf16")
-    throw UserError("eval: --precision must be fp32 or bf16, got '" + precision + "'");
+  const std::string precision = take_precision(args, "eval");  // "" = the checkpoint's
   reject_unknown_flags(args, "eval", {"--precision", "--json", "--data", "--text", "--batches", "--batch-size", "--seq-len", "--threads",
                                       "--generate", "--max-new-tokens", "--preferences", "--reference", "--beta", "--loss"});
   if (!prefs.empty() || !ref_ckpt.empty()) {

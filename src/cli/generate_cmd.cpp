@@ -25,8 +25,9 @@ int cmd_generate(const Args& in) {
   if (take_option(args, "--seed", &v)) o.seed = static_cast<uint64_t>(parse_int("--seed", v));
   int64_t threads = 0;
   if (take_option(args, "--threads", &v)) threads = parse_int("--threads", v);
-  reject_unknown_flags(args, "generate",
-                       {"--prompt", "--chat", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--threads"});
+  const std::string precision = take_precision(args, "generate");
+  reject_unknown_flags(args, "generate", {"--prompt", "--chat", "--max-new-tokens", "--temperature", "--top-p", "--seed",
+                                          "--threads", "--precision"});
   if (args.size() != 1) throw UserError("generate: expected one CHECKPOINT directory");
   if (o.max_new_tokens <= 0) throw UserError("generate: --max-new-tokens must be positive");
   if (o.temperature < 0) throw UserError("generate: --temperature must be >= 0");
@@ -34,7 +35,7 @@ int cmd_generate(const Args& in) {
   compat::configure_threads(static_cast<int>(threads));
   const std::string ckpt = args[0];
   data::Tokenizer tok(train::require_checkpoint_tokenizer(ckpt, "generation"));
-  MixtralForCausalLM model = train::load_checkpoint_model(ckpt);
+  MixtralForCausalLM model = train::load_checkpoint_model(ckpt, precision);
   if (torch::cuda::is_available()) model->to(torch::Device(torch::kCUDA, 0));
   // Mixtral-Instruct's format: <s>[INST] {prompt} [/INST]
   std::vector<int64_t> ids{tok.bos_id()};

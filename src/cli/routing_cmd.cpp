@@ -20,15 +20,17 @@ int cmd_routing(const Args& in) {
   if (take_option(args, "--seq-len", &v)) seq_len = parse_int("--seq-len", v);
   if (take_option(args, "--max-tokens", &v)) max_tokens = parse_int("--max-tokens", v);
   if (take_option(args, "--threads", &v)) threads = parse_int("--threads", v);
+  const std::string precision = take_precision(args, "routing");
   const bool json = take_flag(args, "--json");
-  reject_unknown_flags(args, "routing", {"--data", "--split", "--seq-len", "--max-tokens", "--threads", "--json"});
+  reject_unknown_flags(args, "routing",
+                       {"--data", "--split", "--seq-len", "--max-tokens", "--threads", "--json", "--precision"});
   if (args.size() != 1) throw UserError("routing: expected one CHECKPOINT directory");
   if (split != "val" && split != "train") throw UserError("routing: --split must be val or train");
   if (seq_len < 2) throw UserError("routing: --seq-len must be at least 2");
   if (max_tokens < 2) throw UserError("routing: --max-tokens must be at least 2");
   compat::configure_threads(static_cast<int>(threads));
   const std::string ckpt = args[0];
-  MixtralForCausalLM model = train::load_checkpoint_model(ckpt);
+  MixtralForCausalLM model = train::load_checkpoint_model(ckpt, precision);
   if (seq_len > model->config().max_position_embeddings)
     throw UserError("routing: --seq-len " + std::to_string(seq_len) + " exceeds the model's max_position_embeddings");
   auto trace = train::trace_routing(model, data, split, seq_len, max_tokens);

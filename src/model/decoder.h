@@ -81,7 +81,6 @@ class MixtralForCausalLMImpl : public torch::nn::Module {
   // statistics, the router (logits, softmax, top-k) and the softmax of attention stay fp32; the objectives
   // take the logits to fp32 before their log-softmax.
   void set_compute_dtype(std::optional<at::ScalarType> dtype);
-  std::optional<at::ScalarType> compute_dtype() const { return compute_dtype_; }
   // Activation recomputation for every decoder layer.
   void set_recompute(Recompute r);
   // Seeds every layer's router-jitter generator from the run seed (a distinct stream per layer).

@@ -26,7 +26,9 @@ using RecomputeFn = std::function<std::vector<at::Tensor>(const std::vector<at::
 // through the second run (parameter gradients accumulate as usual; the inputs' gradients flow on).
 // `generators` are set back to the state they had at the first run for the second one and then restored,
 // so random draws (router jitter) repeat exactly and the streams go on as if there had been one run.
-// Outputs with no incoming gradient are skipped in the backward (an unused router logit, say).
+// Outputs with no incoming gradient are skipped in the backward (an unused router logit, say). The second run
+// accumulates into the parameters' .grad like any backward does, so this is for loss.backward(), not for
+// torch::autograd::grad (which would find its parameter gradients in .grad instead of its result).
 std::vector<at::Tensor> run_recomputed(RecomputeFn fn, const std::vector<at::Tensor>& inputs,
                                        std::vector<at::Generator> generators = {});
 
