@@ -7,23 +7,14 @@
 #include "model/decoder.h"
 #include "model/moe_block.h"
 #include "model/router.h"
+#include "moe_block_util.h"
 #include "test_util.h"
 
 using namespace moeforge;
 using test::max_abs_diff;
+using test::make_moe_block;
 
 namespace {
-
-MoEBlock make_block(int64_t H, int64_t I, int64_t E, int64_t K, uint64_t seed = 11) {
-  ModelConfig c = test::tiny_config();
-  c.hidden_size = H;
-  c.intermediate_size = I;
-  c.moe.num_experts = E;
-  c.moe.num_experts_per_tok = K;
-  MoEBlock b(c);
-  init_weights(*b, 0.3, seed);
-  return b;
-}
 
 // Brute force: for each token, softmax over all logits, pick the k largest by a full sort,
 // renormalise. (Equal to softmax over the k selected logits.)
@@ -129,7 +120,7 @@ TEST(Router, AuxFreeBiasChangesSelectionOnly) {
 }
 
 TEST(MoEBlock, MatchesNaivePerTokenLoopForwardAndBackward) {
-  auto b = make_block(16, 24, 6, 2);
+  auto b = make_moe_block(16, 24, 6, 2);
   auto x = torch::randn({3, 7, 16}, torch::requires_grad());
   auto out = b->forward(x);
   auto upstream = torch::randn_like(out.y);
@@ -160,7 +151,7 @@ TEST(MoEBlock, MatchesNaivePerTokenLoopForwardAndBackward) {
 }
 
 TEST(MoEBlock, ExpertsWithoutTokens) {
-  auto b = make_block(16, 24, 8, 2);
+  auto b = make_moe_block(16, 24, 8, 2);
   // Force routing onto experts 1 and 6 only: the router weight favours them for every token.
   {
     torch::NoGradGuard ng;
@@ -183,7 +174,7 @@ TEST(MoEBlock, ExpertsWithoutTokens) {
 }
 
 TEST(MoEBlock, ZeroTokens) {
-  auto b = make_block(16, 24, 4, 2);
+  auto b = make_moe_block(16, 24, 4, 2);
   auto x = torch::randn({0, 16}, torch::requires_grad());
   auto out = b->forward(x);
   EXPECT_EQ(out.y.size(0), 0);

@@ -16,10 +16,12 @@
 #include "model/load_balance.h"
 #include "model/moe_block.h"
 #include "model/rope.h"
+#include "moe_block_util.h"
 #include "test_util.h"
 #include "train/dpo_objective.h"
 
 using namespace moeforge;
+using test::make_moe_block;
 
 namespace {
 
@@ -28,17 +30,6 @@ constexpr double kBf16U = 1.0 / 256;  // 2^-8
 double rel_err(const torch::Tensor& a, const torch::Tensor& ref) {
   auto d = a.to(torch::kDouble) - ref.to(torch::kDouble);
   return (d.norm() / ref.to(torch::kDouble).norm()).item<double>();
-}
-
-MoEBlock make_block(int64_t H, int64_t I, int64_t E, int64_t K, uint64_t seed) {
-  ModelConfig c = test::tiny_config();
-  c.hidden_size = H;
-  c.intermediate_size = I;
-  c.moe.num_experts = E;
-  c.moe.num_experts_per_tok = K;
-  MoEBlock b(c);
-  init_weights(*b, 0.3, seed);
-  return b;
 }
 
 }  // namespace
@@ -51,8 +42,8 @@ MoEBlock make_block(int64_t H, int64_t I, int64_t E, int64_t K, uint64_t seed) {
 // (~1e-7) cannot reach: the bf16 path really ran.
 TEST(MixedPrecision, MoEBlockGradientsAgainstFp64FiniteDifferences) {
   const int64_t H = 32, I = 48, E = 4, K = 2, N = 48;
-  auto b = make_block(H, I, E, K, 7);
-  auto b64 = make_block(H, I, E, K, 7);
+  auto b = make_moe_block(H, I, E, K, 7);
+  auto b64 = make_moe_block(H, I, E, K, 7);
   b64->to(torch::kDouble);
   torch::manual_seed(4);
   auto x = torch::randn({N, H}, torch::kDouble);
@@ -102,7 +93,7 @@ TEST(MixedPrecision, MoEBlockGradientsAgainstFp64FiniteDifferences) {
 // 1.0038 x 1.0004 = 1.00420 (weight and input both round to 1.0 in bf16). In fp32 expert 1 wins (1.00420 >
 // 1.00400); with the weight or the input in bf16, expert 0 does (1.0078 > 1.0).
 TEST(MixedPrecision, RouterDecidesInFp32) {
-  auto b = make_block(4, 8, 4, 1, 3);
+  auto b = make_moe_block(4, 8, 4, 1, 3);
   {
     torch::NoGradGuard ng;
     b->gate->weight.copy_(torch::tensor({{1.0040f, 0.f, 0.f, 0.f}, {0.f, 1.0038f, 0.f, 0.f}, {0.f, 0.f, -5.f, 0.f},
