@@ -20,6 +20,7 @@
 #include "io/jsonl.h"
 #include "model/generate.h"
 #include "model/mixed.h"
+#include "model/finetune.h"
 #include "train/checkpoint.h"
 #include "train/dpo_objective.h"
 #include "train/evaluate.h"
@@ -100,11 +101,9 @@ static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt
   auto pairs = data::load_preference_pairs(file, tok, seq_len, &stats);
   if (stats.skips.total()) MF_WARN(file << ": skipped " << stats.skips.describe());
   torch::Device device = torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
-  MixtralForCausalLM policy(cfg), ref(ref_cfg);
-  train::load_model_weights(ckpt, policy);
-  train::load_model_weights(ref_ckpt, ref);
-  policy->to(device);
-  ref->to(device);
+  MixtralForCausalLM policy = train::load_checkpoint_model(ckpt), ref = train::load_checkpoint_model(ref_ckpt);
+  move_to(policy, device);
+  move_to(ref, device);
   // Both models compute in the policy's precision (as they did in training: the DPO reference follows it).
   const auto dtype = compute_dtype_for(precision.empty() ? train::checkpoint_precision(ckpt) : precision);
   policy->set_compute_dtype(dtype);
@@ -193,10 +192,9 @@ int cmd_eval(const Args& in) {
   if (seq_len <= 0) seq_len = checkpoint_seq_len(ckpt, cfg);
   if (seq_len > cfg.max_position_embeddings)
     throw UserError("eval: --seq-len " + std::to_string(seq_len) + " exceeds the model's max_position_embeddings");
-  MixtralForCausalLM model(cfg);
-  train::load_model_weights(ckpt, model);
+  MixtralForCausalLM model = train::load_checkpoint_model(ckpt);
   torch::Device device = torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
-  model->to(device);
+  move_to(model, device);
   model->set_compute_dtype(compute_dtype_for(precision.empty() ? train::checkpoint_precision(ckpt) : precision));
   train::EvalResult r;
   std::string source;

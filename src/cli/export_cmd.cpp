@@ -1,8 +1,11 @@
-// moeforge export CHECKPOINT --format hf|gguf --out PATH [--dtype D] [--max-shard-size S]
+// moeforge export CHECKPOINT --format hf|gguf|peft --out PATH [--dtype D] [--max-shard-size S]
+// A LoRA / QLoRA checkpoint exports its merged model (hf, gguf: base + scale * B A, a quantised base
+// dequantised first) or its adapter alone (peft).
 #include <torch/torch.h>
 
 #include <cstdio>
 #include <map>
+#include <optional>
 
 #include "cli/cli.h"
 #include "core/error.h"
@@ -10,24 +13,61 @@
 #include "data/tokenizer.h"
 #include "io/gguf_export.h"
 #include "io/hf_checkpoint.h"
+#include "io/init_source.h"
+#include "io/peft_export.h"
+#include "model/finetune.h"
+#include "train/base_model.h"
 #include "train/checkpoint.h"
 
 namespace moeforge::cli {
 
+namespace {
+
+// --format peft: the adapters alone, for PEFT to load onto the base's --format hf export.
+int export_adapter(const std::string& ckpt, const std::optional<train::BasePointer>& base, const std::string& out,
+                   const std::string& dtype) {
+  if (!base) throw UserError(ckpt + ": holds no adapters (no base.json); --format peft exports LoRA / QLoRA checkpoints");
+  auto recipe = train::checkpoint_recipe(ckpt);
+  if (!recipe) throw UserError(ckpt + ": an adapter checkpoint needs its recipe.yaml (the adapters' settings)");
+  const LoraSpec& l = recipe->finetune.lora;
+  MixtralForCausalLM model = train::load_checkpoint_model(ckpt);
+  io::PeftAdapterConfig c;
+  c.r = l.rank;
+  c.lora_alpha = l.alpha;
+  c.lora_dropout = l.dropout;
+  c.target_modules = l.targets;
+  c.use_rslora = l.rslora;
+  for (const auto& t : l.targets)
+    if (l.rank_of(t) != l.rank) c.rank_pattern[t] = l.rank_of(t);
+  c.base_model_name_or_path = io::parse_init_source(base->init_from).dir;
+  io::export_peft(c, adapter_tensors(model), out, dtype);
+  if (base->method == "qlora")
+    MF_WARN("the adapters were trained on a " + quant_type_name(recipe->finetune.quant.type) +
+            "-quantised base; applied to the float base they give the model up to its quantisation error");
+  std::printf("exported %s -> %s (PEFT LoRA adapter, r %ld, alpha %g, %zu modules; base %s)\n", ckpt.c_str(),
+              out.c_str(), (long)l.rank, l.alpha, l.targets.size(), base->init_from.c_str());
+  return 0;
+}
+
+}  // namespace
+
 int cmd_export(const Args& in) {
   Args args = in;
   std::string format, out, dtype, shard = "5GB";
-  if (!take_option(args, "--format", &format)) throw UserError("export: --format hf|gguf is required");
+  if (!take_option(args, "--format", &format)) throw UserError("export: --format hf|gguf|peft is required");
   if (!take_option(args, "--out", &out)) throw UserError("export: --out PATH is required");
   take_option(args, "--dtype", &dtype);
   take_option(args, "--max-shard-size", &shard);
   reject_unknown_flags(args, "export", {"--format", "--out", "--dtype", "--max-shard-size"});
   if (args.size() != 1) throw UserError("export: expected one CHECKPOINT directory");
-  if (format != "hf" && format != "gguf") throw UserError("export: --format must be hf or gguf, got '" + format + "'");
+  if (format != "hf" && format != "gguf" && format != "peft")
+    throw UserError("export: --format must be hf, gguf or peft, got '" + format + "'");
   const std::string ckpt = args[0];
   ModelConfig cfg = train::read_checkpoint_config(ckpt);
-  MixtralForCausalLM model(cfg);
-  train::load_model_weights(ckpt, model);
+  const auto base = train::read_base_pointer(ckpt);
+  if (format == "peft") return export_adapter(ckpt, base, out, dtype.empty() ? "fp32" : dtype);
+  MixtralForCausalLM model = train::load_checkpoint_model(ckpt);
+  if (base) MF_INFO(ckpt << ": " << base->method << " adapters merged into their base (" << base->init_from << ")");
   for (auto& b : model->named_buffers()) {
     if (b.key().find("expert_bias") != std::string::npos && b.value().abs().max().item<double>() > 0) {
       MF_WARN("the aux-loss-free expert biases are not part of MixtralForCausalLM or llama.cpp's Mixtral; "
@@ -35,8 +75,7 @@ int cmd_export(const Args& in) {
       break;
     }
   }
-  std::vector<std::pair<std::string, torch::Tensor>> weights;
-  for (auto& p : model->named_parameters()) weights.emplace_back(p.key(), p.value().detach());
+  std::vector<std::pair<std::string, torch::Tensor>> weights = merged_weights(model);
   const std::string tok = train::checkpoint_tokenizer(ckpt);
   if (format == "hf") {
     io::HfExportOptions o;

@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "data/tokenizer.h"
 #include "model/generate.h"
+#include "model/finetune.h"
 #include "train/checkpoint.h"
 
 namespace moeforge::cli {
@@ -36,7 +37,7 @@ int cmd_generate(const Args& in) {
   const std::string ckpt = args[0];
   data::Tokenizer tok(train::require_checkpoint_tokenizer(ckpt, "generation"));
   MixtralForCausalLM model = train::load_checkpoint_model(ckpt, precision);
-  if (torch::cuda::is_available()) model->to(torch::Device(torch::kCUDA, 0));
+  if (torch::cuda::is_available()) move_to(model, torch::Device(torch::kCUDA, 0));
   // Mixtral-Instruct's format: <s>[INST] {prompt} [/INST]
   std::vector<int64_t> ids{tok.bos_id()};
   for (int t : tok.encode(chat ? "[INST] " + prompt + " [/INST]" : prompt)) ids.push_back(t);

@@ -1,5 +1,6 @@
 // moeforge info CONFIG [--json]: parameter counts and memory, from the config alone; info --keys: the key reference.
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -66,7 +67,14 @@ int cmd_info(const Args& in) {
   const bool json = take_flag(args, "--json");
   const bool keys = take_flag(args, "--keys");
   auto overrides = take_repeated(args, "--set");
-  reject_unknown_flags(args, "info", {"--json", "--set", "--keys"});
+  std::string method, rank_s, precision = "bf16";
+  take_option(args, "--finetune", &method);
+  take_option(args, "--rank", &rank_s);
+  take_option(args, "--precision", &precision);
+  reject_unknown_flags(args, "info", {"--json", "--set", "--keys", "--finetune", "--rank", "--precision"});
+  if (!method.empty() && method != "full" && method != "lora" && method != "qlora")
+    throw UserError("info: --finetune must be full, lora or qlora, got '" + method + "'");
+  if (precision != "bf16" && precision != "fp32") throw UserError("info: --precision must be bf16 or fp32, got '" + precision + "'");
   if (keys) {
     if (!args.empty() || !overrides.empty()) throw UserError("info --keys: takes no CONFIG (usage: moeforge info --keys [--json])");
     return print_keys(json);
@@ -77,8 +85,25 @@ int cmd_info(const Args& in) {
   ParamCounts p = count_params(c);
   MemoryEstimate m = estimate_memory(p);
 
+  FinetuneSpec ft;
+  ft.method = method.empty() ? "full" : method;
+  if (!rank_s.empty()) {
+    char* end = nullptr;
+    const long r = std::strtol(rank_s.c_str(), &end, 10);
+    if (rank_s.empty() || *end || r <= 0) throw UserError("info: --rank must be a positive integer, got '" + rank_s + "'");
+    ft.lora.rank = r;
+    ft.lora.alpha = 2.0 * r;
+  }
+  const FinetuneEstimate fe = estimate_finetune(c, ft, precision == "bf16");
+
   if (json) {
     nlohmann::json j;
+    if (ft.adapters())
+      j["finetune"] = {{"method", ft.method},          {"rank", ft.lora.rank},
+                       {"targets", ft.lora.targets},    {"trainable_params", fe.trainable},
+                       {"base_bytes", fe.base_bytes},   {"quant_overhead_bytes", fe.quant_overhead},
+                       {"adapter_bytes", fe.adapter_bytes}, {"grad_bytes", fe.grad_bytes},
+                       {"optimizer_bytes", fe.optimizer_bytes}, {"total_bytes", fe.total}};
     j["config"] = path;
     j["name"] = c.name;
     j["total_params"] = p.total;
@@ -114,6 +139,19 @@ int cmd_info(const Args& in) {
               gib(m.grads_fp32).c_str(), gib(m.adamw_fp32).c_str());
   std::printf("  training (weights + grads + optimizer, no activations): %s bf16 mixed, %s fp32\n",
               gib(m.mixed_bf16_total).c_str(), gib(m.fp32_total).c_str());
+  if (ft.adapters()) {
+    std::string targets;
+    for (const auto& t : ft.lora.targets) targets += (targets.empty() ? "" : ",") + t;
+    std::printf("  fine-tuning %s, rank %ld on %s (%s compute):\n", ft.method.c_str(), (long)ft.lora.rank,
+                targets.c_str(), precision.c_str());
+    std::printf("    trainable parameters %s (%s, %.3f%% of the model)\n", with_commas(fe.trainable).c_str(),
+                human_count(fe.trainable).c_str(), 100.0 * fe.trainable / p.total);
+    std::printf("    frozen base %s%s; adapters %s + gradients %s + AdamW state %s\n", gib(fe.base_bytes).c_str(),
+                ft.quantized() ? (" (" + quant_type_name(ft.quant.type) + ", of which absmax " + gib(fe.quant_overhead) + ")").c_str()
+                               : "",
+                gib(fe.adapter_bytes).c_str(), gib(fe.grad_bytes).c_str(), gib(fe.optimizer_bytes).c_str());
+    std::printf("    total (no activations): %s\n", gib(fe.total).c_str());
+  }
   return 0;
 }
 

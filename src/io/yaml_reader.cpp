@@ -207,6 +207,19 @@ std::vector<double> YamlMap::get_double_list(const std::string& key, const std::
   return out;
 }
 
+std::vector<std::string> YamlMap::get_string_list(const std::string& key, const std::vector<std::string>& dflt) {
+  YAML::Node n = lookup(key);
+  if (!n || n.IsNull()) return dflt;
+  if (n.IsScalar()) return {n.Scalar()};
+  if (!n.IsSequence()) fail(key, "expected a list of names, got " + scalar_text(n));
+  std::vector<std::string> out;
+  for (const auto& e : n) {
+    if (!e.IsScalar()) fail(key, "expected a list of names, got an element " + scalar_text(e));
+    out.push_back(e.Scalar());
+  }
+  return out;
+}
+
 YamlMap YamlMap::get_map(const std::string& key) {
   YAML::Node n = lookup(key);
   if (n && !n.IsNull() && !n.IsMap()) fail(key, "expected a mapping, got " + scalar_text(n));

@@ -35,6 +35,8 @@ class YamlMap {
                        std::optional<std::string> dflt = std::nullopt);
   // A list of numbers; absent gives `dflt`.
   std::vector<double> get_double_list(const std::string& key, const std::vector<double>& dflt);
+  // A list of strings (a single string is a list of one); absent gives `dflt`.
+  std::vector<std::string> get_string_list(const std::string& key, const std::vector<std::string>& dflt);
   // A nested map; absent gives an empty map (all defaults).
   YamlMap get_map(const std::string& key);
   bool has(const std::string& key) const;

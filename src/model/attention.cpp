@@ -36,6 +36,10 @@ AttentionImpl::AttentionImpl(const ModelConfig& cfg)
   o_proj = register_module("o_proj", lin(cfg.q_dim(), cfg.hidden_size));
 }
 
+torch::Tensor AttentionImpl::proj(const torch::Tensor& x, const torch::nn::Linear& l, const LinearExtras& ex) {
+  return adapted_linear(x, l->weight, &ex, lora_rt.get(), is_training());
+}
+
 torch::Tensor AttentionImpl::repeat_kv(const torch::Tensor& x, int64_t groups) {
   if (groups == 1) return x;
   const auto B = x.size(0), KV = x.size(1), T = x.size(2), D = x.size(3);
@@ -45,9 +49,9 @@ torch::Tensor AttentionImpl::repeat_kv(const torch::Tensor& x, int64_t groups) {
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BTH, const torch::Tensor& cos, const torch::Tensor& sin,
                                      const torch::Tensor& mask) {
   const auto B = x_BTH.size(0), T = x_BTH.size(1);
-  auto q = mixed_linear(x_BTH, q_proj->weight).view({B, T, num_heads, head_dim}).transpose(1, 2);
-  auto k = mixed_linear(x_BTH, k_proj->weight).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
-  auto v = mixed_linear(x_BTH, v_proj->weight).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
+  auto q = proj(x_BTH, q_proj, q_extras).view({B, T, num_heads, head_dim}).transpose(1, 2);
+  auto k = proj(x_BTH, k_proj, k_extras).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
+  auto v = proj(x_BTH, v_proj, v_extras).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
   q = apply_rope(q, cos, sin);
   k = apply_rope(k, cos, sin);
   const int64_t groups = num_heads / num_kv_heads;
@@ -55,7 +59,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BTH, const torch::Te
   v = repeat_kv(v, groups);
   auto out = compat::scaled_dot_product_attention(q, k, v, mask);  // [B, Nh, T, D]
   out = out.transpose(1, 2).reshape({B, T, num_heads * head_dim});
-  return mixed_linear(out, o_proj->weight);
+  return proj(out, o_proj, o_extras);
 }
 
 }  // namespace moeforge
@@ -66,9 +70,9 @@ torch::Tensor AttentionImpl::forward_cached(const torch::Tensor& x_BTH, const to
                                             const torch::Tensor& sin, const torch::Tensor& pos_new,
                                             std::optional<int64_t> window, LayerKVCache& cache) {
   const auto B = x_BTH.size(0), n = x_BTH.size(1);
-  auto q = mixed_linear(x_BTH, q_proj->weight).view({B, n, num_heads, head_dim}).transpose(1, 2);
-  auto k = mixed_linear(x_BTH, k_proj->weight).view({B, n, num_kv_heads, head_dim}).transpose(1, 2);
-  auto v = mixed_linear(x_BTH, v_proj->weight).view({B, n, num_kv_heads, head_dim}).transpose(1, 2);
+  auto q = proj(x_BTH, q_proj, q_extras).view({B, n, num_heads, head_dim}).transpose(1, 2);
+  auto k = proj(x_BTH, k_proj, k_extras).view({B, n, num_kv_heads, head_dim}).transpose(1, 2);
+  auto v = proj(x_BTH, v_proj, v_extras).view({B, n, num_kv_heads, head_dim}).transpose(1, 2);
   q = apply_rope(q, cos, sin);
   k = apply_rope(k, cos, sin);
   // Keys: the filled slots of the cache, then the new ones; the mask comes from absolute positions,
@@ -95,7 +99,7 @@ torch::Tensor AttentionImpl::forward_cached(const torch::Tensor& x_BTH, const to
     cache.pos.index_copy_(0, slots, pos_new.index_select(0, keep));
   }
   out = out.transpose(1, 2).reshape({B, n, num_heads * head_dim});
-  return mixed_linear(out, o_proj->weight);
+  return proj(out, o_proj, o_extras);
 }
 
 }  // namespace moeforge

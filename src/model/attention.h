@@ -4,6 +4,7 @@
 
 #include "model/config.h"
 #include "model/kv_cache.h"
+#include "model/lora.h"
 
 namespace moeforge {
 
@@ -33,6 +34,12 @@ class AttentionImpl : public torch::nn::Module {
 
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   int64_t num_heads, num_kv_heads, head_dim;
+  // Fine-tuning: adapters and quantised base weights of the projections (model/finetune.h attaches them).
+  LinearExtras q_extras, k_extras, v_extras, o_extras;
+  std::shared_ptr<LoraRuntime> lora_rt;
+
+ private:
+  torch::Tensor proj(const torch::Tensor& x, const torch::nn::Linear& l, const LinearExtras& ex);
 };
 TORCH_MODULE(Attention);
 

@@ -75,19 +75,20 @@ torch::Tensor DecoderLayerImpl::forward_cached(const torch::Tensor& x, const tor
   return h + block_sparse_moe->forward(post_attention_layernorm->forward(h), compute_dtype).y;
 }
 
-MixtralModelImpl::MixtralModelImpl(const ModelConfig& cfg) {
+MixtralModelImpl::MixtralModelImpl(const ModelConfig& cfg, const OnLayerBuilt& on_layer) {
   embed_tokens = register_module("embed_tokens", torch::nn::Embedding(cfg.vocab_size, cfg.hidden_size));
   auto list = torch::nn::ModuleList();
   for (int64_t i = 0; i < cfg.num_layers; ++i) {
     layers.push_back(DecoderLayer(cfg));
     list->push_back(layers.back());
+    if (on_layer) on_layer(i, *layers.back());
   }
   register_module("layers", list);
   norm = register_module("norm", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps));
 }
 
-MixtralForCausalLMImpl::MixtralForCausalLMImpl(const ModelConfig& cfg) : cfg_(cfg) {
-  model = register_module("model", MixtralModel(cfg));
+MixtralForCausalLMImpl::MixtralForCausalLMImpl(const ModelConfig& cfg, const OnLayerBuilt& on_layer) : cfg_(cfg) {
+  model = register_module("model", MixtralModel(cfg, on_layer));
   if (!cfg.tie_word_embeddings) {
     lm_head = register_module(
         "lm_head", torch::nn::Linear(torch::nn::LinearOptions(cfg.hidden_size, cfg.vocab_size).bias(false)));

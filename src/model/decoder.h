@@ -7,6 +7,8 @@
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
 
+#include <functional>
+#include <memory>
 #include <vector>
 
 #include "model/attention.h"
@@ -51,9 +53,12 @@ class DecoderLayerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(DecoderLayer);
 
+// Called as each decoder layer is built (e.g. to load and quantise it before the next one exists).
+using OnLayerBuilt = std::function<void(int64_t layer, DecoderLayerImpl& built)>;
+
 class MixtralModelImpl : public torch::nn::Module {
  public:
-  explicit MixtralModelImpl(const ModelConfig& cfg);
+  explicit MixtralModelImpl(const ModelConfig& cfg, const OnLayerBuilt& on_layer = {});
   torch::nn::Embedding embed_tokens{nullptr};
   std::vector<DecoderLayer> layers;
   RMSNorm norm{nullptr};
@@ -62,7 +67,7 @@ TORCH_MODULE(MixtralModel);
 
 class MixtralForCausalLMImpl : public torch::nn::Module {
  public:
-  explicit MixtralForCausalLMImpl(const ModelConfig& cfg);
+  explicit MixtralForCausalLMImpl(const ModelConfig& cfg, const OnLayerBuilt& on_layer = {});
   ForwardOutput forward(const ForwardInputs& in);
   ForwardOutput forward(const torch::Tensor& input_ids) { return forward(ForwardInputs{input_ids, {}, {}}); }
 
@@ -87,6 +92,8 @@ class MixtralForCausalLMImpl : public torch::nn::Module {
   void seed_router_jitter(uint64_t seed);
 
   const ModelConfig& config() const { return cfg_; }
+  // Fine-tuning with adapters (model/finetune.h): their shared switch and dropout stream; null without.
+  std::shared_ptr<LoraRuntime> lora_rt;
   MixtralModel model{nullptr};
   torch::nn::Linear lm_head{nullptr};  // null when tie_word_embeddings
 

@@ -33,3 +33,38 @@ MemoryEstimate estimate_memory(const ParamCounts& p) {
 }
 
 }  // namespace moeforge
+
+namespace moeforge {
+
+FinetuneEstimate estimate_finetune(const ModelConfig& c, const FinetuneSpec& ft, bool bf16) {
+  const ParamCounts p = count_params(c);
+  const LoraSpec& l = ft.lora;
+  const int64_t H = c.hidden_size, I = c.intermediate_size, L = c.num_layers, E = c.moe.num_experts;
+  const int64_t q = c.q_dim(), kv = c.kv_dim();
+  auto adapter = [&](const char* t, int64_t in, int64_t out) { return l.targets_module(t) ? l.rank_of(t) * (in + out) : 0; };
+  const int64_t per_layer = adapter("q_proj", H, q) + adapter("k_proj", H, kv) + adapter("v_proj", H, kv) +
+                            adapter("o_proj", q, H) + adapter("gate", H, E) +
+                            E * (adapter("w1", H, I) + adapter("w2", I, H) + adapter("w3", H, I));
+  FinetuneEstimate f;
+  f.trainable = L * per_layer;
+  f.frozen_linear = p.attention + p.experts;
+  const double rest = static_cast<double>(p.total - f.frozen_linear) * 4;  // embeddings, head, norms, router: fp32
+  const double n = static_cast<double>(f.frozen_linear);
+  if (ft.quantized()) {
+    const double bs = static_cast<double>(ft.quant.block_size);
+    const double codes = ft.quant.type == QuantType::NF4 ? 0.5 : 1.0;
+    // absmax per block: fp32, or (double quantisation) int8 + one fp32 scale per 256 blocks
+    f.quant_overhead = n * (ft.quant.double_quant ? 1.0 / bs + 4.0 / (bs * 256) : 4.0 / bs);
+    f.base_bytes = n * codes + f.quant_overhead + rest;
+  } else {
+    f.base_bytes = n * (bf16 ? 2 : 4) + rest;
+  }
+  const double t = static_cast<double>(f.trainable);
+  f.adapter_bytes = 4 * t;
+  f.grad_bytes = 4 * t;
+  f.optimizer_bytes = 8 * t;
+  f.total = f.base_bytes + f.adapter_bytes + f.grad_bytes + f.optimizer_bytes;
+  return f;
+}
+
+}  // namespace moeforge

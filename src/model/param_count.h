@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "model/config.h"
+#include "model/lora.h"
 
 namespace moeforge {
 
@@ -30,5 +31,21 @@ struct MemoryEstimate {
   double fp32_total;         // fp32 weights + fp32 grads + fp32 m, v (16 bytes / parameter)
 };
 MemoryEstimate estimate_memory(const ParamCounts& p);
+
+// Fine-tuning with adapters: what trains and what it costs, as moeforge stores it. The frozen attention and
+// expert weights are bf16 (LoRA with bf16 compute: the matmuls use bf16 copies anyway), fp32 (LoRA in fp32)
+// or quantised (QLoRA: codes + block absmax); embeddings, LM head, norms and router stay fp32; the adapters
+// train with fp32 weights, gradients and AdamW moments (16 bytes / parameter). No activations.
+struct FinetuneEstimate {
+  int64_t trainable = 0;       // adapter parameters
+  int64_t frozen_linear = 0;   // attention + expert weights (the quantised ones under QLoRA)
+  double base_bytes = 0;       // the frozen model as stored
+  double quant_overhead = 0;   // QLoRA: absmax storage beyond the codes
+  double adapter_bytes = 0;    // adapter weights (fp32)
+  double grad_bytes = 0;       // adapter gradients (fp32)
+  double optimizer_bytes = 0;  // AdamW moments of the adapters (fp32)
+  double total = 0;
+};
+FinetuneEstimate estimate_finetune(const ModelConfig& c, const FinetuneSpec& ft, bool bf16);
 
 }  // namespace moeforge

@@ -3,6 +3,7 @@
 #include <torch/nn/module.h>
 
 #include "model/config.h"
+#include "model/lora.h"
 
 namespace moeforge {
 
@@ -35,6 +36,8 @@ class RouterImpl : public torch::nn::Module {
   at::Generator& jitter_generator() { return jitter_gen_; }
 
   torch::Tensor weight;       // [E, H]
+  LinearExtras extras;        // fine-tuning: a LoRA adapter on the router (target "gate"); never quantised
+  std::shared_ptr<LoraRuntime> lora_rt;
   torch::Tensor expert_bias;  // [E], buffer
   int64_t num_experts, top_k;
   double jitter;

@@ -108,12 +108,20 @@ void apply_expert_parallel(MoEBlock& block, const ModelConfig& cfg, const std::s
                     std::to_string(E) + ")");
   const int64_t El = E / W, first = group->rank() * El;
   torch::NoGradGuard ng;
-  ExpertBank bank(cfg.hidden_size, cfg.intermediate_size, first, El);
-  for (int64_t e = first; e < first + El; ++e) {
-    auto src = block->experts->expert(e)->named_parameters();
-    for (auto& p : bank->expert(e)->named_parameters()) p.value().copy_(src[p.key()]);
+  // The expert modules themselves move to the new bank (no copy; a quantised base goes with them), and
+  // stacked adapters, if already attached, are cut to this rank's experts.
+  std::vector<Expert> mine;
+  for (int64_t e = first; e < first + El; ++e) mine.push_back(block->experts->expert(e));
+  ExpertBank bank(first, mine);
+  if (block->experts->has_lora()) {
+    std::array<at::Tensor, 3> A, B;
+    for (size_t j = 0; j < 3; ++j) {
+      if (!block->experts->lora_A[j].defined()) continue;
+      A[j] = block->experts->lora_A[j].narrow(0, first, El).clone().set_requires_grad(true);
+      B[j] = block->experts->lora_B[j].narrow(0, first, El).clone().set_requires_grad(true);
+    }
+    bank->set_lora(A, B, block->experts->lora_scale, block->experts->lora_rt);
   }
-  bank->to(block->gate->parameters()[0].device());
   block->set_dispatcher(std::make_shared<ExpertParallelDispatcher>(group, E), bank);
 }
 

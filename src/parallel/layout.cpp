@@ -39,13 +39,15 @@ std::string Layout::describe() const {
   return std::to_string(data_parallel()) + " data-parallel x " + std::to_string(ep_) + " expert-parallel";
 }
 
-void Layout::hold(MixtralForCausalLM& model) {
+void Layout::hold(MixtralForCausalLM& model, const std::function<void(MixtralForCausalLM&)>& after_split) {
   if (ep_ > 1) apply_expert_parallel(model, ep_group_);
+  if (after_split) after_split(model);
   named_.clear();
   params_.clear();
   dense_.clear();
   experts_.clear();
   for (auto& p : model->named_parameters()) {
+    if (!p.value().requires_grad()) continue;
     named_.emplace_back(p.key(), p.value());
     params_.push_back(p.value());
     (is_expert_param(p.key()) ? experts_ : dense_).push_back(p.value());

@@ -51,7 +51,9 @@ class Layout {
 
   // Keeps this rank's share of the experts (EP > 1) and records the parameters it holds and, under ZeRO-1,
   // the ones whose optimizer state it keeps. Call once, after the weights are loaded.
-  void hold(MixtralForCausalLM& model);
+  // `after_split` runs between the two (fine-tuning attaches adapters there). Only parameters that
+  // require a gradient are held: a frozen base is neither synchronised, clipped nor optimised.
+  void hold(MixtralForCausalLM& model, const std::function<void(MixtralForCausalLM&)>& after_split = {});
   const std::vector<std::pair<std::string, at::Tensor>>& named_parameters() const { return named_; }
   // Per parameter of named_parameters(): does this rank update it? Empty: every rank updates everything.
   const std::vector<bool>& owned() const { return owned_; }

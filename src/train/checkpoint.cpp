@@ -15,6 +15,7 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "io/init_source.h"
+#include "model/finetune.h"
 #include "model/mixed.h"
 #include "model/param_names.h"
 #include "parallel/layout.h"
@@ -23,6 +24,7 @@
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "io/yaml_reader.h"
+#include "train/base_model.h"
 #include "train/optimizer.h"
 
 namespace moeforge::train {
@@ -88,7 +90,53 @@ std::vector<std::string> checkpoint_files(const std::string& ckpt_dir, const cha
   return files;
 }
 
+// The optimizer state as checkpoints hold it: a stacked expert adapter's state split into one entry per
+// expert (per-expert names, like the adapters themselves), so that any layout can read it.
+std::vector<std::pair<std::string, torch::Tensor>> saved_optimizer_state(const CheckpointContents& c) {
+  auto st = c.optimizer->state();
+  auto model = c.model;
+  if (!has_adapters(model)) return st;
+  std::map<std::string, StackedAdapter> stacked;
+  for (auto& s : stacked_adapters(model)) stacked[s.param] = s;
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (auto& [k, v] : st) {
+    const auto dot = k.find('.');
+    auto it = stacked.find(k.substr(dot + 1));
+    if (it == stacked.end()) {
+      out.emplace_back(k, v);
+      continue;
+    }
+    const std::string kind = k.substr(0, dot + 1);  // "exp_avg." / "exp_avg_sq." / "step."
+    for (int64_t i = 0; i < it->second.count; ++i)
+      out.emplace_back(kind + it->second.row_name(i), kind == "step." ? v : v.select(0, i));
+  }
+  return out;
+}
+
+// The reverse: per-expert entries stacked back into the state of this rank's stacked adapters.
+void join_stacked_state(MixtralForCausalLM& model, std::map<std::string, torch::Tensor>& s) {
+  for (auto& st : stacked_adapters(model))
+    for (const std::string kind : {"exp_avg.", "exp_avg_sq.", "step."}) {
+      std::vector<torch::Tensor> rows;
+      for (int64_t i = 0; i < st.count; ++i) {
+        auto it = s.find(kind + st.row_name(i));
+        if (it == s.end()) return;  // AdamW::load_state names what is missing
+        rows.push_back(it->second);
+      }
+      s[kind + st.param] = kind == "step." ? rows.front() : torch::stack(rows);
+    }
+}
+
 }  // namespace
+
+std::vector<std::string> checkpoint_weight_files(const std::string& ckpt_dir) { return checkpoint_files(ckpt_dir, "model"); }
+
+std::vector<std::pair<std::string, torch::Tensor>> saved_parameters(MixtralForCausalLM& model) {
+  if (has_adapters(model)) return adapter_tensors(model);
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (auto& p : model->named_parameters()) out.emplace_back(p.key(), p.value());
+  return out;
+}
 
 // Sharded checkpoints (save_checkpoint with a layout): rank 0 prepares the staging directory of step_N, every
 // other rank writes its files into it (`experts`: its expert shard, the first replica only), then rank 0
@@ -111,19 +159,20 @@ static std::string begin_sharded_checkpoint(const std::string& run_dir, int64_t 
 static void write_rank_files(const std::string& staging_dir, const CheckpointContents& c, bool experts) {
   if (c.optimizer && c.shard.optimizer_parts > 0) {  // ZeRO-1: the state this rank owns, whatever it is
     const std::string f = staging_dir + "/optimizer-part" + shard_suffix(c.shard.optimizer_part, c.shard.optimizer_parts);
-    io::write_safetensors(f, c.optimizer->state());
+    io::write_safetensors(f, saved_optimizer_state(c));
     fsync_path(f);
   }
   if (!experts || c.shard.expert_shards == 1) return;
   const std::string sfx = shard_suffix(c.shard.expert_shard, c.shard.expert_shards);
   std::vector<std::pair<std::string, torch::Tensor>> weights;
-  for (auto& p : c.model->named_parameters())
-    if (is_expert_param(p.key())) weights.emplace_back(p.key(), p.value().detach());
+  auto model = c.model;
+  for (auto& [k, v] : saved_parameters(model))
+    if (is_expert_param(k)) weights.emplace_back(k, v.detach());
   io::write_safetensors(staging_dir + "/experts" + sfx, weights, {{"format", "pt"}});
   fsync_path(staging_dir + "/experts" + sfx);
   if (c.optimizer && c.shard.optimizer_parts == 0) {
     std::vector<std::pair<std::string, torch::Tensor>> st;
-    for (auto& [k, v] : c.optimizer->state())
+    for (auto& [k, v] : saved_optimizer_state(c))
       if (is_expert_param(k)) st.emplace_back(k, v);
     io::write_safetensors(staging_dir + "/optimizer-experts" + sfx, st);
     fsync_path(staging_dir + "/optimizer-experts" + sfx);
@@ -151,9 +200,11 @@ void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
     fs::copy_file(c.tokenizer_path, tmp + "/tokenizer.model", fs::copy_options::overwrite_existing);
     fsync_path(tmp + "/tokenizer.model");
   }
+  if (!c.base_json.empty()) write_text(tmp + "/base.json", c.base_json);
   std::vector<std::pair<std::string, torch::Tensor>> weights;
-  for (auto& p : c.model->named_parameters())
-    if (c.shard.expert_shards == 1 || !is_expert_param(p.key())) weights.emplace_back(p.key(), p.value().detach());
+  auto model = c.model;
+  for (auto& [k, v] : saved_parameters(model))
+    if (c.shard.expert_shards == 1 || !is_expert_param(k)) weights.emplace_back(k, v.detach());
   for (auto& b : c.model->named_buffers()) weights.emplace_back(b.key(), b.value().detach());
   io::write_safetensors(tmp + "/model.safetensors", weights, {{"format", "pt"}});
   if (c.state) maybe_die(c.state->step);
@@ -176,12 +227,13 @@ void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
   }
   if (c.optimizer && c.state) {
     std::vector<std::pair<std::string, torch::Tensor>> st;
-    for (auto& [k, v] : c.optimizer->state())
+    for (auto& [k, v] : saved_optimizer_state(c))
       if (c.shard.optimizer_parts == 0 && (c.shard.expert_shards == 1 || !is_expert_param(k))) st.emplace_back(k, v);
     // The routers' jitter generators (rank 0's; every rank draws the same amount in pretraining).
     auto blocks = c.model->moe_blocks();
     for (size_t i = 0; i < blocks.size(); ++i)
       st.emplace_back("rng.router." + std::to_string(i), blocks[i]->gate->jitter_generator().get_state());
+    if (c.model->lora_rt) st.emplace_back("rng.lora_dropout", c.model->lora_rt->gen.get_state());
     io::write_safetensors(tmp + "/optimizer.safetensors", st);
     nlohmann::json j = {{"step", c.state->step},         {"samples_seen", c.state->samples_seen},
                         {"tokens_seen", c.state->tokens_seen},
@@ -271,7 +323,7 @@ void load_model_weights(const std::string& ckpt_dir, MixtralForCausalLM& model) 
                       c10::str(dst.sizes()));
     dst.copy_(t.to(dst.scalar_type()));
   };
-  for (auto& p : model->named_parameters()) copy_in(p.key(), p.value(), true);
+  for (auto& [k, v] : saved_parameters(model)) copy_in(k, v, true);
   for (auto& b : model->named_buffers()) copy_in(b.key(), b.value(), false);
 }
 
@@ -329,7 +381,17 @@ void load_training_state(const std::string& ckpt_dir, AdamW& opt, TrainerState& 
       s[n] = f.get(n);
     }
   }
+  join_stacked_state(model, s);
   opt.load_state(s, ckpt_dir + "/optimizer*.safetensors");
+  if (model->lora_rt && s.count("rng.lora_dropout")) {
+    auto& g = model->lora_rt->gen;
+    std::lock_guard<std::mutex> lock(g.mutex());
+    try {
+      g.set_state(s["rng.lora_dropout"]);
+    } catch (const c10::Error&) {
+      throw UserError(ckpt_dir + "/optimizer.safetensors: 'rng.lora_dropout' is not a generator state");
+    }
+  }
   auto blocks = model->moe_blocks();
   for (size_t i = 0; i < blocks.size(); ++i) {
     const std::string k = "rng.router." + std::to_string(i);
@@ -361,8 +423,13 @@ std::string checkpoint_precision(const std::string& ckpt_dir) {
 }
 
 MixtralForCausalLM load_checkpoint_model(const std::string& ckpt_dir, const std::string& precision) {
-  MixtralForCausalLM model(read_checkpoint_config(ckpt_dir));
-  load_model_weights(ckpt_dir, model);
+  MixtralForCausalLM model{nullptr};
+  if (auto base = read_base_pointer(ckpt_dir)) {
+    model = load_adapter_checkpoint_model(ckpt_dir, *base);
+  } else {
+    model = MixtralForCausalLM(read_checkpoint_config(ckpt_dir));
+    load_model_weights(ckpt_dir, model);
+  }
   model->set_compute_dtype(compute_dtype_for(precision.empty() ? checkpoint_precision(ckpt_dir) : precision));
   return model;
 }

@@ -54,6 +54,9 @@ struct CheckpointContents {
   const TrainerState* state = nullptr;  // null: weights only
   std::string tokenizer_path;           // copied in when non-empty
   std::string recipe_yaml;
+  // An adapter run (LoRA / QLoRA): base.json's text. The weight files then hold the adapters (per-expert
+  // names) and buffers, the optimizer files the adapters' state; the base stays where base.json points.
+  std::string base_json;
   // Expert parallelism: the model holds only the experts of shard `expert_shard` of `expert_shards`.
   // ZeRO-1: the optimizer holds the state of this rank's parameters only; every rank writes its part.
   parallel::ShardPlacement shard;
@@ -73,7 +76,13 @@ void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c);
 std::optional<std::string> latest_checkpoint(const std::string& run_dir);
 
 ModelConfig read_checkpoint_config(const std::string& ckpt_dir);
-// Copies weights into `model`: every parameter must be present with its shape (UserError otherwise).
+// The weight files of a checkpoint: model.safetensors plus the shards its layout.json names.
+std::vector<std::string> checkpoint_weight_files(const std::string& ckpt_dir);
+// The weights a checkpoint of `model` holds: every parameter, or, with adapters attached, the adapters
+// under their per-expert names (model/finetune.h).
+std::vector<std::pair<std::string, torch::Tensor>> saved_parameters(MixtralForCausalLM& model);
+// Copies weights into `model`: every parameter (with adapters: every adapter) must be present with its shape
+// (UserError otherwise).
 void load_model_weights(const std::string& ckpt_dir, MixtralForCausalLM& model);
 // "hf:DIR" (a Hugging Face directory) or a moeforge checkpoint directory.
 ModelConfig read_init_config(const std::string& init_from);
@@ -93,7 +102,7 @@ std::string require_checkpoint_tokenizer(const std::string& ckpt_dir, const std:
 // The precision a checkpoint was trained in (its recipe's runtime.precision; "fp32" without a recipe).
 std::string checkpoint_precision(const std::string& ckpt_dir);
 // A checkpoint's model (its config) with its weights loaded, on the CPU, computing in `precision`
-// ("" = the precision it was trained in).
+// ("" = the precision it was trained in). An adapter checkpoint: its base (quantised for QLoRA) + adapters.
 MixtralForCausalLM load_checkpoint_model(const std::string& ckpt_dir, const std::string& precision = "");
 
 }  // namespace moeforge::train

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <memory>
 #include <numeric>
 
 #include "io/model_config_yaml.h"
@@ -28,19 +29,31 @@ DpoReference::DpoReference(const Recipe& r, const std::vector<data::PreferencePa
                            const std::vector<data::PreferencePair>& val)
     : r_(r), train_(train), val_(val) {}
 
-void DpoReference::start(const std::string& run_dir, const torch::Device& device, bool main_rank) {
+void DpoReference::start(const std::string& run_dir, const torch::Device& device, bool main_rank,
+                         MixtralForCausalLM& policy) {
+  if (r_.dpo.reference == "adapters_off") {
+    MF_CHECK(has_adapters(policy), "adapters_off needs a policy with adapters (load_recipe checks the method)");
+    return;
+  }
   const std::string path = run_dir + "/reference_logps.json";
   const std::string fp = fingerprint();
   if (r_.dpo.reference == "precompute" && load_table(path, fp)) {
     MF_INFO("dpo: reference log-probs from " << path);
     return;
   }
-  MixtralForCausalLM ref(r_.model);
-  load_init_weights(r_.init_from, ref);
-  ref->to(device);
-  ref->set_compute_dtype(compute_dtype_for(r_.runtime.precision));  // the policy's precision, train and val alike
-  ref->eval();
-  for (auto& p : ref->parameters()) p.requires_grad_(false);
+  MixtralForCausalLM ref{nullptr};
+  std::unique_ptr<AdaptersOffGuard> off;
+  if (has_adapters(policy) && r_.dpo.reference == "precompute") {
+    ref = policy;  // the base is the policy without its adapters: no second model
+    off = std::make_unique<AdaptersOffGuard>(ref);
+  } else {
+    ref = MixtralForCausalLM(r_.model);
+    load_init_weights(r_.init_from, ref);
+    ref->to(device);
+    ref->set_compute_dtype(compute_dtype_for(r_.runtime.precision));  // the policy's precision, train and val alike
+    ref->eval();
+    for (auto& p : ref->parameters()) p.requires_grad_(false);
+  }
   if (r_.dpo.reference == "frozen") {
     ref_ = ref;
     return;
@@ -65,8 +78,12 @@ void DpoReference::start(const std::string& run_dir, const torch::Device& device
 }
 
 std::pair<torch::Tensor, torch::Tensor> DpoReference::logps(bool training_set, const std::vector<size_t>& idx,
-                                                            const torch::Device& d) {
+                                                            const torch::Device& d, MixtralForCausalLM& policy) {
   const auto& pairs = training_set ? train_ : val_;
+  if (r_.dpo.reference == "adapters_off") {  // the same network, adapters off (and in eval mode: no dropout)
+    AdaptersOffGuard off(policy);
+    return reference_logps(policy, pairs, idx, static_cast<int64_t>(idx.size()), r_.train.seq_len, d);
+  }
   if (!ref_.is_empty()) {
     return reference_logps(ref_, pairs, idx, static_cast<int64_t>(idx.size()), r_.train.seq_len, d);
   }

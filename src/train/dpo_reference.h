@@ -1,9 +1,11 @@
 // The reference model of a DPO run, behind one call that gives the reference log-probs of a batch of pairs:
 //   frozen:     a copy of init_from kept in memory (no gradient, eval mode);
+//   adapters_off: the policy itself with its LoRA adapters switched off (no second model);
 //   precompute: the log-probs of every training and held-out pair computed once at the start into
 //               run_dir/reference_logps.json (with a fingerprint of the token ids, the model config, the
 //               precision and init_from's files), reused by a resumed run when the fingerprint matches;
-//               the reference model is freed before training.
+//               the reference model is freed before training. With adapters, the table comes from the policy
+//               with its adapters off (at step 0, before any update), so no second model is built.
 #pragma once
 #include <torch/types.h>
 
@@ -13,6 +15,7 @@
 
 #include "data/preference.h"
 #include "model/decoder.h"
+#include "model/finetune.h"
 #include "train/recipe.h"
 
 namespace moeforge::train {
@@ -25,11 +28,11 @@ class DpoReference {
   DpoReference(const DpoReference&) = delete;
   DpoReference& operator=(const DpoReference&) = delete;
   // Builds the frozen model or the table (only the main rank writes the table file).
-  void start(const std::string& run_dir, const torch::Device& device, bool main_rank);
+  void start(const std::string& run_dir, const torch::Device& device, bool main_rank, MixtralForCausalLM& policy);
   // Reference log-prob sums {chosen [n], rejected [n]} of pairs idx of the training set or the held-out set.
   // Training and held-out pairs alike go through the precision the policy trains in (runtime.precision).
   std::pair<torch::Tensor, torch::Tensor> logps(bool training_set, const std::vector<size_t>& idx,
-                                                const torch::Device& device);
+                                                const torch::Device& device, MixtralForCausalLM& policy);
 
  private:
   std::string fingerprint() const;

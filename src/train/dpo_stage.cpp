@@ -43,20 +43,20 @@ class DpoStage : public Stage {
   std::string describe() const override { return std::to_string(train_.size()) + " preference pairs"; }
   const std::string& tokenizer() const override { return tokenizer_; }
 
-  void start(const std::string& run_dir, const torch::Device& device, bool main_rank) override {
-    reference_->start(run_dir, device, main_rank);
+  void start(const std::string& run_dir, const torch::Device& device, bool main_rank, MixtralForCausalLM& model) override {
+    reference_->start(run_dir, device, main_rank, model);
   }
 
   BatchLoss train_batch(MixtralForCausalLM& m, int64_t first, int64_t b, const torch::Device& d) override {
     std::vector<size_t> idx;
     for (int64_t g = first; g < first + b; ++g) idx.push_back(pair_at(g));
-    auto [rc, rr] = reference_->logps(true, idx, d);
+    auto [rc, rr] = reference_->logps(true, idx, d, m);
     return dpo_batch(m, train_, idx, rc, rr, opt_, recipe_.train.seq_len, d);
   }
 
   EvalResult evaluate(MixtralForCausalLM& m, int64_t b, int64_t max_batches, const torch::Device& d) override {
     const size_t n = max_batches > 0 ? std::min(val_.size(), static_cast<size_t>(b * max_batches)) : val_.size();
-    return evaluate_pairs(m, val_, n, b, [&](const std::vector<size_t>& idx) { return reference_->logps(false, idx, d); },
+    return evaluate_pairs(m, val_, n, b, [&](const std::vector<size_t>& idx) { return reference_->logps(false, idx, d, m); },
                           opt_, recipe_.train.seq_len, d);
   }
 

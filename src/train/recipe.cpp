@@ -2,6 +2,8 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
+
 #include "core/error.h"
 #include "io/model_config_yaml.h"
 #include "io/yaml_reader.h"
@@ -48,12 +50,44 @@ const io::KeyTable<Recipe>& recipe_keys() {
         .choice("dpo.loss", [](auto& r) -> auto& { return r.dpo.loss; }, dpo_loss_types(), "DPO loss (TRL's names)")
         .number("dpo.label_smoothing", [](auto& r) -> auto& { return r.dpo.label_smoothing; }, in_range(0, 0.5, false),
                 "sigmoid/robust: assumed probability that a preference label is flipped")
-        .choice("dpo.reference", [](auto& r) -> auto& { return r.dpo.reference; }, {"frozen", "precompute"},
-                "frozen: a copy of init_from in memory; precompute: its log-probs stored before training")
+        .choice("dpo.reference", [](auto& r) -> auto& { return r.dpo.reference; },
+                {"auto", "frozen", "precompute", "adapters_off"},
+                "frozen: a copy of init_from in memory; precompute: its log-probs stored before training; "
+                "adapters_off: the policy with its adapters off (lora/qlora); auto: adapters_off with adapters, else frozen")
         .optional_number("dpo.aux_loss_coef", [](auto& r) -> auto& { return r.dpo.aux_loss_coef; }, non_negative(),
                          "balancing coefficient for the stage (null: the model's)")
         .number("dpo.rpo_alpha", [](auto& r) -> auto& { return r.dpo.rpo_alpha; }, non_negative(),
                 "> 0 adds alpha x the chosen completions' NLL per token (TRL's rpo_alpha)")
+        .choice("finetune.method", [](auto& r) -> auto& { return r.finetune.method; }, {"full", "lora", "qlora"},
+                "full: every parameter trains; lora: adapters on a frozen base; qlora: adapters on a base stored quantised")
+        .integer("finetune.lora.rank", [](auto& r) -> auto& { return r.finetune.lora.rank; }, positive(),
+                 "adapter rank r")
+        .number("finetune.lora.alpha", [](auto& r) -> auto& { return r.finetune.lora.alpha; }, positive(),
+                "scale = alpha / r (alpha / sqrt(r) with rslora)")
+        .number("finetune.lora.dropout", [](auto& r) -> auto& { return r.finetune.lora.dropout; }, in_range(0, 1, false),
+                "dropout on the adapters' input")
+        .add({"finetune.lora.targets", "list of names",
+              "HF module names: q_proj k_proj v_proj o_proj (attention), w1 w2 w3 (every expert), gate (the router), or all",
+              [](YamlMap& m, const std::string& leaf, Recipe& r) {
+                auto v = m.get_string_list(leaf, r.finetune.lora.targets);
+                const auto& known = lora_target_names();
+                if (v.empty()) m.fail(leaf, "names no module");
+                for (const auto& g : v)
+                  if (g != "all" && std::find(known.begin(), known.end(), g) == known.end())
+                    m.fail(leaf, "unknown module '" + g + "' (q_proj, k_proj, v_proj, o_proj, w1, w2, w3, gate or all)");
+                r.finetune.lora.targets = resolve_lora_targets(v, m.file());
+              },
+              [](YAML::Emitter& e, const Recipe& r) { e << YAML::Flow << r.finetune.lora.targets; }, nullptr})
+        .integer("finetune.lora.expert_rank", [](auto& r) -> auto& { return r.finetune.lora.expert_rank; },
+                 non_negative(), "the experts' adapter rank (0 = rank; e.g. rank / top-k keeps expert adapters small)")
+        .boolean("finetune.lora.rslora", [](auto& r) -> auto& { return r.finetune.lora.rslora; },
+                 "rank-stabilised scale alpha / sqrt(r)")
+        .choice("finetune.quant.type", [](auto& r) -> auto& { return r.quant_type; }, {"nf4", "int8"},
+                "qlora: how the frozen base weights are stored")
+        .integer("finetune.quant.block_size", [](auto& r) -> auto& { return r.finetune.quant.block_size; }, positive(),
+                 "qlora: weights per absmax block (even for nf4)")
+        .boolean("finetune.quant.double_quant", [](auto& r) -> auto& { return r.finetune.quant.double_quant; },
+                 "qlora: the absmax values quantised to 8 bits too (QLoRA's double quantisation)")
         .integer("train.micro_batch_size", [](auto& r) -> auto& { return r.train.micro_batch_size; }, positive(),
                  "samples per rank per micro-batch (DPO: pairs)")
         .integer("train.seq_len", [](auto& r) -> auto& { return r.train.seq_len; }, positive(),
@@ -195,6 +229,15 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   if (r.stage == "dpo" && r.sft_val.empty()) d.fail("val", "required for stage dpo: a JSONL file of held-out pairs");
   if (r.stage == "dpo" && r.init_from.empty())
     m.fail("init_from", "required for stage dpo: the checkpoint to tune (it is also the reference model)");
+  // Fine-tuning method: adapters need a base, and the DPO reference follows the method.
+  r.finetune.quant.type = parse_quant_type(r.quant_type);
+  if (r.finetune.adapters() && r.init_from.empty())
+    m.fail("init_from", "required for finetune.method " + r.finetune.method + ": the base model the adapters train on");
+  if (r.finetune.quantized() && r.finetune.quant.type == QuantType::NF4 && r.finetune.quant.block_size % 2 != 0)
+    io::YamlMap(root["finetune"]["quant"], path, "finetune.quant.").fail("block_size", "must be even for nf4, got " + std::to_string(r.finetune.quant.block_size));
+  if (r.dpo.reference == "auto") r.dpo.reference = r.finetune.adapters() ? "adapters_off" : "frozen";
+  if (r.dpo.reference == "adapters_off" && !r.finetune.adapters())
+    io::YamlMap(root["dpo"], path, "dpo.").fail("reference", "adapters_off needs finetune.method lora or qlora");
   if (r.train.seq_len > r.model.max_position_embeddings)
     io::YamlMap(root["train"], path, "train.")
         .fail("seq_len", "exceeds the model's max_position_embeddings (" +

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/lora.h"
 
 namespace moeforge::train {
 
@@ -50,7 +51,9 @@ struct DpoConfig {
   double beta = 0.1;
   std::string loss = "sigmoid";       // sigmoid | ipo | hinge | robust
   double label_smoothing = 0.0;       // sigmoid/robust: assumed probability that a label is flipped
-  std::string reference = "frozen";   // frozen: a copy of init_from in memory | precompute: log-probs stored first
+  // auto: adapters_off when fine-tuning adapters, else frozen | frozen: a copy of init_from in memory |
+  // precompute: log-probs stored first | adapters_off: the policy itself with its adapters switched off
+  std::string reference = "auto";
   std::optional<double> aux_loss_coef;  // unset: the model config's
   double rpo_alpha = 0.0;             // > 0: + alpha x NLL of the chosen completions (TRL's rpo_alpha)
 };
@@ -67,6 +70,8 @@ struct Recipe {
   std::string sft_overlong = "truncate";  // sft.overlong: truncate | skip
   std::optional<double> sft_aux_loss_coef;  // sft.aux_loss_coef (unset: the model config's)
   DpoConfig dpo;
+  FinetuneSpec finetune;           // finetune.*: full | lora | qlora
+  std::string quant_type = "nf4";  // finetune.quant.type (finetune.quant.type holds the parsed value)
   TrainLoopConfig train;
   OptimConfig optim;
   RuntimeConfig runtime;

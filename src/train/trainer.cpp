@@ -13,11 +13,14 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "data/lm_dataset.h"
+#include "io/init_source.h"
+#include "model/finetune.h"
 #include "model/mixed.h"
 #include "model/param_count.h"
 #include "model/recompute.h"
 #include "parallel/dist.h"
 #include "parallel/layout.h"
+#include "train/base_model.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
 #include "train/optimizer.h"
@@ -137,16 +140,47 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   std::unique_ptr<Stage> stage = make_stage(r);
 
   // Model and optimizer.
-  MixtralForCausalLM model(cfg);
-  init_weights(*model, cfg.init_std, tc.seed);
+  const FinetuneSpec& ft = r.finetune;
+  MixtralForCausalLM model{nullptr};
+  BasePointer base;
+  if (ft.adapters()) {
+    // A frozen base, loaded (and for QLoRA quantised) layer by layer; adapters come after the expert split.
+    BaseModel b = load_base_model(r.init_from, cfg, ft, r.runtime.precision);
+    model = b.model;
+    base = {fs::absolute(io::parse_init_source(r.init_from).dir).string(), b.fingerprint, ft.method};
+    if (io::parse_init_source(r.init_from).hf) base.init_from = "hf:" + base.init_from;
+  } else {
+    model = MixtralForCausalLM(cfg);
+    init_weights(*model, cfg.init_std, tc.seed);
+    if (!r.init_from.empty()) load_init_weights(r.init_from, model);
+  }
   model->seed_router_jitter(tc.seed);  // a resumed run restores the generators' states below
-  if (!r.init_from.empty()) load_init_weights(r.init_from, model);
   const std::optional<std::string> latest = resume ? latest_checkpoint(run_dir) : std::nullopt;
+  if (latest && ft.adapters()) {
+    auto saved = read_base_pointer(*latest);
+    if (!saved) throw UserError(*latest + ": holds no adapters (no base.json); finetune.method " + ft.method + " cannot resume it");
+    if (saved->fingerprint != base.fingerprint)
+      throw UserError(*latest + "/base.json: the adapters were trained on another base than " + r.init_from + " holds now");
+  }
   // Weights of a checkpoint in any expert-parallel layout load into the full model; then this rank keeps
   // its experts.
-  if (latest) load_model_weights(*latest, model);
-  layout.hold(model);  // before the move: only this rank's experts go to the device (to() keeps the handles)
-  model->to(device);
+  if (latest && !ft.adapters()) load_model_weights(*latest, model);
+  // Before the move: only this rank's experts go to the device (to() keeps the handles). Adapters are
+  // attached to the experts this rank keeps; only they train.
+  layout.hold(model, [&](MixtralForCausalLM& m) {
+    if (ft.adapters()) attach_lora(m, ft.lora, tc.seed);
+  });
+  if (latest && ft.adapters()) load_model_weights(*latest, model);
+  move_to(model, device);
+  if (ft.adapters()) {
+    int64_t trainable = 0;
+    for (auto& [n, p] : layout.named_parameters()) trainable += p.numel();
+    MF_INFO("fine-tuning " << ft.method << ": " << trainable << " trainable adapter parameters on this rank (rank "
+                           << ft.lora.rank << ", alpha " << ft.lora.alpha << ")"
+                           << (ft.quantized() ? "; base weights stored " + quant_type_name(ft.quant.type) + ", " +
+                                                    std::to_string(quantized_bytes(model) >> 20) + " MiB"
+                                              : std::string()));
+  }
   model->set_compute_dtype(compute_dtype_for(r.runtime.precision));
   model->set_recompute(parse_recompute(tc.activation_checkpointing));
   model->train();
@@ -179,7 +213,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     metrics = std::make_unique<MetricsLog>(run_dir, state.step);  // drops lines written after the last checkpoint
   }
   layout.barrier();
-  stage->start(run_dir, device, main_rank);
+  stage->start(run_dir, device, main_rank, model);
 
   const std::string dev_name = device.is_cuda() ? "cuda" : "cpu";
   // MFU compares the tokens of all ranks with the matmul rate of all ranks (each measured with its threads),
@@ -277,6 +311,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       c.state = &state;
       c.tokenizer_path = stage->tokenizer();
       c.recipe_yaml = r.yaml;
+      if (ft.adapters()) c.base_json = base_pointer_json(base);
       const std::string dir = save_checkpoint(layout, run_dir, c, static_cast<int>(tc.keep_checkpoints));
       if (main_rank) MF_INFO("checkpoint " << dir);
       maybe_stop_for_test(state.step, layout.rank());

@@ -56,14 +56,14 @@ void expect_same_run(const std::string& one, const std::string& other, size_t st
   for (size_t i = 0; i < va.size(); ++i)
     EXPECT_LT(rel(va[i]["val_loss"].get<double>(), vb[i]["val_loss"].get<double>()), 1e-5) << what;
   auto ca = *train::latest_checkpoint(one), cb = *train::latest_checkpoint(other);
-  auto cfg = train::read_checkpoint_config(ca);
-  MixtralForCausalLM ma(cfg), mb(cfg);
-  train::load_model_weights(ca, ma);
-  train::load_model_weights(cb, mb);
-  auto pb = mb->named_parameters();
-  for (const auto& p : ma->named_parameters()) {
-    const double scale = p.value().abs().max().item<double>();
-    EXPECT_LE((p.value() - pb[p.key()]).abs().max().item<double>(), 1e-5 * std::max(1.0, scale)) << what << " " << p.key();
+  // Every parameter (with adapters: every adapter) of the checkpoints, each loaded by one process.
+  auto ma = train::load_checkpoint_model(ca), mb = train::load_checkpoint_model(cb);
+  auto pa = train::saved_parameters(ma), pbv = train::saved_parameters(mb);
+  std::map<std::string, torch::Tensor> pb(pbv.begin(), pbv.end());
+  ASSERT_EQ(pa.size(), pb.size()) << what;
+  for (const auto& [k, v] : pa) {
+    const double scale = v.abs().max().item<double>();
+    EXPECT_LE((v - pb.at(k)).abs().max().item<double>(), 1e-5 * std::max(1.0, scale)) << what << " " << k;
   }
 }
 
@@ -126,6 +126,38 @@ TEST(ExpertParallelTraining, DpoEveryLayoutEqualsOneProcess) {
                         << "optim: {lr: 3.0e-3, warmup_steps: 0, schedule: constant}\nruntime: {threads: 1}\n";
   ASSERT_EQ(test::run_quiet(kBin + " train " + recipe + " --set output_dir=" + (dir / "one") + " --set train.grad_accum=4"), 0);
   for (const auto& l : kLayouts) {
+    ASSERT_EQ(launch(recipe, l, dir / l.name()), 0) << l.name();
+    expect_same_run(dir / "one", dir / l.name(), 5, l.name());
+  }
+}
+
+// LoRA on every target (the experts' stacked adapters cut per rank) with DPO's adapters_off reference: the
+// layouts train what one process trains; ZeRO-1 shards the adapters' optimizer state.
+TEST(ExpertParallelTraining, LoraDpoEqualsOneProcess) {
+  test::TempDir dir("eplora");
+  std::string data = test::make_prepared(dir, 80);
+  std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+                                  << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 4, eval_batches: 1}\n"
+                                  << "runtime: {threads: 1}\noutput_dir: " << (dir / "pre") << "\n";
+  ASSERT_EQ(test::run_quiet(kBin + " train " + (dir / "pre.yaml")), 0);
+  {
+    std::ofstream p(dir / "pairs.jsonl");
+    const char* obj[] = {"the moon.", "a red apple.", "the long road.", "the quiet town."};
+    for (int i = 0; i < 24; ++i)
+      p << nlohmann::json{{"prompt", "the cat sees " + std::to_string(i % 5)}, {"chosen", obj[i % 4]},
+                          {"rejected", obj[(i + 1) % 4]}}.dump()
+        << "\n";
+  }
+  const std::string recipe = dir / "dpo.yaml";
+  std::ofstream(recipe) << "stage: dpo\ninit_from: " << *train::latest_checkpoint(dir / "pre")
+                        << "\ndata: {train: " << (dir / "pairs.jsonl") << ", val: " << (dir / "pairs.jsonl")
+                        << "}\ndpo: {beta: 0.5}\nfinetune: {method: lora, lora: {rank: 4, alpha: 8, dropout: 0.0, "
+                           "targets: all, expert_rank: 2}}\n"
+                        << "train: {micro_batch_size: 3, seq_len: 48, max_steps: 5, log_interval: 1, "
+                           "eval_interval: 5, eval_batches: 2, checkpoint_interval: 5}\n"
+                        << "optim: {lr: 1.0e-2, warmup_steps: 0, schedule: constant, grad_clip: 0.5}\nruntime: {threads: 1}\n";
+  ASSERT_EQ(test::run_quiet(kBin + " train " + recipe + " --set output_dir=" + (dir / "one") + " --set train.grad_accum=4"), 0);
+  for (const auto& l : {Layout{2, 2, 2}, Layout{4, 2, 1, 1}}) {
     ASSERT_EQ(launch(recipe, l, dir / l.name()), 0) << l.name();
     expect_same_run(dir / "one", dir / l.name(), 5, l.name());
   }

@@ -1,0 +1,65 @@
+#include "model/lora.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "model/mixed.h"
+
+namespace moeforge {
+
+const std::vector<std::string>& lora_target_names() {
+  static const std::vector<std::string> v{"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3", "gate"};
+  return v;
+}
+
+bool is_expert_target(const std::string& t) { return t == "w1" || t == "w2" || t == "w3"; }
+
+std::vector<std::string> resolve_lora_targets(const std::vector<std::string>& given, const std::string& where) {
+  const auto& known = lora_target_names();
+  if (given.empty()) throw UserError(where + ": key 'finetune.lora.targets': names no module");
+  std::vector<std::string> out;
+  for (const auto& g : given) {
+    if (g == "all") return known;
+    if (std::find(known.begin(), known.end(), g) == known.end())
+      throw UserError(where + ": key 'finetune.lora.targets': unknown module '" + g +
+                      "' (q_proj, k_proj, v_proj, o_proj, w1, w2, w3, gate or all)");
+    if (std::find(out.begin(), out.end(), g) == out.end()) out.push_back(g);
+  }
+  return out;
+}
+
+bool LoraSpec::targets_module(const std::string& name) const {
+  return std::find(targets.begin(), targets.end(), name) != targets.end();
+}
+
+int64_t LoraSpec::rank_of(const std::string& target) const {
+  return is_expert_target(target) && expert_rank > 0 ? expert_rank : rank;
+}
+
+double LoraSpec::scale_of(const std::string& target) const {
+  const double r = static_cast<double>(rank_of(target));
+  return rslora ? alpha / std::sqrt(r) : alpha / r;
+}
+
+at::Tensor lora_term(const at::Tensor& x, const LoraAdapter& a, const LoraRuntime& rt, bool training) {
+  at::Tensor in = x;
+  if (training && rt.dropout > 0) {
+    // Inverted dropout with the adapters' own generator (a resumed run continues the same stream).
+    // Drawn on the CPU (the generator's device), so the masks are the same on every device.
+    auto keep = at::empty(x.sizes(), at::TensorOptions().dtype(at::kFloat)).bernoulli_(1.0 - rt.dropout, rt.gen);
+    in = x * keep.to(x.device(), x.scalar_type()) * (1.0 / (1.0 - rt.dropout));
+  }
+  return mixed_linear(mixed_linear(in, a.A), a.B) * a.scale;
+}
+
+at::Tensor adapted_linear(const at::Tensor& x, const at::Tensor& w, const LinearExtras* extras, const LoraRuntime* rt,
+                          bool training) {
+  at::Tensor y = extras && extras->quant ? quantized_linear(x, extras->quant) : mixed_linear(x, w);
+  if (extras && extras->lora.defined() && rt && rt->enabled) y = y + lora_term(x, extras->lora, *rt, training);
+  return y;
+}
+
+}  // namespace moeforge

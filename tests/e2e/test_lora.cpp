@@ -1,0 +1,228 @@
+// End to end, LoRA and QLoRA: SFT with adapters on a Hugging Face base resumes bit for bit; its checkpoint
+// holds adapters and a base pointer; its PEFT export, applied by hand to the base's HF export in an
+// independent Python forward, reproduces the checkpoint's logits; merged exports compute what the checkpoint
+// computes; QLoRA trains, evaluates, exports; a changed base is refused; DPO on adapters (reference: the
+// same network with its adapters off) trains from an adapter checkpoint.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <torch/torch.h>
+
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "corpus.h"
+#include "io/hf_import.h"
+#include "io/safetensors.h"
+#include "model/finetune.h"
+#include "run_util.h"
+#include "train/checkpoint.h"
+
+using namespace moeforge;
+namespace fs = std::filesystem;
+
+namespace {
+const std::string kBin = MOEFORGE_BINARY;
+const std::string kModelYaml = test::small_model_yaml("lora-e2e", ", router_jitter: 0.0");
+
+int status_of(const std::string& cmd) {
+  const int rc = std::system((cmd + " >/dev/null 2>&1").c_str());
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : (WIFSIGNALED(rc) ? 128 + WTERMSIG(rc) : -1);
+}
+
+std::string read_all(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);
+}
+
+void write_pairs(const std::string& path, int n, int offset) {
+  static const char* subj[] = {"the cat", "a dog", "the old man", "my sister", "the river", "a small bird"};
+  static const char* obj[] = {"the moon.", "a red apple.", "the long road.", "the quiet town.", "a green boat.",
+                              "the winter sky."};
+  std::ofstream out(path);
+  for (int i = 0; i < n; ++i) {
+    const int k = (i + offset) % 6;
+    out << nlohmann::json{{"prompt", std::string(subj[k]) + " sees"}, {"completion", obj[k]}}.dump() << "\n";
+  }
+}
+
+// A pretrained tiny base (moeforge checkpoint), shared by the tests of this file.
+std::string pretrain(const test::TempDir& dir, const std::string& data, const std::string& name, int steps = 10) {
+  std::ofstream(dir / (name + ".yaml")) << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+                                        << "train: {micro_batch_size: 4, seq_len: 32, max_steps: " << steps
+                                        << ", eval_batches: 2}\nruntime: {threads: 1}\noutput_dir: " << (dir / name) << "\n";
+  EXPECT_EQ(status_of(kBin + " train " + (dir / (name + ".yaml"))), 0);
+  return *train::latest_checkpoint(dir / name);
+}
+
+torch::Tensor logits(MixtralForCausalLM& m, const torch::Tensor& ids) {
+  torch::NoGradGuard ng;
+  m->eval();
+  return m->forward(ids).logits.contiguous();
+}
+
+}  // namespace
+
+TEST(LoraE2e, SftOnAnHfBaseResumesBitwiseAndItsPeftAdapterReproducesIt) {
+  test::TempDir dir("lorae2e");
+  const std::string data = test::make_prepared(dir, 80);
+  const std::string pre = pretrain(dir, data, "pre");
+  ASSERT_EQ(status_of(kBin + " export " + pre + " --format hf --dtype fp32 --out " + (dir / "hfbase")), 0);
+  write_pairs(dir / "train.jsonl", 48, 0);
+  write_pairs(dir / "val.jsonl", 12, 3);
+  const std::string recipe = dir / "sft.yaml";
+  std::ofstream(recipe) << "stage: sft\ninit_from: hf:" << (dir / "hfbase") << "\ndata: {train: " << (dir / "train.jsonl")
+                        << ", val: " << (dir / "val.jsonl") << "}\n"
+                        << "finetune: {method: lora, lora: {rank: 4, alpha: 8, dropout: 0.1, targets: all, expert_rank: 2}}\n"
+                        << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 6, log_interval: 1, eval_interval: 6, "
+                           "eval_batches: 2, checkpoint_interval: 3, keep_checkpoints: 3}\n"
+                        << "optim: {lr: 1.0e-2, warmup_steps: 1}\nruntime: {threads: 1}\n";
+  ASSERT_EQ(status_of(kBin + " train " + recipe + " --set output_dir=" + (dir / "a")), 0);
+  // Interrupted after the checkpoint of step 3 (SIGKILL), resumed: every logged number and the final
+  // adapters, optimizer state and dropout stream are the uninterrupted run's, bit for bit.
+  EXPECT_EQ(status_of("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=3 " + kBin + " train " + recipe + " --set output_dir=" + (dir / "b")),
+            128 + SIGKILL);
+  ASSERT_EQ(status_of(kBin + " train " + recipe + " --set output_dir=" + (dir / "b") + " --resume"), 0);
+  auto la = test::metric_records(dir / "a", "loss"), lb = test::metric_records(dir / "b", "loss");
+  ASSERT_EQ(la.size(), 6u);
+  ASSERT_EQ(lb.size(), 6u);
+  for (size_t i = 0; i < 6; ++i) {
+    EXPECT_EQ(la[i]["loss"].get<double>(), lb[i]["loss"].get<double>()) << "step " << i + 1;
+    EXPECT_EQ(la[i]["grad_norm"].get<double>(), lb[i]["grad_norm"].get<double>()) << "step " << i + 1;
+  }
+  const std::string ca = *train::latest_checkpoint(dir / "a"), cb = *train::latest_checkpoint(dir / "b");
+  EXPECT_EQ(read_all(ca + "/model.safetensors"), read_all(cb + "/model.safetensors"));
+  EXPECT_EQ(read_all(ca + "/optimizer.safetensors"), read_all(cb + "/optimizer.safetensors"));
+  EXPECT_LT(la[5]["loss"].get<double>(), la[0]["loss"].get<double>());
+
+  // The checkpoint: adapters (per-expert names) and the expert biases, a pointer to the base.
+  ASSERT_TRUE(fs::exists(ca + "/base.json"));
+  auto bj = read_json(ca + "/base.json");
+  EXPECT_EQ(bj["method"], "lora");
+  EXPECT_EQ(bj["init_from"], "hf:" + fs::absolute(dir / "hfbase").string());
+  auto f = io::SafetensorsFile::open(ca + "/model.safetensors");
+  bool has_expert_adapter = false;
+  for (const auto& n : f.names()) {
+    EXPECT_TRUE(n.find("lora_") != std::string::npos || n.find("expert_bias") != std::string::npos) << n;
+    has_expert_adapter = has_expert_adapter || n == "model.layers.1.block_sparse_moe.experts.3.w2.lora_B.weight";
+  }
+  EXPECT_TRUE(has_expert_adapter);
+  EXPECT_EQ(f.entry("model.layers.1.block_sparse_moe.experts.3.w2.lora_B.weight").shape, (std::vector<int64_t>{32, 2}));
+
+  // eval, generate and routing take the adapter checkpoint as they take any other.
+  EXPECT_EQ(status_of(kBin + " eval " + ca + " --data " + data), 0);
+  EXPECT_EQ(status_of(kBin + " generate " + ca + " --prompt 'the cat' --max-new-tokens 4"), 0);
+  EXPECT_EQ(status_of(kBin + " routing " + ca + " --data " + data + " --max-tokens 256"), 0);
+
+  // PEFT export: config and key names as PEFT writes them for transformers' per-expert Mixtral.
+  ASSERT_EQ(status_of(kBin + " export " + ca + " --format peft --out " + (dir / "adapter")), 0);
+  auto cfg = read_json(dir / "adapter/adapter_config.json");
+  EXPECT_EQ(cfg["peft_type"], "LORA");
+  EXPECT_EQ(cfg["r"], 4);
+  EXPECT_EQ(cfg["lora_alpha"].get<double>(), 8.0);
+  EXPECT_EQ(cfg["use_rslora"], false);
+  EXPECT_EQ(cfg["target_modules"].size(), 8u);
+  EXPECT_EQ(cfg["rank_pattern"]["w1"], 2);
+  auto af = io::SafetensorsFile::open(dir / "adapter/adapter_model.safetensors");
+  EXPECT_TRUE(af.contains("base_model.model.model.layers.0.block_sparse_moe.experts.3.w1.lora_A.weight"));
+  EXPECT_TRUE(af.contains("base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"));
+  EXPECT_TRUE(af.contains("base_model.model.model.layers.0.block_sparse_moe.gate.lora_A.weight"));
+
+  // The checkpoint's logits, for the independent reference and for the merged export.
+  auto model = train::load_checkpoint_model(ca);
+  auto ids = torch::randint(0, 320, {2, 9}, torch::kLong);
+  auto lg = logits(model, ids);
+  {
+    std::ofstream out(dir / "blob.bin", std::ios::binary);
+    int64_t dims[3] = {2, 9, 320};
+    out.write(reinterpret_cast<const char*>(dims), sizeof dims);
+    out.write(static_cast<const char*>(ids.data_ptr()), ids.numel() * 8);
+    out.write(static_cast<const char*>(lg.data_ptr()), lg.numel() * 4);
+  }
+  if (std::system("/usr/bin/python3 -c 'import torch, numpy' >/dev/null 2>&1") == 0) {
+    const std::string cmd = "/usr/bin/python3 " + test::source_path("tests/python/peft_reference.py") + " " +
+                            (dir / "hfbase") + " " + (dir / "adapter") + " " + (dir / "blob.bin");
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  } else {
+    ADD_FAILURE() << "python3-torch / python3-numpy missing (scripts/setup.sh installs them)";
+  }
+  // --format hf writes the merged model: a plain Mixtral that computes the same logits.
+  ASSERT_EQ(status_of(kBin + " export " + ca + " --format hf --dtype fp32 --out " + (dir / "merged")), 0);
+  MixtralForCausalLM plain(train::read_checkpoint_config(ca));
+  io::load_hf_weights(dir / "merged", plain);
+  EXPECT_LT((logits(plain, ids) - lg).abs().max().item<double>(), 1e-5);
+  // The adapters moved the model away from its base.
+  MixtralForCausalLM b(train::read_checkpoint_config(ca));
+  io::load_hf_weights(dir / "hfbase", b);
+  EXPECT_GT((logits(b, ids) - lg).abs().max().item<double>(), 1e-3);
+}
+
+TEST(QloraE2e, TrainsOnAQuantisedBaseExportsMergedRefusesAChangedBaseAndDpoFollows) {
+  test::TempDir dir("qlorae2e");
+  const std::string data = test::make_prepared(dir, 80);
+  const std::string pre = pretrain(dir, data, "pre");
+  write_pairs(dir / "train.jsonl", 48, 0);
+  write_pairs(dir / "val.jsonl", 12, 3);
+  const std::string recipe = dir / "sft.yaml";
+  std::ofstream(recipe) << "stage: sft\ninit_from: " << pre << "\ndata: {train: " << (dir / "train.jsonl")
+                        << ", val: " << (dir / "val.jsonl") << "}\n"
+                        << "finetune: {method: qlora, lora: {rank: 4, alpha: 8, dropout: 0.0}, quant: {block_size: 32}}\n"
+                        << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 8, log_interval: 1, eval_interval: 8, "
+                           "eval_batches: 2, checkpoint_interval: 8}\n"
+                        << "optim: {lr: 1.0e-2, warmup_steps: 1}\nruntime: {threads: 1, precision: bf16}\n"
+                        << "output_dir: " << (dir / "q") << "\n";
+  ASSERT_EQ(status_of(kBin + " train " + recipe), 0);
+  auto l = test::metric_records(dir / "q", "loss");
+  ASSERT_EQ(l.size(), 8u);
+  EXPECT_LT(l[7]["loss"].get<double>(), l[0]["loss"].get<double>());
+  const std::string ck = *train::latest_checkpoint(dir / "q");
+  EXPECT_EQ(read_json(ck + "/base.json")["method"], "qlora");
+  EXPECT_EQ(status_of(kBin + " eval " + ck + " --data " + data), 0);
+  // Merged export: the NF4 base dequantised plus the adapters, in a plain model, computes the checkpoint.
+  ASSERT_EQ(status_of(kBin + " export " + ck + " --format hf --dtype fp32 --out " + (dir / "merged")), 0);
+  auto model = train::load_checkpoint_model(ck, "fp32");
+  auto ids = torch::randint(0, 320, {2, 9}, torch::kLong);
+  MixtralForCausalLM plain(train::read_checkpoint_config(ck));
+  io::load_hf_weights(dir / "merged", plain);
+  EXPECT_LT((logits(plain, ids) - logits(model, ids)).abs().max().item<double>(), 1e-5);
+
+  // DPO with adapters on the QLoRA checkpoint (its merged model is the base); reference: adapters_off.
+  {
+    std::ofstream p(dir / "pairs.jsonl");
+    const char* obj[] = {"the moon.", "a red apple.", "the long road.", "the quiet town."};
+    for (int i = 0; i < 16; ++i)
+      p << nlohmann::json{{"prompt", "the cat sees " + std::to_string(i % 5)}, {"chosen", obj[i % 4]},
+                          {"rejected", obj[(i + 1) % 4]}}.dump()
+        << "\n";
+  }
+  std::ofstream(dir / "dpo.yaml") << "stage: dpo\ninit_from: " << ck << "\ndata: {train: " << (dir / "pairs.jsonl")
+                                  << ", val: " << (dir / "pairs.jsonl") << "}\nfinetune: {method: lora}\n"
+                                  << "train: {micro_batch_size: 4, seq_len: 48, max_steps: 4, log_interval: 1, "
+                                     "eval_interval: 4, eval_batches: 1, checkpoint_interval: 4}\n"
+                                  << "optim: {lr: 1.0e-2, warmup_steps: 0}\nruntime: {threads: 1}\noutput_dir: "
+                                  << (dir / "dpo") << "\n";
+  ASSERT_EQ(status_of(kBin + " train " + (dir / "dpo.yaml")), 0);
+  auto s = read_json(dir / "dpo/summary.json");
+  EXPECT_TRUE(s.contains("final_val_rewards/accuracies"));
+  EXPECT_NE(read_all(dir / "dpo/config.yaml").find("reference: adapters_off"), std::string::npos);
+  // At step 0 the policy is its reference: margins 0 (the first logged eval).
+  auto ev = test::metric_records(dir / "dpo", "val_loss");
+  ASSERT_FALSE(ev.empty());
+  EXPECT_NEAR(ev[0]["val_loss"].get<double>(), std::log(2.0), 1e-6);
+
+  // A base that changed under the adapters is refused with a one-line error naming base.json.
+  const std::string other = pretrain(dir, data, "other", 3);
+  fs::remove_all(pre);
+  fs::copy(other, pre);
+  const std::string err = dir / "err.txt";
+  const int rc = std::system((kBin + " eval " + ck + " --data " + data + " >/dev/null 2>" + err).c_str());
+  EXPECT_EQ(WEXITSTATUS(rc), 2);
+  EXPECT_NE(read_all(err).find("base.json"), std::string::npos) << read_all(err);
+}
