@@ -3,6 +3,8 @@
 # judges both on held-out problems. Run scripts/quickstart.sh first (it makes the pretrained model).
 #   data/make_arith.py -> train recipes/sft-arith.yaml -> train recipes/dpo-arith.yaml
 #   -> eval --generate (exact match, SFT and DPO) -> eval --preferences (DPO against its reference)
+# METHOD=lora or METHOD=qlora fine-tunes adapters instead (finetune.method; runs under runs/arith-METHOD, with
+# higher learning rates: SFT_LR, DPO_LR); METHOD=full (the default) trains every weight.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -13,21 +15,33 @@ if [ ! -d runs/quickstart/train/checkpoints/step_00000500 ]; then
   exit 2
 fi
 
+METHOD=${METHOD:-full}
+case "$METHOD" in
+  full) R=runs/arith; SFT_SET=(); DPO_SET=() ;;
+  lora|qlora) R=runs/arith-$METHOD
+    SFT_SET=(--set finetune.method=$METHOD --set optim.lr=${SFT_LR:-5.0e-3} --set optim.min_lr=${SFT_MIN_LR:-5.0e-4}
+             --set output_dir=$R/sft)
+    DPO_SET=(--set finetune.method=$METHOD --set optim.lr=${DPO_LR:-1.0e-3} --set optim.min_lr=${DPO_MIN_LR:-1.0e-4}
+             --set output_dir=$R/dpo --set init_from=$R/sft/checkpoints/step_00000300 --set dpo.reference=adapters_off) ;;
+  *) echo "finetune: METHOD must be full, lora or qlora, got '$METHOD'" >&2; exit 2 ;;
+esac
+mkdir -p $R
+
 echo "== data: data/make_arith.py"
 python3 data/make_arith.py data/arith
 
-echo "== SFT (recipes/sft-arith.yaml)"
-$MF train recipes/sft-arith.yaml --resume
-sft=runs/arith/sft/checkpoints/step_00000300
+echo "== SFT (recipes/sft-arith.yaml, finetune.method $METHOD)"
+$MF train recipes/sft-arith.yaml --resume "${SFT_SET[@]}"
+sft=$R/sft/checkpoints/step_00000300
 
-echo "== DPO (recipes/dpo-arith.yaml)"
-$MF train recipes/dpo-arith.yaml --resume
-dpo=runs/arith/dpo/checkpoints/step_00000800
+echo "== DPO (recipes/dpo-arith.yaml, finetune.method $METHOD)"
+$MF train recipes/dpo-arith.yaml --resume "${DPO_SET[@]}"
+dpo=$R/dpo/checkpoints/step_00000800
 
 echo "== held-out exact match (data/arith/test.jsonl, greedy)"
-$MF eval "$sft" --generate --data data/arith/test.jsonl --max-new-tokens 8 --json | tee runs/arith/sft_exact_match.json
-$MF eval "$dpo" --generate --data data/arith/test.jsonl --max-new-tokens 8 --json | tee runs/arith/dpo_exact_match.json
+$MF eval "$sft" --generate --data data/arith/test.jsonl --max-new-tokens 8 --json | tee $R/sft_exact_match.json
+$MF eval "$dpo" --generate --data data/arith/test.jsonl --max-new-tokens 8 --json | tee $R/dpo_exact_match.json
 
 echo "== held-out reward accuracy of the DPO model against its reference (data/arith/pref_val.jsonl)"
-$MF eval "$dpo" --preferences data/arith/pref_val.jsonl --reference "$sft" --json | tee runs/arith/dpo_preferences.json
-echo "finetune: $(( $(date +%s) - start )) s"
+$MF eval "$dpo" --preferences data/arith/pref_val.jsonl --reference "$sft" --json | tee $R/dpo_preferences.json
+echo "finetune ($METHOD): $(( $(date +%s) - start )) s"

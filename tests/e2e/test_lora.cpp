@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include <csignal>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -18,6 +19,7 @@
 #include "io/safetensors.h"
 #include "model/finetune.h"
 #include "run_util.h"
+#include "test_util.h"
 #include "train/checkpoint.h"
 
 using namespace moeforge;
@@ -27,9 +29,16 @@ namespace {
 const std::string kBin = MOEFORGE_BINARY;
 const std::string kModelYaml = test::small_model_yaml("lora-e2e", ", router_jitter: 0.0");
 
+// The exit status of `cmd` (128 + signal when killed); its stderr goes to the test's log when it fails.
 int status_of(const std::string& cmd) {
-  const int rc = std::system((cmd + " >/dev/null 2>&1").c_str());
-  return WIFEXITED(rc) ? WEXITSTATUS(rc) : (WIFSIGNALED(rc) ? 128 + WTERMSIG(rc) : -1);
+  const std::string err = fs::temp_directory_path() / ("moeforge_lora_err_" + std::to_string(::getpid()));
+  const int rc = std::system((cmd + " >/dev/null 2>" + err).c_str());
+  const int status = WIFEXITED(rc) ? WEXITSTATUS(rc) : (WIFSIGNALED(rc) ? 128 + WTERMSIG(rc) : -1);
+  std::ifstream in(err);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (status != 0) std::fprintf(stderr, "[%s] exit %d:\n%s\n", cmd.c_str(), status, text.substr(text.size() > 2000 ? text.size() - 2000 : 0).c_str());
+  fs::remove(err);
+  return status;
 }
 
 std::string read_all(const std::string& path) {
@@ -119,7 +128,7 @@ TEST(LoraE2e, SftOnAnHfBaseResumesBitwiseAndItsPeftAdapterReproducesIt) {
   // eval, generate and routing take the adapter checkpoint as they take any other.
   EXPECT_EQ(status_of(kBin + " eval " + ca + " --data " + data), 0);
   EXPECT_EQ(status_of(kBin + " generate " + ca + " --prompt 'the cat' --max-new-tokens 4"), 0);
-  EXPECT_EQ(status_of(kBin + " routing " + ca + " --data " + data + " --max-tokens 256"), 0);
+  EXPECT_EQ(status_of(kBin + " routing " + ca + " --data " + data + " --seq-len 32 --max-tokens 256"), 0);
 
   // PEFT export: config and key names as PEFT writes them for transformers' per-expert Mixtral.
   ASSERT_EQ(status_of(kBin + " export " + ca + " --format peft --out " + (dir / "adapter")), 0);

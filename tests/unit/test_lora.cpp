@@ -347,7 +347,7 @@ TEST(Lora, RecipeKeysRefuseImpossibleValues) {
   };
   const std::string model =
       "model: {name: t, vocab_size: 64, hidden_size: 32, intermediate_size: 48, num_layers: 2, num_attention_heads: 4, "
-      "num_key_value_heads: 2, max_position_embeddings: 64}\ndata: {dir: /nonexistent}\n";
+      "num_key_value_heads: 2, max_position_embeddings: 256}\ndata: {dir: /nonexistent}\n";
   expect_error(model + "init_from: /x\nfinetune: {method: lora, lora: {targets: [q_proj, mlp]}}\n", "finetune.lora.targets");
   expect_error(model + "init_from: /x\nfinetune: {method: lora, lora: {targets: [q_proj, mlp]}}\n", "mlp");
   expect_error(model + "finetune: {method: lora}\n", "init_from");
