@@ -39,7 +39,12 @@ int export_adapter(const std::string& ckpt, const std::optional<train::BasePoint
   c.use_rslora = l.rslora;
   for (const auto& t : l.targets)
     if (l.rank_of(t) != l.rank) c.rank_pattern[t] = l.rank_of(t);
-  c.base_model_name_or_path = io::parse_init_source(base->init_from).dir;
+  // PEFT loads the adapter onto a Hugging Face model: name the base only when it is one.
+  const auto src = io::parse_init_source(base->init_from);
+  if (src.hf) c.base_model_name_or_path = src.dir;
+  else
+    MF_INFO("the base is a moeforge checkpoint (" << src.dir << "): load the adapter onto its `moeforge export "
+                                                 "--format hf` directory");
   io::export_peft(c, adapter_tensors(model), out, dtype);
   if (base->method == "qlora")
     MF_WARN("the adapters were trained on a " + quant_type_name(recipe->finetune.quant.type) +

@@ -44,7 +44,9 @@ void export_peft(const PeftAdapterConfig& c, const std::vector<std::pair<std::st
                         {"init_lora_weights", true},
                         {"inference_mode", true},
                         {"modules_to_save", nullptr},
-                        {"base_model_name_or_path", c.base_model_name_or_path},
+                        {"base_model_name_or_path", c.base_model_name_or_path.empty()
+                                                        ? nlohmann::json(nullptr)
+                                                        : nlohmann::json(c.base_model_name_or_path)},
                         {"revision", nullptr}};
     write_file_atomic(tmp + "/adapter_config.json", j.dump(2) + "\n");
     std::vector<std::pair<std::string, at::Tensor>> named;

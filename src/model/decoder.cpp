@@ -40,6 +40,9 @@ torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const torch::Ten
   std::vector<at::Generator> gens;
   auto& gate = block_sparse_moe->gate;
   if (gate->is_training() && gate->jitter > 0) gens.push_back(gate->jitter_generator());
+  // LoRA dropout draws from the adapters' generator: put back for the recomputation too (same masks).
+  const auto& lrt = self_attn->lora_rt;
+  if (lrt && lrt->enabled && lrt->dropout > 0 && is_training()) gens.push_back(lrt->gen);
   std::vector<at::Tensor> out;
   torch::Tensor h;
   if (recompute == Recompute::Full) {

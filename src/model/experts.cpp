@@ -59,17 +59,26 @@ torch::Tensor ExpertBankImpl::forward(const torch::Tensor& x_grouped, const std:
   // tokens are skipped. (A grouped GEMM would replace this loop on LibTorch 2.8+.)
   std::vector<torch::Tensor> outs;
   outs.reserve(counts.size());
+  // Adapters: each stacked tensor cast to the compute dtype once (the scale folded into B) and cut into its
+  // experts' slices once; the slices then multiply their experts' groups of rows.
+  const bool adapters_on = has_lora() && lora_rt && lora_rt->enabled;
+  std::array<std::vector<at::Tensor>, 3> A, B;
+  for (size_t j = 0; j < 3 && adapters_on; ++j) {
+    if (!lora_A[j].defined()) continue;
+    const auto dt = x_grouped.scalar_type();
+    A[j] = lora_A[j].to(dt).unbind(0);
+    B[j] = (lora_B[j] * lora_scale).to(dt).unbind(0);
+  }
   int64_t offset = 0;
   for (size_t e = 0; e < counts.size(); ++e) {
     if (counts[e] == 0) continue;
     auto x_e = x_grouped.narrow(0, offset, counts[e]);
-    if (has_lora()) {  // this expert's slices of the stacked adapters
+    if (adapters_on) {  // this expert's slices of the stacked adapters
       ExpertAdapters ad;
       for (size_t j = 0; j < 3; ++j)
-        if (lora_A[j].defined())
-          ad.lora[j] = LoraAdapter{lora_A[j].select(0, static_cast<int64_t>(e)), lora_B[j].select(0, static_cast<int64_t>(e)), lora_scale};
+        if (lora_A[j].defined()) ad.lora[j] = LoraAdapter{A[j][e], B[j][e], 1.0};
       ad.rt = lora_rt.get();
-      outs.push_back(experts_[e]->forward(x_e, ad.rt && ad.rt->enabled ? &ad : nullptr));
+      outs.push_back(experts_[e]->forward(x_e, &ad));
     } else {
       outs.push_back(experts_[e]->forward(x_e));
     }

@@ -44,21 +44,38 @@ double LoraSpec::scale_of(const std::string& target) const {
   return rslora ? alpha / std::sqrt(r) : alpha / r;
 }
 
-at::Tensor lora_term(const at::Tensor& x, const LoraAdapter& a, const LoraRuntime& rt, bool training) {
-  at::Tensor in = x;
-  if (training && rt.dropout > 0) {
-    // Inverted dropout with the adapters' own generator (a resumed run continues the same stream).
-    // Drawn on the CPU (the generator's device), so the masks are the same on every device.
-    auto keep = at::empty(x.sizes(), at::TensorOptions().dtype(at::kFloat)).bernoulli_(1.0 - rt.dropout, rt.gen);
-    in = x * keep.to(x.device(), x.scalar_type()) * (1.0 / (1.0 - rt.dropout));
-  }
-  return mixed_linear(mixed_linear(in, a.A), a.B) * a.scale;
+namespace {
+
+at::Tensor dropped(const at::Tensor& x, const LoraRuntime& rt, bool training) {
+  if (!training || rt.dropout <= 0) return x;
+  // Inverted dropout with the adapters' own generator (a resumed run continues the same stream), drawn on the
+  // CPU (the generator's device), so the masks are the same on every device.
+  auto keep = at::empty(x.sizes(), at::TensorOptions().dtype(at::kFloat)).bernoulli_(1.0 - rt.dropout, rt.gen);
+  return x * keep.to(x.device(), x.scalar_type()) * (1.0 / (1.0 - rt.dropout));
+}
+
+}  // namespace
+
+LoraAdapter folded(const LoraAdapter& a, at::ScalarType dtype) {
+  return {a.A.to(dtype), (a.B * a.scale).to(dtype), 1.0};
+}
+
+at::Tensor add_lora(const at::Tensor& y, const at::Tensor& x, const LoraAdapter& f, const LoraRuntime& rt,
+                    bool training) {
+  const int64_t r = f.A.size(0), out = f.B.size(0);
+  auto h = at::matmul(dropped(x, rt, training), f.A.t()).reshape({-1, r});  // [N, r]
+  return at::addmm(y.reshape({-1, out}), h, f.B.t()).view(y.sizes());
 }
 
 at::Tensor adapted_linear(const at::Tensor& x, const at::Tensor& w, const LinearExtras* extras, const LoraRuntime* rt,
                           bool training) {
   at::Tensor y = extras && extras->quant ? quantized_linear(x, extras->quant) : mixed_linear(x, w);
-  if (extras && extras->lora.defined() && rt && rt->enabled) y = y + lora_term(x, extras->lora, *rt, training);
+  if (extras && extras->lora.defined() && rt && rt->enabled) {
+    // Expert slices come folded by their bank (scale 1, compute dtype); attention and router adapters here.
+    const auto& a = extras->lora;
+    y = add_lora(y, x, a.A.scalar_type() == x.scalar_type() && a.scale == 1.0 ? a : folded(a, x.scalar_type()), *rt,
+                 training);
+  }
   return y;
 }
 

@@ -19,7 +19,7 @@ namespace moeforge {
 struct LoraSpec {
   int64_t rank = 16;
   double alpha = 32;
-  double dropout = 0.05;
+  double dropout = 0.0;  // PEFT's default; > 0 draws a mask per adapted input (a serial RNG on Debian's LibTorch)
   // Attention and experts; the router stays frozen by default (see the README: a router that moves while
   // the experts are adapted re-routes tokens away from the experts being tuned).
   std::vector<std::string> targets{"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"};
@@ -74,7 +74,12 @@ struct LinearExtras {
 at::Tensor adapted_linear(const at::Tensor& x, const at::Tensor& w, const LinearExtras* extras, const LoraRuntime* rt,
                           bool training);
 
-// The adapter's term alone: scale * dropout(x) A^T B^T in x's dtype.
-at::Tensor lora_term(const at::Tensor& x, const LoraAdapter& a, const LoraRuntime& rt, bool training);
+// A and B in `dtype` with the scale folded into B (scale 1): two small casts instead of a cast per use and
+// a multiply over every output row. The casts are in the graph, so the fp32 A and B get the gradients.
+LoraAdapter folded(const LoraAdapter& a, at::ScalarType dtype);
+
+// y + dropout(x) A^T B^T for a folded adapter, the addition fused into the second matmul (addmm).
+at::Tensor add_lora(const at::Tensor& y, const at::Tensor& x, const LoraAdapter& folded, const LoraRuntime& rt,
+                    bool training);
 
 }  // namespace moeforge

@@ -43,7 +43,7 @@ RouterOutput RouterImpl::forward(const torch::Tensor& x_NH) {
   }
   r.logits_NE = torch::nn::functional::linear(x, weight.to(dt));
   if (extras.lora.defined() && lora_rt && lora_rt->enabled) {  // LoRA on the router ("gate"), in fp32 like the rest
-    r.logits_NE = r.logits_NE + lora_term(x, extras.lora, *lora_rt, is_training());
+    r.logits_NE = add_lora(r.logits_NE, x, folded(extras.lora, dt), *lora_rt, is_training());
   }
   torch::Tensor chosen_logits;
   if (balance == Balance::AuxFreeBias) {

@@ -163,7 +163,9 @@ MixtralForCausalLM load_adapter_checkpoint_model(const std::string& ckpt_dir, co
   if (recipe->finetune.method != base.method)
     throw UserError(ckpt_dir + "/base.json: method " + base.method + " but recipe.yaml says " + recipe->finetune.method);
   const ModelConfig cfg = read_checkpoint_config(ckpt_dir);
-  BaseModel b = load_base_model(base.init_from, cfg, recipe->finetune, recipe->runtime.precision);
+  // The base in fp32 storage (a QLoRA base quantised, as trained): bf16 storage is a training-time saving,
+  // and eval --precision fp32, export and a chained base want the weights as they are.
+  BaseModel b = load_base_model(base.init_from, cfg, recipe->finetune, "fp32");
   if (b.fingerprint != base.fingerprint)
     throw UserError(ckpt_dir + "/base.json: the base at " + base.init_from + " is not the one these adapters were trained on " +
                     "(fingerprint " + hex(b.fingerprint) + ", expected " + hex(base.fingerprint) + ")");

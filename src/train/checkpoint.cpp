@@ -338,8 +338,25 @@ std::string init_tokenizer(const std::string& init_from) {
 
 void load_init_weights(const std::string& init_from, MixtralForCausalLM& model) {
   const auto src = io::parse_init_source(init_from);
-  if (src.hf) io::load_hf_weights(src.dir, model);
-  else load_model_weights(src.dir, model);
+  if (src.hf) {
+    io::load_hf_weights(src.dir, model);
+  } else if (auto base = read_base_pointer(src.dir)) {  // an adapter checkpoint: its merged model
+    auto adapted = load_adapter_checkpoint_model(src.dir, *base);
+    auto merged = merged_weights(adapted);
+    std::map<std::string, torch::Tensor> m(merged.begin(), merged.end());
+    torch::NoGradGuard ng;
+    for (auto& p : model->named_parameters()) {
+      auto it = m.find(p.key());
+      if (it == m.end() || it->second.sizes() != p.value().sizes())
+        throw UserError(src.dir + ": its merged model has no tensor '" + p.key() + "' of shape " + c10::str(p.value().sizes()));
+      p.value().copy_(it->second);
+    }
+    auto bufs = adapted->named_buffers();
+    for (auto& b : model->named_buffers())
+      if (bufs.contains(b.key())) b.value().copy_(bufs[b.key()]);
+  } else {
+    load_model_weights(src.dir, model);
+  }
 }
 
 std::optional<TrainerState> checkpoint_trainer_state(const std::string& ckpt_dir) {

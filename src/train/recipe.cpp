@@ -236,6 +236,11 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   if (r.finetune.quantized() && r.finetune.quant.type == QuantType::NF4 && r.finetune.quant.block_size % 2 != 0)
     io::YamlMap(root["finetune"]["quant"], path, "finetune.quant.").fail("block_size", "must be even for nf4, got " + std::to_string(r.finetune.quant.block_size));
   if (r.dpo.reference == "auto") r.dpo.reference = r.finetune.adapters() ? "adapters_off" : "frozen";
+  if (r.dpo.reference == "frozen" && r.finetune.adapters())
+    io::YamlMap(root["dpo"], path, "dpo.")
+        .fail("reference", "frozen keeps a second, float copy of the base; with finetune.method " + r.finetune.method +
+                               " the reference is the policy with its adapters off (adapters_off, the default) or "
+                               "precompute");
   if (r.dpo.reference == "adapters_off" && !r.finetune.adapters())
     io::YamlMap(root["dpo"], path, "dpo.").fail("reference", "adapters_off needs finetune.method lora or qlora");
   if (r.train.seq_len > r.model.max_position_embeddings)

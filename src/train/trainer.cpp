@@ -159,6 +159,9 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   if (latest && ft.adapters()) {
     auto saved = read_base_pointer(*latest);
     if (!saved) throw UserError(*latest + ": holds no adapters (no base.json); finetune.method " + ft.method + " cannot resume it");
+    if (saved->method != ft.method)
+      throw UserError(*latest + "/base.json: the run was trained with finetune.method " + saved->method +
+                      "; the recipe now says " + ft.method);
     if (saved->fingerprint != base.fingerprint)
       throw UserError(*latest + "/base.json: the adapters were trained on another base than " + r.init_from + " holds now");
   }
@@ -168,7 +171,11 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   // Before the move: only this rank's experts go to the device (to() keeps the handles). Adapters are
   // attached to the experts this rank keeps; only they train.
   layout.hold(model, [&](MixtralForCausalLM& m) {
-    if (ft.adapters()) attach_lora(m, ft.lora, tc.seed);
+    if (!ft.adapters()) return;
+    attach_lora(m, ft.lora, tc.seed);
+    // Each rank its own dropout stream (rank 0's is the one-process stream). With dropout on, the masks
+    // depend on the layout, and only rank 0's stream is checkpointed: a multi-rank resume is then not bitwise.
+    if (layout.rank() > 0) m->lora_rt->gen.set_current_seed(tc.seed * 1000003ULL + 104729ULL * layout.rank());
   });
   if (latest && ft.adapters()) load_model_weights(*latest, model);
   move_to(model, device);
@@ -274,7 +281,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     const double gnorm = layout.clip_grad_norm(r.optim.grad_clip);
     opt.step(lr);
     layout.share_updated_parameters();
-    if (cfg.moe.balance == Balance::AuxFreeBias) {
+    if (cfg.moe.balance == Balance::AuxFreeBias && !ft.adapters()) {  // with adapters the routers' biases are base, frozen
       auto blocks = model->moe_blocks();
       for (int i = 0; i < L; ++i) blocks[i]->gate->update_expert_bias(step.loads[i], cfg.moe.bias_update_rate);
     }

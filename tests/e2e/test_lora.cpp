@@ -110,6 +110,17 @@ TEST(LoraE2e, SftOnAnHfBaseResumesBitwiseAndItsPeftAdapterReproducesIt) {
   EXPECT_EQ(read_all(ca + "/model.safetensors"), read_all(cb + "/model.safetensors"));
   EXPECT_EQ(read_all(ca + "/optimizer.safetensors"), read_all(cb + "/optimizer.safetensors"));
   EXPECT_LT(la[5]["loss"].get<double>(), la[0]["loss"].get<double>());
+  // Recomputing every layer in the backward replays the same dropout masks: the same training.
+  ASSERT_EQ(status_of(kBin + " train " + recipe + " --set output_dir=" + (dir / "rc") +
+                      " --set train.activation_checkpointing=full --set train.max_steps=3"),
+            0);
+  auto lr = test::metric_records(dir / "rc", "loss");
+  ASSERT_EQ(lr.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_NEAR(lr[i]["loss"].get<double>(), la[i]["loss"].get<double>(), 1e-6 * la[i]["loss"].get<double>()) << "step " << i + 1;
+    EXPECT_NEAR(lr[i]["grad_norm"].get<double>(), la[i]["grad_norm"].get<double>(), 1e-5 * la[i]["grad_norm"].get<double>())
+        << "step " << i + 1;
+  }
 
   // The checkpoint: adapters (per-expert names) and the expert biases, a pointer to the base.
   ASSERT_TRUE(fs::exists(ca + "/base.json"));
@@ -225,6 +236,11 @@ TEST(QloraE2e, TrainsOnAQuantisedBaseExportsMergedRefusesAChangedBaseAndDpoFollo
   auto ev = test::metric_records(dir / "dpo", "val_loss");
   ASSERT_FALSE(ev.empty());
   EXPECT_NEAR(ev[0]["val_loss"].get<double>(), std::log(2.0), 1e-6);
+
+  // Full fine-tuning can start from an adapter checkpoint too (its merged model).
+  ASSERT_EQ(status_of(kBin + " train " + recipe + " --set finetune.method=full --set init_from=" + ck +
+                      " --set train.max_steps=1 --set output_dir=" + (dir / "full_from_q")),
+            0);
 
   // A base that changed under the adapters is refused with a one-line error naming base.json.
   const std::string other = pretrain(dir, data, "other", 3);

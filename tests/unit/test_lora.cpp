@@ -358,6 +358,7 @@ TEST(Lora, RecipeKeysRefuseImpossibleValues) {
   expect_error(model + "init_from: /x\nfinetune: {method: lora, lora: {dropout: 1.0}}\n", "finetune.lora.dropout");
   expect_error(model + "init_from: /x\nfinetune: {method: lora, lora: {rnak: 4}}\n", "rnak");
   expect_error(model + "dpo: {reference: adapters_off}\n", "dpo.reference");
+  expect_error(model + "init_from: /x\nfinetune: {method: qlora}\ndpo: {reference: frozen}\n", "dpo.reference");
   // The DPO reference follows the method.
   const std::string ok = test::write_temp("lora_ok.yaml", model + "init_from: /x\nfinetune: {method: qlora, lora: {targets: all}}\n");
   auto r = train::load_recipe(ok, {});
