@@ -354,7 +354,16 @@ at::Tensor SafetensorsFile::get(const std::string& name) const {
   // A stranger's BOOL byte may be any value; read bytes and compare so every bool is 0 or 1.
   const bool is_bool = t == at::kBool;
   at::Tensor out = at::empty(e.shape, at::TensorOptions().dtype(is_bool ? at::kByte : t));
-  if (e.end > e.begin) std::memcpy(out.data_ptr(), data_ + e.begin, e.end - e.begin);
+  if (e.end > e.begin) {
+    std::memcpy(out.data_ptr(), data_ + e.begin, e.end - e.begin);
+    // The copied pages leave this process's resident set (they stay in the page cache): loading a model tensor
+    // by tensor then never holds the mapped file and the copies at once. Clean private pages: dropping them
+    // is safe, a later read faults them in again.
+    const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(data_ + e.begin) & ~(page - 1);
+    const uintptr_t hi = reinterpret_cast<uintptr_t>(data_ + e.end);
+    ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+  }
   return is_bool ? out.ne(0) : out;
 }
 

@@ -137,7 +137,7 @@ ForwardOutput MixtralForCausalLMImpl::forward(const ForwardInputs& in) {
     x = model->layers[i]->forward(x, cs.first, cs.second, mask, &out.router[i]);
   }
   out.hidden = model->norm->forward(x, compute_dtype_);
-  out.logits = mixed_linear(out.hidden, lm_head_weight());
+  out.logits = adapted_linear(out.hidden, lm_head_weight(), &lm_head_extras, lora_rt.get(), is_training());
   return out;
 }
 
@@ -170,7 +170,8 @@ torch::Tensor MixtralForCausalLMImpl::forward_cached(const torch::Tensor& input_
     x = model->layers[i]->forward_cached(x, cs.first, cs.second, pos, cfg_.sliding_window, cache.layers[i]);
   }
   cache.next_pos += n;
-  return mixed_linear(model->norm->forward(x, compute_dtype_), lm_head_weight());
+  return adapted_linear(model->norm->forward(x, compute_dtype_), lm_head_weight(), &lm_head_extras, lora_rt.get(),
+                        is_training());
 }
 
 void init_weights(torch::nn::Module& module, double init_std, uint64_t seed) {

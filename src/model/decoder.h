@@ -94,6 +94,7 @@ class MixtralForCausalLMImpl : public torch::nn::Module {
   const ModelConfig& config() const { return cfg_; }
   // Fine-tuning with adapters (model/finetune.h): their shared switch and dropout stream; null without.
   std::shared_ptr<LoraRuntime> lora_rt;
+  LinearExtras lm_head_extras;  // an adapter on the LM head (target "lm_head")
   MixtralModel model{nullptr};
   torch::nn::Linear lm_head{nullptr};  // null when tie_word_embeddings
 

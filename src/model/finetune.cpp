@@ -95,6 +95,12 @@ void attach_lora(MixtralForCausalLM& m, const LoraSpec& s, uint64_t seed) {
   rt->gen = at::detail::createCPUGenerator(mix64(seed, name_hash("lora.dropout")));
   m->lora_rt = rt;
   const auto& cfg = m->config();
+  if (s.targets_module("lm_head")) {
+    if (cfg.tie_word_embeddings)
+      throw UserError("finetune.lora.targets: lm_head is tied to the embedding in this model; leave it out");
+    m->lm_head_extras.lora = dense_adapter(*m->lm_head, "lm_head.", cfg.hidden_size, cfg.vocab_size, s.rank_of("lm_head"),
+                                           s.scale_of("lm_head"), seed, m->lm_head->weight.device());
+  }
   for (size_t li = 0; li < m->model->layers.size(); ++li) {
     auto& l = *m->model->layers[li];
     const std::string pre = layer_prefix(li);
@@ -215,6 +221,10 @@ std::vector<StackedAdapter> stacked_adapters(MixtralForCausalLM& m) {
 
 NamedTensors adapter_tensors(MixtralForCausalLM& m) {
   NamedTensors out;
+  if (m->lm_head_extras.lora.defined()) {
+    out.emplace_back("lm_head.lora_A.weight", m->lm_head_extras.lora.A);
+    out.emplace_back("lm_head.lora_B.weight", m->lm_head_extras.lora.B);
+  }
   for (size_t li = 0; li < m->model->layers.size(); ++li) {
     for (auto& b : base_linears(*m->model->layers[li], layer_prefix(li))) {
       if (!b.lora.defined()) continue;
@@ -239,6 +249,9 @@ NamedTensors merged_weights(MixtralForCausalLM& m) {
                                              b.lora.A.detach().to(w.device(), torch::kFloat));
       merged[b.name] = w;
     }
+  if (const auto& l = m->lm_head_extras.lora; l.defined())
+    merged["lm_head.weight"] = m->lm_head->weight.detach().to(torch::kFloat) +
+                               l.scale * torch::matmul(l.B.detach().to(torch::kFloat), l.A.detach().to(torch::kFloat));
   NamedTensors out;
   for (auto& p : m->named_parameters()) {
     if (p.key().find("lora_") != std::string::npos) continue;

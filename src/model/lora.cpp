@@ -17,16 +17,26 @@ const std::vector<std::string>& lora_target_names() {
 
 bool is_expert_target(const std::string& t) { return t == "w1" || t == "w2" || t == "w3"; }
 
-std::vector<std::string> resolve_lora_targets(const std::vector<std::string>& given, const std::string& where) {
+bool is_lora_target(const std::string& t) {
   const auto& known = lora_target_names();
+  return t == "lm_head" || std::find(known.begin(), known.end(), t) != known.end();
+}
+
+std::vector<std::string> resolve_lora_targets(const std::vector<std::string>& given, const std::string& where) {
   if (given.empty()) throw UserError(where + ": key 'finetune.lora.targets': names no module");
   std::vector<std::string> out;
+  auto add = [&](const std::string& t) {
+    if (std::find(out.begin(), out.end(), t) == out.end()) out.push_back(t);
+  };
   for (const auto& g : given) {
-    if (g == "all") return known;
-    if (std::find(known.begin(), known.end(), g) == known.end())
+    if (g == "all") {
+      for (const auto& t : lora_target_names()) add(t);
+      continue;
+    }
+    if (!is_lora_target(g))
       throw UserError(where + ": key 'finetune.lora.targets': unknown module '" + g +
-                      "' (q_proj, k_proj, v_proj, o_proj, w1, w2, w3, gate or all)");
-    if (std::find(out.begin(), out.end(), g) == out.end()) out.push_back(g);
+                      "' (q_proj, k_proj, v_proj, o_proj, w1, w2, w3, gate, lm_head or all)");
+    add(g);
   }
   return out;
 }

@@ -32,8 +32,10 @@ struct LoraSpec {
   double scale_of(const std::string& target) const;
 };
 
-// The module names `finetune.lora.targets` accepts, besides `all`.
+// The module names `all` stands for (every linear layer of the decoder blocks, as PEFT's all-linear).
 const std::vector<std::string>& lora_target_names();
+// Those and `lm_head` (the output projection, not in `all`, as in PEFT).
+bool is_lora_target(const std::string& t);
 bool is_expert_target(const std::string& target);
 // Every name checked (UserError "<where>: key 'finetune.lora.targets': ..."); "all" expands to every name.
 std::vector<std::string> resolve_lora_targets(const std::vector<std::string>& given, const std::string& where);

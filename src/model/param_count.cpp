@@ -46,7 +46,7 @@ FinetuneEstimate estimate_finetune(const ModelConfig& c, const FinetuneSpec& ft,
                             adapter("o_proj", q, H) + adapter("gate", H, E) +
                             E * (adapter("w1", H, I) + adapter("w2", I, H) + adapter("w3", H, I));
   FinetuneEstimate f;
-  f.trainable = L * per_layer;
+  f.trainable = L * per_layer + (c.tie_word_embeddings ? 0 : adapter("lm_head", H, c.vocab_size));
   f.frozen_linear = p.attention + p.experts;
   const double rest = static_cast<double>(p.total - f.frozen_linear) * 4;  // embeddings, head, norms, router: fp32
   const double n = static_cast<double>(f.frozen_linear);

@@ -67,14 +67,14 @@ const io::KeyTable<Recipe>& recipe_keys() {
         .number("finetune.lora.dropout", [](auto& r) -> auto& { return r.finetune.lora.dropout; }, in_range(0, 1, false),
                 "dropout on the adapters' input")
         .add({"finetune.lora.targets", "list of names",
-              "HF module names: q_proj k_proj v_proj o_proj (attention), w1 w2 w3 (every expert), gate (the router), or all",
+              "HF module names: q_proj k_proj v_proj o_proj (attention), w1 w2 w3 (every expert), gate (the router), "
+              "lm_head, or all (every one but lm_head)",
               [](YamlMap& m, const std::string& leaf, Recipe& r) {
                 auto v = m.get_string_list(leaf, r.finetune.lora.targets);
-                const auto& known = lora_target_names();
                 if (v.empty()) m.fail(leaf, "names no module");
                 for (const auto& g : v)
-                  if (g != "all" && std::find(known.begin(), known.end(), g) == known.end())
-                    m.fail(leaf, "unknown module '" + g + "' (q_proj, k_proj, v_proj, o_proj, w1, w2, w3, gate or all)");
+                  if (g != "all" && !is_lora_target(g))
+                    m.fail(leaf, "unknown module '" + g + "' (q_proj, k_proj, v_proj, o_proj, w1, w2, w3, gate, lm_head or all)");
                 r.finetune.lora.targets = resolve_lora_targets(v, m.file());
               },
               [](YAML::Emitter& e, const Recipe& r) { e << YAML::Flow << r.finetune.lora.targets; }, nullptr})

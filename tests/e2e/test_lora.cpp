@@ -89,7 +89,7 @@ TEST(LoraE2e, SftOnAnHfBaseResumesBitwiseAndItsPeftAdapterReproducesIt) {
   const std::string recipe = dir / "sft.yaml";
   std::ofstream(recipe) << "stage: sft\ninit_from: hf:" << (dir / "hfbase") << "\ndata: {train: " << (dir / "train.jsonl")
                         << ", val: " << (dir / "val.jsonl") << "}\n"
-                        << "finetune: {method: lora, lora: {rank: 4, alpha: 8, dropout: 0.1, targets: all, expert_rank: 2}}\n"
+                        << "finetune: {method: lora, lora: {rank: 4, alpha: 8, dropout: 0.1, targets: [all, lm_head], expert_rank: 2}}\n"
                         << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 6, log_interval: 1, eval_interval: 6, "
                            "eval_batches: 2, checkpoint_interval: 3, keep_checkpoints: 3}\n"
                         << "optim: {lr: 1.0e-2, warmup_steps: 1}\nruntime: {threads: 1}\n";
@@ -148,12 +148,13 @@ TEST(LoraE2e, SftOnAnHfBaseResumesBitwiseAndItsPeftAdapterReproducesIt) {
   EXPECT_EQ(cfg["r"], 4);
   EXPECT_EQ(cfg["lora_alpha"].get<double>(), 8.0);
   EXPECT_EQ(cfg["use_rslora"], false);
-  EXPECT_EQ(cfg["target_modules"].size(), 8u);
+  EXPECT_EQ(cfg["target_modules"].size(), 9u);
   EXPECT_EQ(cfg["rank_pattern"]["w1"], 2);
   auto af = io::SafetensorsFile::open(dir / "adapter/adapter_model.safetensors");
   EXPECT_TRUE(af.contains("base_model.model.model.layers.0.block_sparse_moe.experts.3.w1.lora_A.weight"));
   EXPECT_TRUE(af.contains("base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"));
   EXPECT_TRUE(af.contains("base_model.model.model.layers.0.block_sparse_moe.gate.lora_A.weight"));
+  EXPECT_TRUE(af.contains("base_model.model.lm_head.lora_B.weight"));
 
   // The checkpoint's logits, for the independent reference and for the merged export.
   auto model = train::load_checkpoint_model(ca);

@@ -44,6 +44,7 @@ LoraSpec spec_all(int64_t rank = 3, double alpha = 5, int64_t expert_rank = 2) {
   s.expert_rank = expert_rank;
   s.dropout = 0;
   s.targets = lora_target_names();
+  s.targets.push_back("lm_head");
   return s;
 }
 
@@ -110,7 +111,8 @@ TEST(Lora, MergedWeightsAreBasePlusScaleTimesBA) {
                {"model.layers.1.self_attn.o_proj.", 5.0 / 3, 3},
                {"model.layers.0.block_sparse_moe.gate.", 5.0 / 3, 3},
                {"model.layers.1.block_sparse_moe.experts.2.w2.", 5.0 / 2, 2},
-               {"model.layers.0.block_sparse_moe.experts.0.w1.", 5.0 / 2, 2}};
+               {"model.layers.0.block_sparse_moe.experts.0.w1.", 5.0 / 2, 2},
+               {"lm_head.", 5.0 / 3, 3}};
   for (const auto& c : cases) {
     auto W = bp[c.stem + "weight"].to(torch::kDouble);
     auto A = at.at(c.stem + "lora_A.weight").to(torch::kDouble), B = at.at(c.stem + "lora_B.weight").to(torch::kDouble);
@@ -153,6 +155,7 @@ TEST(Lora, ScalesAndTargets) {
   EXPECT_EQ(resolve_lora_targets({"all"}, "r.yaml").size(), 8u);
   EXPECT_EQ(resolve_lora_targets({"q_proj", "v_proj", "q_proj"}, "r.yaml"), (std::vector<std::string>{"q_proj", "v_proj"}));
   EXPECT_THROW(resolve_lora_targets({"q_proj", "mlp"}, "r.yaml"), UserError);
+  EXPECT_EQ(resolve_lora_targets({"all", "lm_head"}, "r.yaml").size(), 9u);  // lm_head is not in all (as in PEFT)
   // The default leaves the router frozen.
   EXPECT_FALSE(LoraSpec().targets_module("gate"));
   EXPECT_TRUE(LoraSpec().targets_module("w2"));
