@@ -2,6 +2,8 @@
 
 #include <torch/torch.h>
 
+#include <malloc.h>
+
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -118,6 +120,10 @@ BaseModel load_base_model(const std::string& init_from, const ModelConfig& cfg, 
     for (auto& p : layer.parameters()) p.requires_grad_(false);
     if (ft.quantized()) quantize_layer(layer, ft.quant);
     else if (precision == "bf16") store_linear_weights(layer, torch::kBFloat16);
+    // The layer's float copies were freed, but glibc keeps freed heap pages resident (and, having seen large
+    // blocks freed, serves the next layer's from the heap too): hand them back now, or the resident set grows
+    // by a layer per layer as if nothing had been freed.
+    ::malloc_trim(0);
   };
   out.model = MixtralForCausalLM(cfg, on_layer);
   for (auto& p : out.model->named_parameters())
