@@ -5,6 +5,8 @@
 #      loaded; their values do not matter for memory or speed).
 #   2. SFT on the arithmetic data (data/make_arith.py) from that base, STEPS steps (default 6) of micro-batch
 #      MB (default 4) x seq 128, bf16, for each method; each run a separate process.
+#   RECOMPUTE=full|moe sets train.activation_checkpointing for the three runs (default none), into
+#   runs/bench_finetune/recompute-X/.
 # usage: scripts/bench_finetune.sh   (after scripts/quickstart.sh; KEEP=1 keeps finished runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +14,10 @@ STEPS=${STEPS:-6}
 MB=${MB:-4}
 MF=./build/moeforge
 Q=runs/quickstart
-OUT=runs/bench_finetune
+RECOMPUTE=${RECOMPUTE:-none}
+BASE_OUT=runs/bench_finetune
+OUT=$BASE_OUT
+[ "$RECOMPUTE" = none ] || OUT=$BASE_OUT/recompute-$RECOMPUTE
 [ -x "$MF" ] || TARGET=moeforge bash scripts/build.sh
 if [ ! -f "$Q/data/meta.json" ]; then
   echo "bench_finetune: $Q/data is missing; run scripts/quickstart.sh first" >&2
@@ -21,14 +26,14 @@ fi
 [ -f data/arith/sft_train.jsonl ] || python3 data/make_arith.py data/arith
 mkdir -p "$OUT"
 
-if [ -z "${KEEP:-}" ] || [ ! -f "$OUT/base/summary.json" ]; then
-  rm -rf "$OUT/base"
+if [ -z "${KEEP:-}" ] || [ ! -f "$BASE_OUT/base/summary.json" ]; then
+  rm -rf "$BASE_OUT/base"
   echo "== base: configs/small.yaml, one pretraining step" >&2
-  $MF train recipes/quickstart.yaml --set model=configs/small.yaml --set data.dir=$Q/data --set output_dir=$OUT/base \
+  $MF train recipes/quickstart.yaml --set model=configs/small.yaml --set data.dir=$Q/data --set output_dir=$BASE_OUT/base \
     --set train.max_steps=1 --set train.micro_batch_size=1 --set train.eval_batches=1 --set train.checkpoint_interval=1 \
-    > "$OUT/base.log" 2>&1
+    > "$BASE_OUT/base.log" 2>&1
 fi
-base=$(ls -d $OUT/base/checkpoints/step_* | tail -1)
+base=$(ls -d $BASE_OUT/base/checkpoints/step_* | tail -1)
 
 for method in full lora qlora; do
   if [ -n "${KEEP:-}" ] && [ -f "$OUT/$method/summary.json" ]; then continue; fi
@@ -37,6 +42,7 @@ for method in full lora qlora; do
   $MF train recipes/sft-arith.yaml --set init_from=$base --set output_dir=$OUT/$method --set finetune.method=$method \
     --set train.max_steps=$STEPS --set train.micro_batch_size=$MB --set train.log_interval=1 \
     --set train.eval_interval=$STEPS --set train.eval_batches=1 --set train.checkpoint_interval=$STEPS \
+    --set train.activation_checkpointing=$RECOMPUTE \
     > "$OUT/$method.log" 2>&1
 done
 
