@@ -33,12 +33,16 @@ const char* kUsage =
     "  export CHECKPOINT --format hf|gguf|peft --out PATH [--dtype bf16|fp16|fp32] [--max-shard-size 5GB]\n"
     "                                               Hugging Face safetensors directory, llama.cpp GGUF file,\n"
     "                                               or (LoRA/QLoRA checkpoints) a PEFT adapter; hf/gguf merge adapters\n"
-    "  import HF_DIR --out CHECKPOINT                a Hugging Face MixtralForCausalLM directory\n"
+    "  import HF_DIR --out CHECKPOINT                a Hugging Face MixtralForCausalLM directory (streamed)\n"
+    "  init CONFIG --out CHECKPOINT [--seed S] [--shards N] [--tokenizer FILE]\n"
+    "                                               a freshly initialised model, written one expert share at a time\n"
     "  generate CHECKPOINT --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]\n"
     "           [--precision fp32|bf16]\n"
     "                                               continue a prompt (KV cache; streams tokens)\n"
     "  info CONFIG [--json] [--set key=value ...] [--finetune full|lora|qlora [--rank R] [--precision bf16|fp32]]\n"
     "                                                parameter counts and memory of a model config (and of fine-tuning it)\n"
+    "  plan RECIPE [--nproc-per-node N] [--nnodes M] [--device-memory 80GB] [--device cpu|cuda] [--json]\n"
+    "                                               memory per rank of a recipe in a layout; whether it fits\n"
     "  info --keys [--json]                          every config and recipe key: type, default, meaning\n"
     "  bench moe [--tokens N --hidden H ...]        MoE block forward+backward speed vs a plain matmul\n"
     "  version                                       versions of moeforge and LibTorch\n"
@@ -61,6 +65,8 @@ int run(const Args& argv) {
   if (cmd == "eval") return cmd_eval(rest);
   if (cmd == "export") return cmd_export(rest);
   if (cmd == "import") return cmd_import(rest);
+  if (cmd == "init") return cmd_init(rest);
+  if (cmd == "plan") return cmd_plan(rest);
   if (cmd == "generate") return cmd_generate(rest);
   if (cmd == "launch") return cmd_launch(rest);
   if (cmd == "routing") return cmd_routing(rest);
@@ -69,7 +75,7 @@ int run(const Args& argv) {
     std::cout << "moeforge " << MOEFORGE_VERSION << " (LibTorch " << compat::torch_version() << ")\n";
     return 0;
   }
-  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version", "tokenizer", "prepare", "train", "eval", "export", "import", "generate", "launch", "routing", "sweep"}) +
+  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version", "tokenizer", "prepare", "train", "eval", "export", "import", "init", "plan", "generate", "launch", "routing", "sweep"}) +
                   "; run 'moeforge --help'");
 }
 

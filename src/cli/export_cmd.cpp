@@ -15,9 +15,12 @@
 #include "io/hf_checkpoint.h"
 #include "io/init_source.h"
 #include "io/peft_export.h"
+#include "io/safetensors.h"
 #include "model/finetune.h"
+#include "model/param_count.h"
 #include "train/base_model.h"
 #include "train/checkpoint.h"
+#include "train/manifest.h"
 
 namespace moeforge::cli {
 
@@ -54,6 +57,41 @@ int export_adapter(const std::string& ckpt, const std::optional<train::BasePoint
   return 0;
 }
 
+// --format hf of a full checkpoint (any layout): tensor by tensor from its memory-mapped files into the HF
+// shards, one shard held at a time; the model is never built.
+int export_streamed(const std::string& ckpt, const ModelConfig& cfg, const std::string& out, const std::string& dtype,
+                    const std::string& shard) {
+  train::require_intact_checkpoint(ckpt);
+  std::vector<io::SafetensorsFile> files;
+  std::map<std::string, size_t> file_of;
+  for (const auto& path : train::checkpoint_weight_files(ckpt)) {
+    files.push_back(io::SafetensorsFile::open(path));
+    for (const auto& n : files.back().names()) file_of.emplace(n, files.size() - 1);
+  }
+  for (const auto& [n, i] : file_of) {
+    if (n.find("expert_bias") == std::string::npos) continue;
+    if (files[i].get(n).abs().max().item<double>() > 0) {
+      MF_WARN("the aux-loss-free expert biases are not part of MixtralForCausalLM or llama.cpp's Mixtral; "
+              "the exported model selects experts from the unbiased router logits");
+      break;
+    }
+  }
+  io::WeightStream ws;
+  ws.shapes = parameter_shapes(cfg);
+  for (const auto& [n, shape] : ws.shapes)
+    if (!file_of.count(n)) throw UserError(ckpt + ": tensor '" + n + "' is missing from its weight files");
+  ws.get = [&](const std::string& n) { return files[file_of.at(n)].get(n); };
+  io::HfExportOptions o;
+  o.out_dir = out;
+  o.dtype = dtype.empty() ? "bf16" : dtype;
+  o.max_shard_bytes = io::parse_size(shard, "--max-shard-size");
+  o.tokenizer_path = train::checkpoint_tokenizer(ckpt);
+  if (o.tokenizer_path.empty()) MF_WARN(ckpt << " has no tokenizer.model; the export has weights and config only");
+  io::export_hf(cfg, ws, o);
+  std::printf("exported %s -> %s (Hugging Face MixtralForCausalLM, %s)\n", ckpt.c_str(), out.c_str(), o.dtype.c_str());
+  return 0;
+}
+
 }  // namespace
 
 int cmd_export(const Args& in) {
@@ -71,6 +109,7 @@ int cmd_export(const Args& in) {
   ModelConfig cfg = train::read_checkpoint_config(ckpt);
   const auto base = train::read_base_pointer(ckpt);
   if (format == "peft") return export_adapter(ckpt, base, out, dtype.empty() ? "fp32" : dtype);
+  if (format == "hf" && !base) return export_streamed(ckpt, cfg, out, dtype, shard);
   MixtralForCausalLM model = train::load_checkpoint_model(ckpt);
   if (base) MF_INFO(ckpt << ": " << base->method << " adapters merged into their base (" << base->init_from << ")");
   for (auto& b : model->named_buffers()) {

@@ -1,4 +1,5 @@
-// moeforge import HF_DIR --out CHECKPOINT: a Hugging Face MixtralForCausalLM directory as a moeforge checkpoint.
+// moeforge import HF_DIR --out CHECKPOINT: a Hugging Face MixtralForCausalLM directory as a moeforge checkpoint,
+// written one expert share at a time (train/share_writer.h).
 #include <torch/torch.h>
 
 #include <cstdio>
@@ -8,7 +9,7 @@
 #include "core/error.h"
 #include "io/hf_checkpoint.h"
 #include "io/hf_import.h"
-#include "train/checkpoint.h"
+#include "train/share_writer.h"
 
 namespace moeforge::cli {
 
@@ -25,15 +26,11 @@ int cmd_import(const Args& in) {
   const std::string dir = args[0];
   io::HfCheckpoint hf(dir);
   ModelConfig cfg = hf.config();
-  MixtralForCausalLM model(cfg);
-  io::load_hf_weights(dir, model);
-  train::CheckpointContents c;
-  c.config = &cfg;
-  c.model = model;
-  c.tokenizer_path = hf.tokenizer_path();
+  // One expert share at a time: a share's tensors (or rows of fused v5 tensors) are all that is read and held.
   if (fs::exists(out)) fs::remove(out);
-  if (fs::path(out).has_parent_path()) fs::create_directories(fs::path(out).parent_path());
-  train::write_checkpoint_dir(out, c);
+  train::write_checkpoint_by_shares(
+      cfg, out, train::default_expert_shares(cfg), [&](MixtralForCausalLM& m, int) { io::load_hf_weights(dir, m); },
+      hf.tokenizer_path(), "import");
   std::printf("imported %s (%s layout) -> %s\n", dir.c_str(), hf.layout().c_str(), out.c_str());
   return 0;
 }

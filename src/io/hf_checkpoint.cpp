@@ -1,6 +1,7 @@
 #include "io/hf_checkpoint.h"
 
 #include <ATen/ATen.h>
+#include <malloc.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <map>
 #include <set>
 
 #include "core/error.h"
@@ -63,6 +65,17 @@ at::ScalarType export_dtype(const std::string& d) {
 
 void export_hf(const ModelConfig& c, const std::vector<std::pair<std::string, at::Tensor>>& weights,
                const HfExportOptions& opt) {
+  WeightStream ws;
+  std::map<std::string, at::Tensor> by_name;
+  for (const auto& [n, t] : weights) {
+    ws.shapes.push_back({n, t.sizes().vec()});
+    by_name[n] = t;
+  }
+  ws.get = [&](const std::string& n) { return by_name.at(n); };
+  export_hf(c, ws, opt);
+}
+
+void export_hf(const ModelConfig& c, const WeightStream& weights, const HfExportOptions& opt) {
   const auto dtype = export_dtype(opt.dtype);
   std::string out = opt.out_dir;
   while (out.size() > 1 && out.back() == '/') out.pop_back();
@@ -79,8 +92,11 @@ void export_hf(const ModelConfig& c, const std::vector<std::pair<std::string, at
     std::vector<std::vector<size_t>> shards(1);
     uint64_t cur = 0, total = 0;
     const uint64_t elem = at::elementSize(dtype);
-    for (size_t i = 0; i < weights.size(); ++i) {
-      uint64_t bytes = static_cast<uint64_t>(weights[i].second.numel()) * elem;
+    const auto& shapes = weights.shapes;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      uint64_t numel = 1;
+      for (int64_t d : shapes[i].second) numel *= static_cast<uint64_t>(d);
+      uint64_t bytes = numel * elem;
       if (!shards.back().empty() && cur + bytes > opt.max_shard_bytes) {
         shards.emplace_back();
         cur = 0;
@@ -96,10 +112,16 @@ void export_hf(const ModelConfig& c, const std::vector<std::pair<std::string, at
       else std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", s + 1, shards.size());
       std::vector<std::pair<std::string, at::Tensor>> part;
       for (size_t i : shards[s]) {
-        part.emplace_back(weights[i].first, weights[i].second.detach().to(at::kCPU).to(dtype).contiguous());
-        weight_map[weights[i].first] = name;
+        auto t = weights.get(shapes[i].first);
+        if (t.sizes().vec() != shapes[i].second)
+          throw UserError(out + ": tensor '" + shapes[i].first + "' has shape " + c10::str(t.sizes()) + ", expected " +
+                          c10::str(c10::IntArrayRef(shapes[i].second)));
+        part.emplace_back(shapes[i].first, t.detach().to(at::kCPU).to(dtype).contiguous());
+        weight_map[shapes[i].first] = name;
       }
       write_safetensors(tmp + "/" + name, part, {{"format", "pt"}});
+      part.clear();
+      ::malloc_trim(0);  // the shard's copies go back to the system before the next shard is read
     }
     if (shards.size() > 1)
       write_json(tmp + "/model.safetensors.index.json", {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}});
@@ -179,6 +201,20 @@ at::Tensor HfCheckpoint::stored(const std::string& n) const {
   return t.to(at::kFloat);
 }
 
+at::Tensor HfCheckpoint::stored_expert(const std::string& n, int64_t e, int64_t rows, int64_t cols) const {
+  const SafetensorsFile* f = file_of(n);
+  if (!f) throw UserError(dir_ + ": tensor '" + n + "' is missing");
+  const int64_t E = config_.moe.num_experts;
+  const auto& shape = f->entry(n).shape;
+  if (shape != std::vector<int64_t>{E, rows, cols})
+    throw UserError(f->path() + ": " + n + " must have shape [" + std::to_string(E) + ", " + std::to_string(rows) + ", " +
+                    std::to_string(cols) + "] (experts, rows, columns of this config)");
+  if (e < 0 || e >= E) throw UserError(dir_ + ": no expert " + std::to_string(e) + " in '" + n + "'");
+  auto t = f->get_rows(n, e, 1);
+  if (!at::isFloatingType(t.scalar_type())) throw UserError(f->path() + ": tensor '" + n + "' is not floating point");
+  return t[0].to(at::kFloat);
+}
+
 namespace {
 // "model.layers.3.block_sparse_moe.experts.5.w1.weight" -> layer 3, expert 5, "w1"
 bool parse_expert_name(const std::string& n, std::string* layer_prefix, int64_t* expert, std::string* w) {
@@ -212,19 +248,11 @@ at::Tensor HfCheckpoint::get(const std::string& name) const {
   std::string prefix, w;
   int64_t e;
   if (parse_expert_name(name, &prefix, &e, &w)) {
-    const int64_t I = config_.intermediate_size, H = config_.hidden_size, E = config_.moe.num_experts;
-    if (w == "w2") {
-      auto t = stored(prefix + ".mlp.experts.down_proj");
-      if (t.dim() != 3 || t.size(0) != E || t.size(1) != H || t.size(2) != I)
-        throw UserError(dir_ + ": " + prefix + ".mlp.experts.down_proj must be [E, H, I] = [" + std::to_string(E) +
-                        ", " + std::to_string(H) + ", " + std::to_string(I) + "]");
-      return t[e].clone();
-    }
-    auto t = stored(prefix + ".mlp.experts.gate_up_proj");
-    if (t.dim() != 3 || t.size(0) != E || t.size(1) != 2 * I || t.size(2) != H)
-      throw UserError(dir_ + ": " + prefix + ".mlp.experts.gate_up_proj must be [E, 2I, H] = [" + std::to_string(E) +
-                      ", " + std::to_string(2 * I) + ", " + std::to_string(H) + "]");
-    return t[e].narrow(0, w == "w1" ? 0 : I, I).clone();  // w1 (gate) rows first, then w3 (up)
+    const int64_t I = config_.intermediate_size, H = config_.hidden_size;
+    if (w == "w2") return stored_expert(prefix + ".mlp.experts.down_proj", e, H, I);
+    auto t = stored_expert(prefix + ".mlp.experts.gate_up_proj", e, 2 * I, H);
+    // w1 (gate) rows first, then w3 (up); a narrow of dim 0 is contiguous: no copy beyond the row read.
+    return t.narrow(0, w == "w1" ? 0 : I, I);
   }
   std::string n = name;
   auto p = n.find(".block_sparse_moe.");

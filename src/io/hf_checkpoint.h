@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,13 @@ uint64_t parse_size(const std::string& s, const std::string& what);
 // Written into a temp directory and renamed into place; an existing out_dir is an error.
 void export_hf(const ModelConfig& c, const std::vector<std::pair<std::string, at::Tensor>>& weights,
                const HfExportOptions& opt);
+// The same, streamed: the weights are fetched one by one as their shard is written, so that one shard
+// (--max-shard-size) is the most that is held at once, whatever the model's size.
+struct WeightStream {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;  // HF names and shapes, in writing order
+  std::function<at::Tensor(const std::string& name)> get;             // any dtype; converted on the way out
+};
+void export_hf(const ModelConfig& c, const WeightStream& weights, const HfExportOptions& opt);
 
 // The Jinja chat template written into tokenizer_config.json (Mixtral-Instruct's format).
 const char* mistral_chat_template();
@@ -51,6 +59,8 @@ class HfCheckpoint {
  private:
   const SafetensorsFile* file_of(const std::string& stored_name) const;
   at::Tensor stored(const std::string& stored_name) const;
+  // Expert e's row of a fused [E, ...] tensor (only its bytes are read), with the fused shape checked.
+  at::Tensor stored_expert(const std::string& stored_name, int64_t e, int64_t rows, int64_t cols) const;
   std::string dir_;
   ModelConfig config_;
   std::string layout_;

@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "io/hf_checkpoint.h"
+#include "model/param_names.h"
 
 namespace moeforge::io {
 
@@ -20,6 +21,13 @@ void load_hf_weights(const std::string& hf_dir, MixtralForCausalLM& model) {
       throw UserError(hf_dir + ": tensor '" + p.key() + "' has shape " + c10::str(t.sizes()) + ", config.json implies " +
                       c10::str(p.value().sizes()));
     p.value().copy_(t.to(p.value().scalar_type()));
+  }
+  // A model holding a share of the experts (expert parallelism) reads only those; the rest are the other ranks'.
+  const auto& cfg = model->config();
+  for (auto& block : model->moe_blocks()) {
+    for (auto& n : expert_names_outside(cfg.num_layers, cfg.moe.num_experts, block->experts->first(), block->experts->count()))
+      names.push_back(n);
+    break;  // every layer holds the same share
   }
   auto extra = hf.unexplained(names);
   if (!extra.empty())

@@ -82,16 +82,21 @@ bool checked_nbytes(const std::vector<int64_t>& shape, uint64_t elem, uint64_t* 
   return !__builtin_mul_overflow(has_zero ? 0 : nonzero, elem, nbytes);
 }
 
+// A failed write (disk full: ENOSPC; a file-size limit: EFBIG) closes the file, removes the torn file and is a
+// UserError "<path>: write failed: <reason>". Short writes are continued.
+[[noreturn]] void write_failed(int fd, const std::string& path, const std::string& what, int err) {
+  if (fd >= 0) ::close(fd);
+  ::unlink(path.c_str());
+  fail(path, what + ": " + std::strerror(err));
+}
+
 void write_all(int fd, const void* data, size_t n, const std::string& path) {
   const char* p = static_cast<const char*>(data);
   while (n > 0) {
     ssize_t w = ::write(fd, p, n);
     if (w < 0 && errno == EINTR) continue;
-    if (w < 0) {
-      int err = errno;
-      ::close(fd);
-      fail(path, std::string("write failed: ") + std::strerror(err));
-    }
+    if (w < 0) write_failed(fd, path, "write failed", errno);
+    if (w == 0) write_failed(fd, path, "write failed", EIO);  // no progress on a regular file: fail, not spin
     p += w;
     n -= static_cast<size_t>(w);
   }
@@ -243,12 +248,8 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
     at::Tensor plain = to_plain_cpu(t);
     if (plain.numel() > 0) write_all(fd, plain.data_ptr(), plain.numel() * plain.element_size(), path);
   }
-  if (::fsync(fd) != 0) {
-    int err = errno;
-    ::close(fd);
-    fail(path, std::string("fsync failed: ") + std::strerror(err));
-  }
-  if (::close(fd) != 0) fail(path, std::string("close failed: ") + std::strerror(errno));
+  if (::fsync(fd) != 0) write_failed(fd, path, "fsync failed", errno);
+  if (::close(fd) != 0) write_failed(-1, path, "close failed", errno);
 }
 
 SafetensorsFile SafetensorsFile::open(const std::string& path) {
@@ -350,18 +351,34 @@ const TensorEntry& SafetensorsFile::entry(const std::string& name) const {
 
 at::Tensor SafetensorsFile::get(const std::string& name) const {
   const TensorEntry& e = entry(name);
+  return copy_out(e, e.shape, e.begin, e.end);
+}
+
+at::Tensor SafetensorsFile::get_rows(const std::string& name, int64_t first, int64_t count) const {
+  const TensorEntry& e = entry(name);
+  if (e.shape.empty() || first < 0 || count < 0 || first + count > e.shape[0])
+    throw UserError(path_ + ": tensor '" + name + "' has no rows [" + std::to_string(first) + ", " +
+                    std::to_string(first + count) + ")");
+  const uint64_t row_bytes = e.shape[0] == 0 ? 0 : (e.end - e.begin) / static_cast<uint64_t>(e.shape[0]);
+  auto shape = e.shape;
+  shape[0] = count;
+  return copy_out(e, shape, e.begin + row_bytes * static_cast<uint64_t>(first),
+                  e.begin + row_bytes * static_cast<uint64_t>(first + count));
+}
+
+at::Tensor SafetensorsFile::copy_out(const TensorEntry& e, std::vector<int64_t> shape, uint64_t begin, uint64_t end) const {
   const at::ScalarType t = safetensors_dtype_to_scalar(e.dtype);
   // A stranger's BOOL byte may be any value; read bytes and compare so every bool is 0 or 1.
   const bool is_bool = t == at::kBool;
-  at::Tensor out = at::empty(e.shape, at::TensorOptions().dtype(is_bool ? at::kByte : t));
-  if (e.end > e.begin) {
-    std::memcpy(out.data_ptr(), data_ + e.begin, e.end - e.begin);
+  at::Tensor out = at::empty(shape, at::TensorOptions().dtype(is_bool ? at::kByte : t));
+  if (end > begin) {
+    std::memcpy(out.data_ptr(), data_ + begin, end - begin);
     // The copied pages leave this process's resident set (they stay in the page cache): loading a model tensor
     // by tensor then never holds the mapped file and the copies at once. Clean private pages: dropping them
     // is safe, a later read faults them in again.
     const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-    const uintptr_t lo = reinterpret_cast<uintptr_t>(data_ + e.begin) & ~(page - 1);
-    const uintptr_t hi = reinterpret_cast<uintptr_t>(data_ + e.end);
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(data_ + begin) & ~(page - 1);
+    const uintptr_t hi = reinterpret_cast<uintptr_t>(data_ + end);
     ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
   }
   return is_bool ? out.ne(0) : out;

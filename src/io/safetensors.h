@@ -22,7 +22,8 @@ struct TensorEntry {
 
 // Writes `tensors` (any device or layout: moved to CPU, densified and made contiguous) in the given
 // order, with `metadata`; the data section starts 8-byte aligned (the header is padded with spaces).
-// Writes `path` in place and fsyncs it; callers wanting atomicity write a temp file and rename.
+// Writes `path` in place and fsyncs it; callers wanting atomicity write a temp file and rename. A failed write
+// (ENOSPC, EFBIG, EIO) is a UserError "<path>: write failed: <reason>" and removes the partial file.
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
@@ -41,12 +42,16 @@ class SafetensorsFile {
   bool contains(const std::string& name) const;
   const TensorEntry& entry(const std::string& name) const;  // UserError naming file and tensor if absent
   at::Tensor get(const std::string& name) const;             // an owning CPU tensor copied out of the mapping
+  // Rows [first, first + count) of dim 0 only (an expert's slice of a fused [E, ...] tensor): only their bytes
+  // are read. UserError if the tensor is a scalar or the rows are out of range.
+  at::Tensor get_rows(const std::string& name, int64_t first, int64_t count) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::string& path() const { return path_; }
 
  private:
   SafetensorsFile() = default;
   void release() noexcept;
+  at::Tensor copy_out(const TensorEntry& e, std::vector<int64_t> shape, uint64_t begin, uint64_t end) const;
 
   std::string path_;
   void* map_ = nullptr;  // the whole file

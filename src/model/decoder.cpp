@@ -9,9 +9,9 @@
 
 namespace moeforge {
 
-DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& cfg) {
+DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& cfg, ExpertRange held) {
   self_attn = register_module("self_attn", Attention(cfg));
-  block_sparse_moe = register_module("block_sparse_moe", MoEBlock(cfg));
+  block_sparse_moe = register_module("block_sparse_moe", MoEBlock(cfg, held));
   input_layernorm = register_module("input_layernorm", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps));
   post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps));
 }
@@ -78,11 +78,11 @@ torch::Tensor DecoderLayerImpl::forward_cached(const torch::Tensor& x, const tor
   return h + block_sparse_moe->forward(post_attention_layernorm->forward(h), compute_dtype).y;
 }
 
-MixtralModelImpl::MixtralModelImpl(const ModelConfig& cfg, const OnLayerBuilt& on_layer) {
+MixtralModelImpl::MixtralModelImpl(const ModelConfig& cfg, const OnLayerBuilt& on_layer, ExpertRange held) {
   embed_tokens = register_module("embed_tokens", torch::nn::Embedding(cfg.vocab_size, cfg.hidden_size));
   auto list = torch::nn::ModuleList();
   for (int64_t i = 0; i < cfg.num_layers; ++i) {
-    layers.push_back(DecoderLayer(cfg));
+    layers.push_back(DecoderLayer(cfg, held));
     list->push_back(layers.back());
     if (on_layer) on_layer(i, *layers.back());
   }
@@ -90,8 +90,9 @@ MixtralModelImpl::MixtralModelImpl(const ModelConfig& cfg, const OnLayerBuilt& o
   norm = register_module("norm", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps));
 }
 
-MixtralForCausalLMImpl::MixtralForCausalLMImpl(const ModelConfig& cfg, const OnLayerBuilt& on_layer) : cfg_(cfg) {
-  model = register_module("model", MixtralModel(cfg, on_layer));
+MixtralForCausalLMImpl::MixtralForCausalLMImpl(const ModelConfig& cfg, const OnLayerBuilt& on_layer, ExpertRange held)
+    : cfg_(cfg) {
+  model = register_module("model", MixtralModel(cfg, on_layer, held));
   if (!cfg.tie_word_embeddings) {
     lm_head = register_module(
         "lm_head", torch::nn::Linear(torch::nn::LinearOptions(cfg.hidden_size, cfg.vocab_size).bias(false)));
@@ -174,12 +175,21 @@ torch::Tensor MixtralForCausalLMImpl::forward_cached(const torch::Tensor& input_
                         is_training());
 }
 
+uint64_t param_seed(uint64_t seed, const std::string& name) {
+  uint64_t h = 1469598103934665603ULL;  // FNV-1a of the name
+  for (unsigned char c : name) h = (h ^ c) * 1099511628211ULL;
+  uint64_t z = seed + 0x9E3779B97F4A7C15ULL * (h | 1);  // splitmix64 finaliser of seed and name
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
 void init_weights(torch::nn::Module& module, double init_std, uint64_t seed) {
   torch::NoGradGuard ng;
-  auto gen = at::detail::createCPUGenerator(seed);
   for (auto& p : module.named_parameters(/*recurse=*/true)) {
     const std::string& name = p.key();
     torch::Tensor& t = p.value();
+    auto gen = at::detail::createCPUGenerator(param_seed(seed, name));
     const bool is_norm = name.size() >= 11 && (name.find("norm.weight") != std::string::npos);
     torch::Tensor v;
     if (is_norm) {

@@ -33,7 +33,7 @@ struct ForwardOutput {
 
 class DecoderLayerImpl : public torch::nn::Module {
  public:
-  explicit DecoderLayerImpl(const ModelConfig& cfg);
+  explicit DecoderLayerImpl(const ModelConfig& cfg, ExpertRange held = {});
   // Returns the block output; the router decision goes to `router_out`.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         const torch::Tensor& mask, RouterOutput* router_out);
@@ -58,7 +58,7 @@ using OnLayerBuilt = std::function<void(int64_t layer, DecoderLayerImpl& built)>
 
 class MixtralModelImpl : public torch::nn::Module {
  public:
-  explicit MixtralModelImpl(const ModelConfig& cfg, const OnLayerBuilt& on_layer = {});
+  explicit MixtralModelImpl(const ModelConfig& cfg, const OnLayerBuilt& on_layer = {}, ExpertRange held = {});
   torch::nn::Embedding embed_tokens{nullptr};
   std::vector<DecoderLayer> layers;
   RMSNorm norm{nullptr};
@@ -67,7 +67,9 @@ TORCH_MODULE(MixtralModel);
 
 class MixtralForCausalLMImpl : public torch::nn::Module {
  public:
-  explicit MixtralForCausalLMImpl(const ModelConfig& cfg, const OnLayerBuilt& on_layer = {});
+  // `held`: the experts of every layer this process builds (all by default; expert parallelism builds a
+  // rank's share only, and names them by global id, so the parameter names do not depend on the layout).
+  explicit MixtralForCausalLMImpl(const ModelConfig& cfg, const OnLayerBuilt& on_layer = {}, ExpertRange held = {});
   ForwardOutput forward(const ForwardInputs& in);
   ForwardOutput forward(const torch::Tensor& input_ids) { return forward(ForwardInputs{input_ids, {}, {}}); }
 
@@ -119,7 +121,11 @@ class EvalModeGuard {
 };
 
 // Deterministic initialisation from a seed (independent of the global RNG and of the device):
-// linear and embedding weights ~ N(0, init_std), norm weights 1, expert biases 0.
+// linear and embedding weights ~ N(0, init_std), norm weights 1, expert biases 0. Each parameter draws from
+// its own stream, seeded by the seed and its name, so a process holding a share of the experts gets the very
+// values the one-process model has for them (same seed, same weights in every layout).
 void init_weights(torch::nn::Module& model, double init_std, uint64_t seed);
+// The seed of parameter `name`'s stream.
+uint64_t param_seed(uint64_t seed, const std::string& name);
 
 }  // namespace moeforge

@@ -10,6 +10,15 @@
 
 namespace moeforge {
 
+// The experts of each MoE layer that a process holds: global ids [first, first + count); count < 0: all of
+// them. Expert parallelism builds each rank's model with its own range, so that no rank allocates experts
+// it does not hold.
+struct ExpertRange {
+  int64_t first = 0;
+  int64_t count = -1;
+  bool all() const { return count < 0; }
+};
+
 // One expert's adapters (slices of its bank's stacked tensors) for w1, w2, w3.
 struct ExpertAdapters {
   std::array<LoraAdapter, 3> lora;

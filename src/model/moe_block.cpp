@@ -7,9 +7,12 @@
 
 namespace moeforge {
 
-MoEBlockImpl::MoEBlockImpl(const ModelConfig& cfg) {
+MoEBlockImpl::MoEBlockImpl(const ModelConfig& cfg, ExpertRange held) {
   gate = register_module("gate", Router(cfg.hidden_size, cfg.moe));
-  experts = register_module("experts", ExpertBank(cfg.hidden_size, cfg.intermediate_size, 0, cfg.moe.num_experts));
+  const int64_t E = cfg.moe.num_experts;
+  if (held.all()) held = {0, E};
+  MF_CHECK(held.first >= 0 && held.count > 0 && held.first + held.count <= E, "held experts within [0, E)");
+  experts = register_module("experts", ExpertBank(cfg.hidden_size, cfg.intermediate_size, held.first, held.count));
   dispatcher_ = std::make_shared<LocalDispatcher>(cfg.moe.num_experts);
 }
 
@@ -24,6 +27,8 @@ MoEOutput MoEBlockImpl::forward(const torch::Tensor& x, std::optional<at::Scalar
   const auto H = x.size(-1);
   auto x_NH = x.reshape({-1, H});
   MoEOutput out;
+  MF_CHECK(experts->count() == dispatcher_->num_local_experts(),
+           "a block built with a share of the experts routes through an expert-parallel dispatcher");
   out.router = gate->forward(x_NH);
   Dispatched d = dispatcher_->dispatch(to_compute(x_NH, compute), out.router.topk_idx_NK, out.router.tokens_per_expert);
   auto y_grouped = experts->forward(d.x_grouped, d.counts);

@@ -19,7 +19,7 @@ struct MoEOutput {
 // `block_sparse_moe` with children `gate` (router) and `experts`.
 class MoEBlockImpl : public torch::nn::Module {
  public:
-  explicit MoEBlockImpl(const ModelConfig& cfg);
+  explicit MoEBlockImpl(const ModelConfig& cfg, ExpertRange held = {});
   // x [..., H]. The router sees x as it comes (fp32); the experts see it in `compute` when given
   // (mixed precision), and y is in that dtype.
   MoEOutput forward(const torch::Tensor& x, std::optional<at::ScalarType> compute = std::nullopt);
@@ -28,6 +28,8 @@ class MoEBlockImpl : public torch::nn::Module {
   // expert bank must hold exactly the dispatcher's local experts.
   void set_dispatcher(std::shared_ptr<Dispatcher> d, ExpertBank bank);
   Dispatcher& dispatcher() { return *dispatcher_; }
+  // Shared by a second model sharded like this one (the DPO reference routes through the same groups).
+  std::shared_ptr<Dispatcher> shared_dispatcher() const { return dispatcher_; }
 
   Router gate{nullptr};
   ExpertBank experts{nullptr};

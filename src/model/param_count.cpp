@@ -19,6 +19,31 @@ ParamCounts count_params(const ModelConfig& c) {
   return p;
 }
 
+std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes(const ModelConfig& c) {
+  const int64_t H = c.hidden_size, I = c.intermediate_size, q = c.q_dim(), kv = c.kv_dim();
+  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+  out.push_back({"model.embed_tokens.weight", {c.vocab_size, H}});
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string pre = "model.layers." + std::to_string(l) + ".";
+    out.push_back({pre + "self_attn.q_proj.weight", {q, H}});
+    out.push_back({pre + "self_attn.k_proj.weight", {kv, H}});
+    out.push_back({pre + "self_attn.v_proj.weight", {kv, H}});
+    out.push_back({pre + "self_attn.o_proj.weight", {H, q}});
+    out.push_back({pre + "block_sparse_moe.gate.weight", {c.moe.num_experts, H}});
+    for (int64_t e = 0; e < c.moe.num_experts; ++e) {
+      const std::string ex = pre + "block_sparse_moe.experts." + std::to_string(e) + ".";
+      out.push_back({ex + "w1.weight", {I, H}});
+      out.push_back({ex + "w2.weight", {H, I}});
+      out.push_back({ex + "w3.weight", {I, H}});
+    }
+    out.push_back({pre + "input_layernorm.weight", {H}});
+    out.push_back({pre + "post_attention_layernorm.weight", {H}});
+  }
+  out.push_back({"model.norm.weight", {H}});
+  if (!c.tie_word_embeddings) out.push_back({"lm_head.weight", {c.vocab_size, H}});
+  return out;
+}
+
 MemoryEstimate estimate_memory(const ParamCounts& p) {
   const double n = static_cast<double>(p.total);
   MemoryEstimate m;

@@ -1,6 +1,9 @@
 // Parameter counts and memory estimates computed from a config alone (no weights allocated).
 #pragma once
 #include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "model/config.h"
 #include "model/lora.h"
@@ -20,6 +23,11 @@ struct ParamCounts {
 };
 
 ParamCounts count_params(const ModelConfig& c);
+
+// Every parameter of the model with its shape, by Hugging Face name, in the model's order (what
+// named_parameters() lists for the whole model), from the config alone: streamed export and memory plans
+// walk a model without building it.
+std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes(const ModelConfig& c);
 
 // Bytes for weights, gradients and AdamW state (two moments) at a given bytes-per-element.
 struct MemoryEstimate {

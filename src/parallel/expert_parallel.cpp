@@ -101,12 +101,24 @@ at::Tensor ExpertParallelDispatcher::combine(const at::Tensor& y_grouped, const 
   return unsort_and_combine(y_sorted, st->sort_perm, topk_weight_NK);
 }
 
+ExpertRange expert_range_of(int64_t num_experts, int rank, int size) {
+  if (num_experts % size != 0)
+    throw UserError("parallel.expert: " + std::to_string(size) + " does not divide model.moe.num_experts (" +
+                    std::to_string(num_experts) + ")");
+  const int64_t El = num_experts / size;
+  return {rank * El, El};
+}
+
 void apply_expert_parallel(MoEBlock& block, const ModelConfig& cfg, const std::shared_ptr<Group>& group) {
-  const int64_t E = cfg.moe.num_experts, W = group->size();
-  if (E % W != 0)
-    throw UserError("parallel.expert: " + std::to_string(W) + " does not divide model.moe.num_experts (" +
-                    std::to_string(E) + ")");
-  const int64_t El = E / W, first = group->rank() * El;
+  const int64_t E = cfg.moe.num_experts;
+  const ExpertRange share = expert_range_of(E, group->rank(), group->size());
+  const int64_t El = share.count, first = share.first;
+  auto dispatcher = std::make_shared<ExpertParallelDispatcher>(group, E);
+  if (block->experts->first() == first && block->experts->count() == El) {  // built with this rank's share
+    block->set_dispatcher(dispatcher, block->experts);
+    return;
+  }
+  MF_CHECK(block->experts->count() == E, "a bank is either whole or this rank's share");
   torch::NoGradGuard ng;
   // The expert modules themselves move to the new bank (no copy; a quantised base goes with them), and
   // stacked adapters, if already attached, are cut to this rank's experts.
@@ -122,7 +134,7 @@ void apply_expert_parallel(MoEBlock& block, const ModelConfig& cfg, const std::s
     }
     bank->set_lora(A, B, block->experts->lora_scale, block->experts->lora_rt);
   }
-  block->set_dispatcher(std::make_shared<ExpertParallelDispatcher>(group, E), bank);
+  block->set_dispatcher(dispatcher, bank);
 }
 
 void apply_expert_parallel(MixtralForCausalLM& model, const std::shared_ptr<Group>& group) {

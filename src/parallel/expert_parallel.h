@@ -30,9 +30,12 @@ class ExpertParallelDispatcher : public Dispatcher {
 at::Tensor all_to_all_autograd(const at::Tensor& x, Group& group, const std::vector<int64_t>& in_splits,
                                const std::vector<int64_t>& out_splits);
 
-// Keeps only this rank's experts in every MoE layer (copying their current weights) and routes through
-// the group. num_experts must be divisible by the group size (UserError otherwise).
+// Routes every MoE layer through the group. A model built with this rank's share of the experts
+// (expert_range_of) keeps its banks; a whole model keeps only this rank's experts (the modules move).
+// num_experts must be divisible by the group size (UserError otherwise).
 void apply_expert_parallel(MixtralForCausalLM& model, const std::shared_ptr<Group>& group);
+// The experts rank `rank` of an expert-parallel group of `size` holds (UserError if size does not divide E).
+ExpertRange expert_range_of(int64_t num_experts, int rank, int size);
 void apply_expert_parallel(MoEBlock& block, const ModelConfig& cfg, const std::shared_ptr<Group>& group);
 
 }  // namespace moeforge::parallel

@@ -39,6 +39,26 @@ std::string Layout::describe() const {
   return std::to_string(data_parallel()) + " data-parallel x " + std::to_string(ep_) + " expert-parallel";
 }
 
+ExpertRange Layout::held_experts(int64_t num_experts) const {
+  if (ep_ == 1) return {};
+  return expert_range_of(num_experts, rank_ % ep_, ep_);
+}
+
+uint64_t Layout::xor_over_expert_group(uint64_t v) {
+  if (ep_ == 1) return v;
+  // Each rank puts its value in its own slot (as the two 32-bit halves, exact in int64 sums).
+  auto t = torch::zeros({2 * ep_}, torch::kLong);
+  const int k = rank_ % ep_;
+  t[2 * k] = static_cast<int64_t>(v >> 32);
+  t[2 * k + 1] = static_cast<int64_t>(v & 0xffffffffULL);
+  std::vector<at::Tensor> ts{t};
+  ep_group_->all_reduce_sum(ts);
+  uint64_t out = 0;
+  for (int j = 0; j < ep_; ++j)
+    out ^= (static_cast<uint64_t>(ts[0][2 * j].item<int64_t>()) << 32) | static_cast<uint64_t>(ts[0][2 * j + 1].item<int64_t>());
+  return out;
+}
+
 void Layout::hold(MixtralForCausalLM& model, const std::function<void(MixtralForCausalLM&)>& after_split) {
   if (ep_ > 1) apply_expert_parallel(model, ep_group_);
   if (after_split) after_split(model);

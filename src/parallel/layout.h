@@ -49,6 +49,11 @@ class Layout {
   // sees with W x A accumulation steps.
   int64_t global_micro_batch(int64_t a) const { return a * world_ + rank_; }
 
+  // The experts of each MoE layer this rank holds: build the model with it (no rank allocates the others).
+  ExpertRange held_experts(int64_t num_experts) const;
+  // XOR of `v` over this rank's expert-parallel group (a fingerprint of the expert shards each rank loaded).
+  uint64_t xor_over_expert_group(uint64_t v);
+
   // Keeps this rank's share of the experts (EP > 1) and records the parameters it holds and, under ZeRO-1,
   // the ones whose optimizer state it keeps. Call once, after the weights are loaded.
   // `after_split` runs between the two (fine-tuning attaches adapters there). Only parameters that

@@ -17,6 +17,7 @@
 #include "io/init_source.h"
 #include "io/safetensors.h"
 #include "model/finetune.h"
+#include "model/param_names.h"
 #include "train/checkpoint.h"
 
 namespace moeforge::train {
@@ -97,7 +98,7 @@ std::string hex(uint64_t v) {
 }  // namespace
 
 BaseModel load_base_model(const std::string& init_from, const ModelConfig& cfg, const FinetuneSpec& ft,
-                          const std::string& precision) {
+                          const std::string& precision, ExpertRange held) {
   WeightSource src(init_from);
   BaseModel out;
   std::vector<std::string> names;
@@ -110,7 +111,9 @@ BaseModel load_base_model(const std::string& init_from, const ModelConfig& cfg, 
       throw UserError(src.where() + ": tensor '" + name + "' has shape " + c10::str(t.sizes()) +
                       ", the model expects " + c10::str(dst.sizes()));
     dst.copy_(t.to(dst.scalar_type()));
-    out.fingerprint ^= tensor_fingerprint(name, dst);
+    const uint64_t fp = tensor_fingerprint(name, dst);
+    out.fingerprint ^= fp;
+    if (is_expert_param(name)) out.experts_fingerprint ^= fp;
     names.push_back(name);
   };
   // Each layer is loaded (and quantised) as soon as it is built.
@@ -125,13 +128,16 @@ BaseModel load_base_model(const std::string& init_from, const ModelConfig& cfg, 
     // by a layer per layer as if nothing had been freed.
     ::malloc_trim(0);
   };
-  out.model = MixtralForCausalLM(cfg, on_layer);
+  out.model = MixtralForCausalLM(cfg, on_layer, held);
   for (auto& p : out.model->named_parameters())
     if (p.key().rfind("model.layers.", 0) != 0) load(p.key(), p.value());
   for (auto& b : out.model->named_buffers()) {
     if (src.has(b.key())) b.value().copy_(src.get(b.key()).to(b.value().scalar_type()));
     else b.value().zero_();  // expert biases start at zero where the source has none (an HF model)
   }
+  // The experts of other ranks belong to the model too (not read here).
+  if (!held.all())
+    for (auto& n : expert_names_outside(cfg.num_layers, cfg.moe.num_experts, held.first, held.count)) names.push_back(n);
   src.check_explained(names);
   freeze_base(out.model);
   return out;

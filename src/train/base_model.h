@@ -18,14 +18,17 @@ namespace moeforge::train {
 struct BaseModel {
   MixtralForCausalLM model{nullptr};
   uint64_t fingerprint = 0;  // XOR of tensor_fingerprint over every parameter loaded (before quantisation)
+  uint64_t experts_fingerprint = 0;  // the experts' part of it (a rank's share XORs with the others')
 };
 
 // Builds `cfg`'s model from `init_from`, every parameter frozen. The attention and expert weights are stored
 // quantised (ft.quantized(): ft.quant) or, with `precision` bf16, in bf16 (the matmuls would cast them to
 // bf16 anyway, so the numbers are the same and the frozen base takes half the memory); the embeddings, LM
 // head, norms and router stay fp32.
+// `held`: the experts this process builds and reads (expert parallelism: the rank's share; the others are
+// never read, and a fused v5 tensor is read only in this share's rows).
 BaseModel load_base_model(const std::string& init_from, const ModelConfig& cfg, const FinetuneSpec& ft,
-                          const std::string& precision);
+                          const std::string& precision, ExpertRange held = {});
 
 struct BasePointer {
   std::string init_from;

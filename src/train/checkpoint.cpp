@@ -14,6 +14,7 @@
 #include "io/model_config_yaml.h"
 #include "core/atomic_file.h"
 #include "core/error.h"
+#include "core/log.h"
 #include "io/init_source.h"
 #include "model/finetune.h"
 #include "model/mixed.h"
@@ -25,6 +26,7 @@
 #include "io/safetensors.h"
 #include "io/yaml_reader.h"
 #include "train/base_model.h"
+#include "train/manifest.h"
 #include "train/optimizer.h"
 
 namespace moeforge::train {
@@ -33,12 +35,12 @@ namespace fs = std::filesystem;
 
 namespace {
 
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-  out.close();
-  if (!out) throw UserError(path + ": write failed");
-  fsync_path(path);
+// Every write of a checkpoint is checked (a full disk is a UserError naming the file) and fsynced.
+void write_text(const std::string& path, const std::string& text) { write_file(path, text); }
+
+// A filesystem call's failure (create_directories or rename on a full disk) as a one-line UserError.
+UserError fs_user_error(const fs::filesystem_error& e) {
+  return UserError((e.path1().empty() ? std::string("checkpoint") : e.path1().string()) + ": " + e.code().message());
 }
 
 std::string step_name(int64_t step) {
@@ -67,6 +69,7 @@ std::string staging_for(const std::string& clean_dir) {
 // The weight and optimizer files of a checkpoint: model.safetensors / optimizer.safetensors, plus the
 // shard files its layout.json names (untrusted: plain file names that must exist).
 std::vector<std::string> checkpoint_files(const std::string& ckpt_dir, const char* kind) {
+  require_intact_checkpoint(ckpt_dir);  // every reader of weights or optimizer state comes through here
   std::vector<std::string> files{ckpt_dir + "/" + kind + ".safetensors"};
   const std::string lp = ckpt_dir + "/layout.json";
   if (!fs::exists(lp)) return files;
@@ -179,14 +182,9 @@ static void write_rank_files(const std::string& staging_dir, const CheckpointCon
   }
 }
 
-void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
-  std::string clean = dir;
-  while (clean.size() > 1 && clean.back() == '/') clean.pop_back();
+// The files of a checkpoint, written into its temp (or staging) directory `tmp`.
+static void write_checkpoint_files(const std::string& tmp, const CheckpointContents& c) {
   const bool sharded = c.sharded();
-  // Sharded: the other shards are already in the staging directory (begin_sharded_checkpoint).
-  const std::string tmp = sharded ? staging_for(clean)
-                                  : fs::path(clean).parent_path().string() + "/.tmp-" +
-                                        fs::path(clean).filename().string() + "-" + std::to_string(::getpid());
   if (sharded) {
     MF_CHECK(fs::is_directory(tmp), "begin_sharded_checkpoint prepared the staging directory");
     write_rank_files(tmp, c, true);
@@ -196,10 +194,7 @@ void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
   fs::create_directories(tmp);
   write_text(tmp + "/config.yaml", io::model_config_to_yaml(*c.config));
   if (!c.recipe_yaml.empty()) write_text(tmp + "/recipe.yaml", c.recipe_yaml);
-  if (!c.tokenizer_path.empty()) {
-    fs::copy_file(c.tokenizer_path, tmp + "/tokenizer.model", fs::copy_options::overwrite_existing);
-    fsync_path(tmp + "/tokenizer.model");
-  }
+  if (!c.tokenizer_path.empty()) copy_file_checked(c.tokenizer_path, tmp + "/tokenizer.model");
   if (!c.base_json.empty()) write_text(tmp + "/base.json", c.base_json);
   std::vector<std::pair<std::string, torch::Tensor>> weights;
   auto model = c.model;
@@ -241,29 +236,100 @@ void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
                         {"elapsed_s", c.state->elapsed_s}, {"seed", c.state->seed}};
     write_text(tmp + "/trainer_state.json", j.dump(2) + "\n");
   }
-  fsync_path(tmp);
-  if (fs::exists(clean)) fs::remove_all(clean);
-  fs::rename(tmp, clean);
+}
+
+void write_expert_shard(const std::string& dir, const CheckpointContents& c) {
+  MF_CHECK(c.shard.expert_shards > 1 && c.shard.expert_shard > 0, "share 0 is written by write_checkpoint_dir");
+  std::string clean = dir;
+  while (clean.size() > 1 && clean.back() == '/') clean.pop_back();
+  const std::string staging = staging_for(clean);
+  try {
+    // The first share written (the last one) starts a fresh staging directory.
+    if (c.shard.expert_shard == c.shard.expert_shards - 1) fs::remove_all(staging);
+    fs::create_directories(staging);
+    write_rank_files(staging, c, true);
+  } catch (const fs::filesystem_error& e) {
+    std::error_code ec;
+    fs::remove_all(staging, ec);
+    throw fs_user_error(e);
+  } catch (...) {
+    std::error_code ec;
+    fs::remove_all(staging, ec);
+    throw;
+  }
+}
+
+void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c) {
+  std::string clean = dir;
+  while (clean.size() > 1 && clean.back() == '/') clean.pop_back();
+  // Sharded: the other shards are already in the staging directory (begin_sharded_checkpoint).
+  const std::string tmp = c.sharded() ? staging_for(clean)
+                                      : fs::path(clean).parent_path().string() + "/.tmp-" +
+                                            fs::path(clean).filename().string() + "-" + std::to_string(::getpid());
+  // A failed write (a full disk) removes the temp directory: nothing half-written stays, and nothing was renamed,
+  // so whatever checkpoints there were are untouched. (A kill leaves the temp directory; the next write clears it.)
+  auto discard = [&] {
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+  };
+  try {
+    write_checkpoint_files(tmp, c);
+    // Last, so that it hashes every file, the other ranks' included; read back, it describes what is on disk.
+    write_manifest(tmp);
+    fsync_path(tmp);
+    if (fs::exists(clean)) fs::remove_all(clean);
+    fs::rename(tmp, clean);
+  } catch (const fs::filesystem_error& e) {
+    discard();
+    throw fs_user_error(e);
+  } catch (...) {
+    discard();
+    throw;
+  }
   fsync_path(fs::path(clean).parent_path().string());
 }
 
-std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& c, int keep) {
-  MF_CHECK(c.state != nullptr, "training checkpoints carry their state");
-  const std::string root = run_dir + "/checkpoints";
-  fs::create_directories(root);
-  // Leftovers of a crashed write (sharded: begin_sharded_checkpoint cleaned them before the shards came).
-  if (!c.sharded())
-    for (auto& e : fs::directory_iterator(root))
-      if (e.path().filename().string().rfind(".tmp-", 0) == 0) fs::remove_all(e.path());
-  const std::string dir = root + "/" + step_name(c.state->step);
-  write_checkpoint_dir(dir, c);
+// The step_N directory names under root, sorted (zero-padded, so by step).
+static std::vector<std::string> step_dirs(const std::string& root) {
   std::vector<std::string> all;
   for (auto& e : fs::directory_iterator(root)) {
     auto n = e.path().filename().string();
     if (e.is_directory() && n.rfind("step_", 0) == 0) all.push_back(n);
   }
   std::sort(all.begin(), all.end());
-  for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) fs::remove_all(root + "/" + all[i]);
+  return all;
+}
+
+std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& c, int keep) {
+  MF_CHECK(c.state != nullptr, "training checkpoints carry their state");
+  const std::string root = run_dir + "/checkpoints", name = step_name(c.state->step);
+  const std::string dir = root + "/" + name;
+  try {
+    fs::create_directories(root);
+    // Leftovers of a crashed write (sharded: begin_sharded_checkpoint cleaned them before the shards came).
+    if (!c.sharded())
+      for (auto& e : fs::directory_iterator(root))
+        if (e.path().filename().string().rfind(".tmp-", 0) == 0) fs::remove_all(e.path());
+    try {
+      write_checkpoint_dir(dir, c);
+    } catch (const UserError& e) {  // e.g. the disk is full: say what survived
+      std::string before;
+      for (const auto& n : step_dirs(root))
+        if (n < name) before = n;
+      throw UserError(std::string(e.what()) + (before.empty() ? " (no checkpoint was written)"
+                                                               : " (the previous checkpoint, " + before + ", is untouched)"));
+    }
+    // Pruning keeps the newest `keep` of the checkpoints up to this one. This one is the newest of them and intact
+    // (every write checked, its manifest computed from the files on disk). Newer step_N directories exist only when
+    // the resume fell back past them (damaged, see latest_checkpoint): they are neither counted nor deleted, so
+    // damaged checkpoints can never push an intact one out; the run overwrites each when it reaches its step.
+    std::vector<std::string> older;
+    for (const auto& n : step_dirs(root))
+      if (n <= name) older.push_back(n);
+    for (size_t i = 0; i + static_cast<size_t>(keep) < older.size(); ++i) fs::remove_all(root + "/" + older[i]);
+  } catch (const fs::filesystem_error& e) {
+    throw fs_user_error(e);
+  }
   return dir;
 }
 
@@ -280,14 +346,16 @@ std::string save_checkpoint(parallel::Layout& layout, const std::string& run_dir
 std::optional<std::string> latest_checkpoint(const std::string& run_dir) {
   const std::string root = run_dir + "/checkpoints";
   if (!fs::exists(root)) return std::nullopt;
-  std::vector<std::string> all;
-  for (auto& e : fs::directory_iterator(root)) {
-    auto n = e.path().filename().string();
-    if (e.is_directory() && n.rfind("step_", 0) == 0 && fs::exists(e.path() / "model.safetensors")) all.push_back(n);
+  auto all = step_dirs(root);
+  for (auto it = all.rbegin(); it != all.rend(); ++it) {
+    const std::string dir = root + "/" + *it;
+    // Without a manifest and without weights: not a checkpoint (as before manifests).
+    if (!fs::exists(dir + "/model.safetensors") && !fs::exists(dir + "/" + kManifestFile)) continue;
+    const CheckpointCheck check = verify_checkpoint_once(dir);
+    if (check.ok) return dir;
+    MF_WARN(check.message(dir) << "; the checkpoint is damaged, falling back to the one before it");
   }
-  if (all.empty()) return std::nullopt;
-  std::sort(all.begin(), all.end());
-  return root + "/" + all.back();
+  return std::nullopt;
 }
 
 ModelConfig read_checkpoint_config(const std::string& ckpt_dir) {
@@ -338,6 +406,7 @@ std::string init_tokenizer(const std::string& init_from) {
 
 void load_init_weights(const std::string& init_from, MixtralForCausalLM& model) {
   const auto src = io::parse_init_source(init_from);
+  if (!src.hf) require_intact_checkpoint(src.dir);
   if (src.hf) {
     io::load_hf_weights(src.dir, model);
   } else if (auto base = read_base_pointer(src.dir)) {  // an adapter checkpoint: its merged model
@@ -440,6 +509,7 @@ std::string checkpoint_precision(const std::string& ckpt_dir) {
 }
 
 MixtralForCausalLM load_checkpoint_model(const std::string& ckpt_dir, const std::string& precision) {
+  require_intact_checkpoint(ckpt_dir);  // before its base, its config or its recipe is read
   MixtralForCausalLM model{nullptr};
   if (auto base = read_base_pointer(ckpt_dir)) {
     model = load_adapter_checkpoint_model(ckpt_dir, *base);

@@ -6,6 +6,8 @@
 //     optimizer.safetensors  AdamW state and the RNG state        (training checkpoints only)
 //     trainer_state.json     step, samples and tokens consumed, seq_len, elapsed time
 //     recipe.yaml            the resolved recipe
+//     base.json              an adapter run's base (LoRA / QLoRA only)
+//     manifest.json          every other file's size and hash (train/manifest.h), written last
 // Written under expert parallelism (parallel.expert = N > 1), the experts are in one file per shard:
 //     model.safetensors                       dense parameters and buffers (rank 0)
 //     experts-KK-of-NN.safetensors            the experts of expert-parallel rank KK (HF names)
@@ -16,8 +18,13 @@
 //     optimizer-part-RR-of-WW.safetensors     (optimizer.safetensors then holds only the RNG)
 // Loading reads every file the layout names, so a checkpoint loads into any layout (EP = N to 1 for
 // export, or to another N); all ranks must see the run directory (one shared filesystem across nodes).
-// Written to a temp directory (files fsynced), then renamed into place, so the newest
-// step_N directory is always complete; a crash leaves only a .tmp-* directory behind.
+// Written to a temp directory (every write checked, files fsynced, manifest.json last), then renamed into place,
+// so a step_N directory is complete when it appears; a crash leaves only a .tmp-* directory behind, a failed write
+// (a full disk) is a UserError naming the file, with the temp directory removed and older checkpoints untouched.
+// Damage after the fact (a truncated copy, a flipped bit) is caught by the manifest: resuming (latest_checkpoint)
+// skips a damaged checkpoint with a warning naming the file and takes the newest intact one; every reader (eval,
+// export, generate, routing, init_from, a base, a resume) refuses a damaged one with a UserError naming the file.
+// Checkpoints written before manifests have none and are read unchecked.
 #pragma once
 #include <torch/types.h>
 
@@ -63,16 +70,22 @@ struct CheckpointContents {
   bool sharded() const { return shard.sharded(); }
 };
 
-// Writes run_dir/checkpoints/step_N and keeps the newest `keep` of them. Returns the directory.
+// Writes run_dir/checkpoints/step_N and keeps the newest `keep` of those up to step N (newer ones, which a resume
+// fell back past as damaged, are left alone). Returns the directory.
 std::string save_checkpoint(const std::string& run_dir, const CheckpointContents& c, int keep);
 // The same from every rank of `layout` (each writes its part, set here from the layout); returns the
 // directory on every rank once it is complete.
 std::string save_checkpoint(parallel::Layout& layout, const std::string& run_dir, CheckpointContents c, int keep);
 
+// One process writing an expert-sharded checkpoint share by share (train/share_writer.h): the files of share
+// c.shard.expert_shard > 0 go into `dir`'s staging directory (the highest share first, which starts it afresh);
+// write_checkpoint_dir with share 0 then completes and renames it. A failure removes the staging directory.
+void write_expert_shard(const std::string& dir, const CheckpointContents& c);
 // Writes a self-contained checkpoint directory at `dir` (temp + rename).
 void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c);
 
-// The newest complete checkpoint under run_dir/checkpoints, if any.
+// The newest intact checkpoint under run_dir/checkpoints, if any: each is verified against its manifest, newest
+// first; a damaged one is skipped with a one-line warning naming the file.
 std::optional<std::string> latest_checkpoint(const std::string& run_dir);
 
 ModelConfig read_checkpoint_config(const std::string& ckpt_dir);
@@ -82,7 +95,8 @@ std::vector<std::string> checkpoint_weight_files(const std::string& ckpt_dir);
 // under their per-expert names (model/finetune.h).
 std::vector<std::pair<std::string, torch::Tensor>> saved_parameters(MixtralForCausalLM& model);
 // Copies weights into `model`: every parameter (with adapters: every adapter) must be present with its shape
-// (UserError otherwise).
+// (UserError otherwise). Like every reader of a checkpoint's weights or optimizer state, it first verifies the
+// checkpoint against its manifest (UserError naming the damaged file; once per process for unchanged files).
 void load_model_weights(const std::string& ckpt_dir, MixtralForCausalLM& model);
 // "hf:DIR" (a Hugging Face directory) or a moeforge checkpoint directory.
 ModelConfig read_init_config(const std::string& init_from);

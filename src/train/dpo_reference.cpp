@@ -47,8 +47,17 @@ void DpoReference::start(const std::string& run_dir, const torch::Device& device
     ref = policy;  // the base is the policy without its adapters: no second model
     off = std::make_unique<AdaptersOffGuard>(ref);
   } else {
-    ref = MixtralForCausalLM(r_.model);
+    // Sharded exactly like the policy: the same share of the experts, read from init_from tensor by tensor,
+    // routed through the policy's expert-parallel groups (no rank holds a whole second model).
+    auto policy_blocks = policy->moe_blocks();
+    ExpertRange held;
+    if (!policy_blocks.empty() && policy_blocks[0]->experts->count() < r_.model.moe.num_experts)
+      held = {policy_blocks[0]->experts->first(), policy_blocks[0]->experts->count()};
+    ref = MixtralForCausalLM(r_.model, OnLayerBuilt{}, held);
     load_init_weights(r_.init_from, ref);
+    auto ref_blocks = ref->moe_blocks();
+    for (size_t i = 0; i < ref_blocks.size() && !held.all(); ++i)
+      ref_blocks[i]->set_dispatcher(policy_blocks[i]->shared_dispatcher(), ref_blocks[i]->experts);
     ref->to(device);
     ref->set_compute_dtype(compute_dtype_for(r_.runtime.precision));  // the policy's precision, train and val alike
     ref->eval();

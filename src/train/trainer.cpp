@@ -23,6 +23,7 @@
 #include "train/base_model.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
+#include "train/model_setup.h"
 #include "train/optimizer.h"
 #include "train/run_log.h"
 #include "train/schedule.h"
@@ -139,45 +140,12 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
 
   std::unique_ptr<Stage> stage = make_stage(r);
 
-  // Model and optimizer.
+  // Model and optimizer: this rank's share, built and loaded without the rest ever existing here.
   const FinetuneSpec& ft = r.finetune;
-  MixtralForCausalLM model{nullptr};
-  BasePointer base;
-  if (ft.adapters()) {
-    // A frozen base, loaded (and for QLoRA quantised) layer by layer; adapters come after the expert split.
-    BaseModel b = load_base_model(r.init_from, cfg, ft, r.runtime.precision);
-    model = b.model;
-    base = {fs::absolute(io::parse_init_source(r.init_from).dir).string(), b.fingerprint, ft.method};
-    if (io::parse_init_source(r.init_from).hf) base.init_from = "hf:" + base.init_from;
-  } else {
-    model = MixtralForCausalLM(cfg);
-    init_weights(*model, cfg.init_std, tc.seed);
-    if (!r.init_from.empty()) load_init_weights(r.init_from, model);
-  }
-  model->seed_router_jitter(tc.seed);  // a resumed run restores the generators' states below
   const std::optional<std::string> latest = resume ? latest_checkpoint(run_dir) : std::nullopt;
-  if (latest && ft.adapters()) {
-    auto saved = read_base_pointer(*latest);
-    if (!saved) throw UserError(*latest + ": holds no adapters (no base.json); finetune.method " + ft.method + " cannot resume it");
-    if (saved->method != ft.method)
-      throw UserError(*latest + "/base.json: the run was trained with finetune.method " + saved->method +
-                      "; the recipe now says " + ft.method);
-    if (saved->fingerprint != base.fingerprint)
-      throw UserError(*latest + "/base.json: the adapters were trained on another base than " + r.init_from + " holds now");
-  }
-  // Weights of a checkpoint in any expert-parallel layout load into the full model; then this rank keeps
-  // its experts.
-  if (latest && !ft.adapters()) load_model_weights(*latest, model);
-  // Before the move: only this rank's experts go to the device (to() keeps the handles). Adapters are
-  // attached to the experts this rank keeps; only they train.
-  layout.hold(model, [&](MixtralForCausalLM& m) {
-    if (!ft.adapters()) return;
-    attach_lora(m, ft.lora, tc.seed);
-    // Each rank its own dropout stream (rank 0's is the one-process stream). With dropout on, the masks
-    // depend on the layout, and only rank 0's stream is checkpointed: a multi-rank resume is then not bitwise.
-    if (layout.rank() > 0) m->lora_rt->gen.set_current_seed(tc.seed * 1000003ULL + 104729ULL * layout.rank());
-  });
-  if (latest && ft.adapters()) load_model_weights(*latest, model);
+  TrainingModel built = build_training_model(r, layout, latest);
+  MixtralForCausalLM model = built.model;
+  const BasePointer base = built.base;
   move_to(model, device);
   if (ft.adapters()) {
     int64_t trainable = 0;
@@ -359,6 +327,13 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       {"elapsed_s", elapsed_before + std::chrono::duration<double>(Clock::now() - run_start).count()}};
   for (const auto& [k, v] : last_eval.metrics) summary["final_val_" + k] = v;
   stage->summarize(summary);
+  {  // every rank's peak resident memory (VmHWM), for memory plans checked against measurement
+    auto t = torch::zeros({W}, torch::kLong);
+    t[layout.rank()] = peak_rss_bytes();
+    std::vector<at::Tensor> ts{t};
+    layout.all_reduce_sum(ts);
+    summary["peak_rss_bytes_per_rank"] = std::vector<int64_t>(ts[0].data_ptr<int64_t>(), ts[0].data_ptr<int64_t>() + W);
+  }
   summary["data_parallel_ranks"] = layout.data_parallel();
   summary["expert_parallel_ranks"] = layout.expert_parallel();
   summary["world_size"] = W;

@@ -62,3 +62,20 @@ TEST(ParamCount, ActiveCountsKExperts) {
   EXPECT_DOUBLE_EQ(m.weights_bf16, 2.0 * p.total);
   EXPECT_DOUBLE_EQ(m.adamw_fp32, 8.0 * p.total);
 }
+
+TEST(ParamCount, ShapesListTheModelsParametersInOrder) {
+  for (bool tied : {false, true}) {
+    ModelConfig c = test::tiny_config();
+    c.tie_word_embeddings = tied;
+    MixtralForCausalLM m(c);
+    auto expected = m->named_parameters();
+    auto shapes = parameter_shapes(c);
+    ASSERT_EQ(shapes.size(), expected.size());
+    size_t i = 0;
+    for (const auto& p : expected) {
+      EXPECT_EQ(shapes[i].first, p.key());
+      EXPECT_EQ(shapes[i].second, p.value().sizes().vec()) << p.key();
+      ++i;
+    }
+  }
+}

@@ -1,0 +1,61 @@
+#include "train/model_setup.h"
+
+#include <torch/torch.h>
+
+#include <filesystem>
+
+#include "core/error.h"
+#include "io/init_source.h"
+#include "model/finetune.h"
+#include "parallel/layout.h"
+#include "train/checkpoint.h"
+
+namespace moeforge::train {
+
+namespace fs = std::filesystem;
+
+TrainingModel build_training_model(const Recipe& r, parallel::Layout& layout, const std::optional<std::string>& latest) {
+  const ModelConfig& cfg = r.model;
+  const FinetuneSpec& ft = r.finetune;
+  const ExpertRange held = layout.held_experts(cfg.moe.num_experts);
+  TrainingModel out;
+  if (ft.adapters()) {
+    // A frozen base, loaded (and for QLoRA quantised) layer by layer; adapters come after the expert split.
+    BaseModel b = load_base_model(r.init_from, cfg, ft, r.runtime.precision, held);
+    out.model = b.model;
+    // The base's fingerprint covers every expert: this rank's share XORed with the other ranks'.
+    const uint64_t dense = b.fingerprint ^ b.experts_fingerprint;
+    const auto src = io::parse_init_source(r.init_from);
+    out.base = {(src.hf ? "hf:" : "") + fs::absolute(src.dir).string(),
+                dense ^ layout.xor_over_expert_group(b.experts_fingerprint), ft.method};
+  } else {
+    out.model = MixtralForCausalLM(cfg, OnLayerBuilt{}, held);
+    init_weights(*out.model, cfg.init_std, r.train.seed);
+    if (!r.init_from.empty() && !latest) load_init_weights(r.init_from, out.model);
+  }
+  out.model->seed_router_jitter(r.train.seed);  // a resumed run restores the generators' states later
+  if (latest && ft.adapters()) {
+    auto saved = read_base_pointer(*latest);
+    if (!saved) throw UserError(*latest + ": holds no adapters (no base.json); finetune.method " + ft.method + " cannot resume it");
+    if (saved->method != ft.method)
+      throw UserError(*latest + "/base.json: the run was trained with finetune.method " + saved->method +
+                      "; the recipe now says " + ft.method);
+    if (saved->fingerprint != out.base.fingerprint)
+      throw UserError(*latest + "/base.json: the adapters were trained on another base than " + r.init_from + " holds now");
+  }
+  // A checkpoint in any expert-parallel layout: this rank reads the tensors of what it holds.
+  if (latest && !ft.adapters()) load_model_weights(*latest, out.model);
+  // Adapters are attached to the experts this rank holds; only they train.
+  const uint64_t seed = r.train.seed;
+  layout.hold(out.model, [&](MixtralForCausalLM& m) {
+    if (!ft.adapters()) return;
+    attach_lora(m, ft.lora, seed);
+    // Each rank its own dropout stream (rank 0's is the one-process stream). With dropout on, the masks
+    // depend on the layout, and only rank 0's stream is checkpointed: a multi-rank resume is then not bitwise.
+    if (layout.rank() > 0) m->lora_rt->gen.set_current_seed(seed * 1000003ULL + 104729ULL * layout.rank());
+  });
+  if (latest && ft.adapters()) load_model_weights(*latest, out.model);
+  return out;
+}
+
+}  // namespace moeforge::train

@@ -1,0 +1,29 @@
+// The model a training rank works on, built so that no rank ever allocates what it does not hold: the dense
+// parameters and its share of the experts (parallel.expert), initialised from the seed (per-parameter streams:
+// the same weights in every layout), then `init_from` or the checkpoint being resumed read tensor by tensor
+// from their memory-mapped files (only the tensors, or fused-tensor rows, of the experts it holds).
+// A LoRA / QLoRA base is built the same way, layer by layer, frozen in its storage precision.
+#pragma once
+#include <optional>
+#include <string>
+
+#include "model/decoder.h"
+#include "train/base_model.h"
+#include "train/recipe.h"
+
+namespace moeforge::parallel {
+class Layout;
+}
+
+namespace moeforge::train {
+
+struct TrainingModel {
+  MixtralForCausalLM model{nullptr};
+  BasePointer base;  // adapter runs: the frozen base (its fingerprint over every rank's experts)
+};
+
+// Builds `r`'s model for this rank of `layout`, loads `latest` (a checkpoint of this run being resumed) or
+// `r.init_from`, and hands it to the layout (layout.hold: adapters attached after the split). On the CPU.
+TrainingModel build_training_model(const Recipe& r, parallel::Layout& layout, const std::optional<std::string>& latest);
+
+}  // namespace moeforge::train
