@@ -42,6 +42,7 @@ const char* kUsage =
     "  info CONFIG [--json] [--set key=value ...] [--finetune full|lora|qlora [--rank R] [--precision bf16|fp32]]\n"
     "                                                parameter counts and memory of a model config (and of fine-tuning it)\n"
     "  plan RECIPE [--nproc-per-node N] [--nnodes M] [--device-memory 80GB] [--device cpu|cuda] [--json]\n"
+    "       [--expert-load F]\n"
     "                                               memory per rank of a recipe in a layout; whether it fits\n"
     "  info --keys [--json]                          every config and recipe key: type, default, meaning\n"
     "  bench moe [--tokens N --hidden H ...]        MoE block forward+backward speed vs a plain matmul\n"

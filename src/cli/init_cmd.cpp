@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "io/model_config_yaml.h"
 #include "model/decoder.h"
+#include "model/param_names.h"
 #include "model/param_count.h"
 #include "train/share_writer.h"
 
@@ -41,7 +42,11 @@ int cmd_init(const Args& in) {
   }
   if (fs::exists(out)) fs::remove(out);
   train::write_checkpoint_by_shares(
-      cfg, out, shards, [&](MixtralForCausalLM& m, int) { init_weights(*m, cfg.init_std, seed); }, tok, "init: --shards");
+      cfg, out, shards, [&](MixtralForCausalLM& m, int k) {
+        // Shares other than 0 write only their experts: their dense part is not drawn.
+        if (k == 0) init_weights(*m, cfg.init_std, seed);
+        else init_weights(*m, cfg.init_std, seed, [](const std::string& n) { return is_expert_param(n); });
+      }, tok, "init: --shards");
   std::printf("initialised %s (seed %llu, %lld parameters, %d expert share%s) -> %s\n", args[0].c_str(), seed,
               static_cast<long long>(count_params(cfg).total), shards, shards > 1 ? "s" : "", out.c_str());
   return 0;

@@ -1,5 +1,5 @@
 // moeforge plan RECIPE [--nproc-per-node N] [--nnodes M] [--device-memory 80GB] [--device cpu|cuda] [--json]
-//                      [--set key=value ...]
+//                      [--expert-load F] [--set key=value ...]
 // Per rank: the bytes of weights, gradients, optimizer state, adapters, quantisation, a DPO reference and
 // activations the recipe would take in that layout (model/memory_plan.h), whether it fits, and if not a layout
 // or setting that would.
@@ -46,12 +46,14 @@ int cmd_plan(const Args& in) {
   Args args = in;
   const bool json = take_flag(args, "--json");
   auto overrides = take_repeated(args, "--set");
-  std::string nproc = "1", nnodes = "1", mem, device;
+  std::string nproc = "1", nnodes = "1", mem, device, load;
   take_option(args, "--nproc-per-node", &nproc);
   take_option(args, "--nnodes", &nnodes);
   take_option(args, "--device-memory", &mem);
   take_option(args, "--device", &device);
-  reject_unknown_flags(args, "plan", {"--json", "--set", "--nproc-per-node", "--nnodes", "--device-memory", "--device"});
+  take_option(args, "--expert-load", &load);
+  reject_unknown_flags(args, "plan",
+                       {"--json", "--set", "--nproc-per-node", "--nnodes", "--device-memory", "--device", "--expert-load"});
   if (args.size() != 1) throw UserError("plan: expected one RECIPE (usage: moeforge plan RECIPE [--nproc-per-node N] ...)");
   const train::Recipe r = train::load_recipe(args[0], overrides);
   PlanInput p;
@@ -68,22 +70,39 @@ int cmd_plan(const Args& in) {
   p.zero = r.parallel_zero == 1;
   p.device = device.empty() ? (r.runtime.device == "cuda" ? "cuda" : "cpu") : device;
   if (p.device != "cpu" && p.device != "cuda") throw UserError("plan: --device must be cpu or cuda, got '" + device + "'");
+  if (!load.empty()) {
+    char* end = nullptr;
+    p.expert_load = std::strtod(load.c_str(), &end);
+    if (*end || !(p.expert_load >= 1.0) || p.expert_load > 1e3)
+      throw UserError("plan: --expert-load must be a number >= 1 (the busiest rank's routed rows over the mean), got '" + load + "'");
+  }
   const RankPlan rp = plan_rank(p);
   const double limit = mem.empty() ? 0 : static_cast<double>(io::parse_size(mem, "--device-memory"));
   const PlanAdvice adv = limit > 0 ? advise(p, limit) : PlanAdvice{};
   const ParamCounts pc = count_params(p.model);
-  const std::pair<const char*, double> rows[] = {
-      {"weights", rp.weights},         {"compute copies", rp.compute_copies}, {"gradients", rp.gradients},
-      {"optimizer (AdamW)", rp.optimizer}, {"adapters", rp.adapters},         {"DPO reference", rp.reference},
-      {"activations", rp.activations}, {"logits", rp.logits},                 {"runtime", rp.runtime}};
+  struct Row {
+    const char* label;
+    const char* key;  // --json
+    double bytes;
+  };
+  const Row rows[] = {{"weights", "weights", rp.weights},
+                      {"compute copies", "compute_copies", rp.compute_copies},
+                      {"gradients", "gradients", rp.gradients},
+                      {"optimizer (AdamW)", "optimizer", rp.optimizer},
+                      {"adapters", "adapters", rp.adapters},
+                      {"DPO reference", "reference", rp.reference},
+                      {"activations", "activations", rp.activations},
+                      {"backward in flight", "backward", rp.backward},
+                      {"logits", "logits", rp.logits},
+                      {"runtime", "runtime", rp.runtime}};
   if (json) {
     nlohmann::json j = {{"recipe", args[0]}, {"world", p.world}, {"expert_parallel", p.expert},
                         {"zero", p.zero ? 1 : 0}, {"method", p.finetune.method}, {"precision", p.precision},
                         {"micro_batch", p.micro_batch}, {"seq_len", p.seq_len}, {"recompute", p.recompute},
-                        {"device", p.device}, {"params_total", pc.total}, {"params_held_per_rank", rp.params_held},
+                        {"device", p.device}, {"expert_load", p.expert > 1 ? p.expert_load : 1.0}, {"params_total", pc.total}, {"params_held_per_rank", rp.params_held},
                         {"trainable_per_rank", rp.trainable}, {"quant_overhead_bytes", rp.quant_overhead},
                         {"total_bytes", rp.total}};
-    for (const auto& [k, v] : rows) j["bytes"][k] = v;
+    for (const auto& row : rows) j["bytes"][row.key] = row.bytes;
     if (limit > 0) {
       j["device_memory_bytes"] = limit;
       j["fits"] = adv.fits;
@@ -98,8 +117,8 @@ int cmd_plan(const Args& in) {
   std::printf("layout: %d processes = %d data-parallel x %d expert-parallel%s; per rank %s parameters held, %s trained\n",
               p.world, p.world / p.expert, p.expert, p.zero ? ", ZeRO-1" : "", count(rp.params_held).c_str(),
               count(rp.trainable).c_str());
-  for (const auto& [k, v] : rows)
-    if (v > 0) std::printf("  %-20s %12s\n", k, gb(v).c_str());
+  for (const auto& row : rows)
+    if (row.bytes > 0) std::printf("  %-20s %12s\n", row.label, gb(row.bytes).c_str());
   if (rp.quant_overhead > 0) std::printf("  %-20s %12s  (included in weights)\n", "quantisation absmax", gb(rp.quant_overhead).c_str());
   std::printf("  %-20s %12s per rank\n", "total", gb(rp.total).c_str());
   if (limit > 0) {

@@ -184,21 +184,24 @@ uint64_t param_seed(uint64_t seed, const std::string& name) {
   return z ^ (z >> 31);
 }
 
-void init_weights(torch::nn::Module& module, double init_std, uint64_t seed) {
+void init_weights(torch::nn::Module& module, double init_std, uint64_t seed,
+                  const std::function<bool(const std::string&)>& only) {
   torch::NoGradGuard ng;
   for (auto& p : module.named_parameters(/*recurse=*/true)) {
     const std::string& name = p.key();
+    if (only && !only(name)) continue;
     torch::Tensor& t = p.value();
     auto gen = at::detail::createCPUGenerator(param_seed(seed, name));
     const bool is_norm = name.size() >= 11 && (name.find("norm.weight") != std::string::npos);
-    torch::Tensor v;
     if (is_norm) {
-      v = torch::ones(t.sizes(), torch::kFloat);
+      t.fill_(1.0);
+    } else if (t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous()) {
+      t.normal_(0.0, init_std, gen);  // in place: the same draws as into a fresh fp32 tensor, no copy
     } else {
-      v = torch::empty(t.sizes(), torch::kFloat);
+      auto v = torch::empty(t.sizes(), torch::kFloat);
       v.normal_(0.0, init_std, gen);
+      t.copy_(v.to(t.device()).to(t.scalar_type()));
     }
-    t.copy_(v.to(t.device()).to(t.scalar_type()));
   }
   for (auto& b : module.named_buffers(/*recurse=*/true)) {
     if (b.key().find("expert_bias") != std::string::npos) b.value().zero_();

@@ -124,7 +124,10 @@ class EvalModeGuard {
 // linear and embedding weights ~ N(0, init_std), norm weights 1, expert biases 0. Each parameter draws from
 // its own stream, seeded by the seed and its name, so a process holding a share of the experts gets the very
 // values the one-process model has for them (same seed, same weights in every layout).
-void init_weights(torch::nn::Module& model, double init_std, uint64_t seed);
+// `only`: initialise just the parameters it accepts (by name; a model written one expert share at a time
+// initialises the dense part once).
+void init_weights(torch::nn::Module& model, double init_std, uint64_t seed,
+                  const std::function<bool(const std::string&)>& only = {});
 // The seed of parameter `name`'s stream.
 uint64_t param_seed(uint64_t seed, const std::string& name);
 

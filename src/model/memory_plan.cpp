@@ -19,7 +19,8 @@ namespace {
 //  MoE: the post-attention norm's input and output, router logits and probabilities (fp32), the dispatched
 //    rows, per routed copy h1, sigmoid(h1), silu, h3 and their product (w2's input), the experts' output and its
 //    regrouped copy for the weighted combine.
-double layer_bytes_per_token(const ModelConfig& m, double c, int64_t T, bool attention, bool moe, bool fused_attention) {
+double layer_bytes_per_token(const ModelConfig& m, double c, int64_t T, bool attention, bool moe, bool fused_attention,
+                             double load) {
   const double f = 4, H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
   const double q = static_cast<double>(m.q_dim()), nh = static_cast<double>(m.num_attention_heads);
   const double E = static_cast<double>(m.moe.num_experts), k = static_cast<double>(m.moe.num_experts_per_tok);
@@ -27,7 +28,7 @@ double layer_bytes_per_token(const ModelConfig& m, double c, int64_t T, bool att
   // LibTorch 2.x's fused attention (CUDA) keeps the output and a log-sum-exp per query instead of the matrix.
   const double scores = fused_attention ? f * nh : (f + c) * nh * static_cast<double>(T);
   if (attention) b += f * H + c * H + 3 * c * q + scores + c * q;
-  if (moe) b += f * H + c * H + 2 * f * E + k * c * H + k * 5 * c * I + 2 * k * c * H;
+  if (moe) b += f * H + c * H + 2 * f * E + load * (k * c * H + k * 5 * c * I + 2 * k * c * H);
   return b;
 }
 
@@ -100,20 +101,23 @@ RankPlan plan_rank(const PlanInput& in) {
   const double tokens = rows * static_cast<double>(in.seq_len);
   const double L = static_cast<double>(m.num_layers);
   const bool fused = in.device == "cuda";
-  const double whole_layer = layer_bytes_per_token(m, c, in.seq_len, true, true, fused);
+  const double load = in.expert > 1 ? in.expert_load : 1.0;  // one rank holding every expert sees k rows a token
+  const double whole_layer = layer_bytes_per_token(m, c, in.seq_len, true, true, fused, load);
   double per_token;
   if (in.recompute == "full") per_token = L * 4 * static_cast<double>(m.hidden_size) + whole_layer;  // inputs + one layer
   else if (in.recompute == "moe")
-    per_token = L * (layer_bytes_per_token(m, c, in.seq_len, true, false, fused) + 4.0 * m.hidden_size) + whole_layer;
+    per_token = L * (layer_bytes_per_token(m, c, in.seq_len, true, false, fused, load) + 4.0 * m.hidden_size) + whole_layer;
   else per_token = L * whole_layer;
   r.activations = tokens * per_token;
-  // Logits: compute-dtype logits, their fp32 log-softmax, and in the backward its fp32 gradient plus the
-  // compute-dtype gradient of the logits.
-  r.logits = tokens * static_cast<double>(m.vocab_size) * (c + 4 + 4 + c);
-  // The process: LibTorch, OpenMP/BLAS and allocator arenas, Gloo buffers (measured: scripts/bench_plan.sh).
-  r.runtime = in.device == "cuda" ? 600.0 * (1 << 20) : 330.0 * (1 << 20);
+  r.backward = tokens * whole_layer;
+  // Logits: compute-dtype logits and their fp32 log-softmax; in the backward the NLL's dense fp32 gradient, the
+  // log-softmax's fp32 gradient and the compute-dtype gradient of the logits.
+  r.logits = tokens * static_cast<double>(m.vocab_size) * (c + 4 + 4 + 4 + c);
+  // The process: on CPU measured (memory_plan.h); on CUDA the context and the caching allocator's slack, an
+  // estimate not yet measured (no GPU has been lent to this project).
+  r.runtime = in.device == "cuda" ? 1024.0 * (1 << 20) : 185.0 * (1 << 20);
   r.total = r.weights + r.compute_copies + r.gradients + r.optimizer + r.adapters + r.reference + r.activations +
-            r.logits + r.runtime;
+            r.backward + r.logits + r.runtime;
   return r;
 }
 

@@ -3,8 +3,9 @@
 // state (ZeRO-1: split over the ranks holding a copy), adapters and quantisation, a DPO reference, and the
 // activations of one micro-batch as moeforge's autograd graph keeps them (bytes per token and layer, counted
 // tensor by tensor from the model code, with and without recomputation), plus the logits and the runtime
-// (LibTorch, BLAS and Gloo buffers; a constant measured on CPU). Checked against measured peaks
-// (scripts/bench_plan.sh).
+// (LibTorch, OpenMP/BLAS, allocator arenas; on CPU a constant measured apart from the checks: a one-step,
+// 16-token run of configs/tiny.yaml peaks at 259 MiB VmHWM, of which 76 MiB are its model state). Checked
+// against measured peaks (scripts/bench_plan.sh).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -25,6 +26,10 @@ struct PlanInput {
   std::string recompute = "none";         // none | moe | full
   int world = 1, expert = 1;              // processes, parallel.expert
   bool zero = false;                      // parallel.zero: 1
+  // Under expert parallelism, the routed rows the busiest rank receives over the mean (routing is rarely
+  // balanced, least at the start: the quickstart's loads reach 3-4x the fair share per expert). The plan is
+  // the busiest rank's.
+  double expert_load = 1.5;
   std::string device = "cpu";             // cpu | cuda: the runtime's fixed cost differs
 };
 
@@ -39,6 +44,7 @@ struct RankPlan {
   double adapters = 0;         // adapter weights (fp32)
   double reference = 0;        // DPO frozen reference (sharded like the policy)
   double activations = 0;      // decoder layers, one micro-batch, at the backward's start
+  double backward = 0;         // the gradients in flight while one layer is differentiated (one layer's worth)
   double logits = 0;           // logits, their fp32 log-softmax and its gradient
   double runtime = 0;          // the process itself
   double total = 0;

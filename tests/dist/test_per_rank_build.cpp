@@ -22,6 +22,7 @@
 #include "parallel/layout.h"
 #include "run_util.h"
 #include "test_util.h"
+#include "train/base_model.h"
 #include "train/checkpoint.h"
 #include "train/model_setup.h"
 
@@ -190,8 +191,14 @@ TEST_P(PerRankBuild, EachRankAllocatesOnlyItsShareWithTheOneProcessValues) {
     }
     for (const auto& [name, v] : expected)
       EXPECT_EQ(holders[name], is_expert_param(name) ? 1 : world) << c.name << ": " << name;
-    // A LoRA base's fingerprint is the whole base's, the same on every rank.
+    // A LoRA base's fingerprint is the whole base's, the same on every rank: what one process loading it computes.
     EXPECT_EQ(fingerprints.size(), 1u) << c.name;
+    if (c.method != "full") {
+      FinetuneSpec ft;
+      ft.method = c.method;
+      const uint64_t whole_fp = train::load_base_model(c.init_from, cfg, ft, "fp32").fingerprint;
+      EXPECT_EQ(*fingerprints.begin(), std::to_string(whole_fp)) << c.name;
+    }
   }
 }
 

@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "counting_allocator.h"
 #include "model/decoder.h"
+#include "model/finetune.h"
 #include "model/memory_plan.h"
 #include "test_util.h"
 
@@ -68,7 +69,11 @@ TEST(MemoryPlan, AdaptersPerRankByHand) {
 // will walk), minus what existed before, for fp32 and bf16 compute.
 TEST(MemoryPlan, ActivationsMatchWhatTheForwardKeeps) {
   auto& counting = test::CountingAllocator::install();
-  for (const std::string precision : {"fp32", "bf16"}) {
+  struct Case {
+    std::string precision, method;
+  };
+  for (const Case& k : {Case{"fp32", "full"}, Case{"bf16", "full"}, Case{"bf16", "lora"}}) {
+    const std::string& precision = k.precision;
     ModelConfig c = test::tiny_config();
     c.vocab_size = 512;
     c.hidden_size = 64;
@@ -79,6 +84,13 @@ TEST(MemoryPlan, ActivationsMatchWhatTheForwardKeeps) {
     const int64_t B = 4, T = 64;
     MixtralForCausalLM m(c);
     init_weights(*m, 0.02, 1);
+    FinetuneSpec ft;
+    ft.method = k.method;
+    if (ft.adapters()) {  // a frozen base stored in bf16, adapters on the default targets
+      freeze_base(m);
+      for (auto& l : m->model->layers) store_linear_weights(*l, torch::kBFloat16);
+      attach_lora(m, ft.lora, 1);
+    }
     if (precision == "bf16") m->set_compute_dtype(torch::kBFloat16);
     m->train();
     auto ids = torch::randint(0, c.vocab_size, {B, T}, torch::kLong);
@@ -90,12 +102,15 @@ TEST(MemoryPlan, ActivationsMatchWhatTheForwardKeeps) {
     PlanInput p;
     p.model = c;
     p.precision = precision;
+    p.finetune = ft;
     p.micro_batch = B;
     p.seq_len = T;
     auto r = plan_rank(p);
     // After the forward: the layers' activations, the bf16 weight copies, the logits and their log-softmax.
     const double c_bytes = precision == "bf16" ? 2 : 4;
     const double predicted = r.activations + r.compute_copies + static_cast<double>(B * T * c.vocab_size) * (c_bytes + 4);
+    std::printf("[plan] %s %s: predicted %.0f, alive %.0f bytes (%.3f)\n", precision.c_str(), k.method.c_str(), predicted,
+                alive, predicted / alive);
     EXPECT_NEAR(predicted / alive, 1.0, 0.2) << precision << ": predicted " << predicted << " bytes, alive " << alive;
     loss.backward();
   }
