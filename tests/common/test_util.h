@@ -2,8 +2,10 @@
 #include <torch/torch.h>
 
 #include <fstream>
+#include <functional>
 #include <string>
 
+#include "core/error.h"
 #include "model/config.h"
 
 namespace moeforge::test {
@@ -26,6 +28,16 @@ inline ModelConfig tiny_config() {
   c.moe.num_experts = 4;
   c.moe.num_experts_per_tok = 2;
   return c;
+}
+
+// The message of the UserError `f` throws ("" when it throws none).
+inline std::string user_error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const UserError& e) {
+    return e.what();
+  }
+  return "";
 }
 
 inline std::string write_temp(const std::string& name, const std::string& text) {

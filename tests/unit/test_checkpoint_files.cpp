@@ -31,14 +31,6 @@ std::string read_all(const std::string& p) {
   ss << in.rdbuf();
   return ss.str();
 }
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  return "";
-}
 }  // namespace
 
 TEST(AtomicFile, ReplacesWholeAndLeavesNoTemp) {
@@ -53,13 +45,13 @@ TEST(AtomicFile, ReplacesWholeAndLeavesNoTemp) {
   // file, and the old contents untouched.
   write_file_atomic(dir.path + "/b.json", "old");
   fs::create_directories(dir.path + "/b.json.tmp");
-  const std::string msg = error_of([&] { write_file_atomic(dir.path + "/b.json", "new"); });
+  const std::string msg = test::user_error_of([&] { write_file_atomic(dir.path + "/b.json", "new"); });
   EXPECT_NE(msg.find(dir.path + "/b.json"), std::string::npos) << msg;
   EXPECT_EQ(read_all(dir.path + "/b.json"), "old");
 }
 
 TEST(AtomicFile, FailureNamesTheFile) {
-  const std::string msg = error_of([] { write_file_atomic("/nonexistent_dir_moeforge/x.json", "y"); });
+  const std::string msg = test::user_error_of([] { write_file_atomic("/nonexistent_dir_moeforge/x.json", "y"); });
   EXPECT_NE(msg.find("/nonexistent_dir_moeforge/x.json"), std::string::npos) << msg;
   EXPECT_EQ(msg.find('\n'), std::string::npos);
 }
@@ -105,16 +97,16 @@ TEST(CheckpointLayout, DuplicatesAndBadNamesAreErrors) {
   io::write_safetensors(ck + "/experts-00-of-02.safetensors", {{expert, m->named_parameters()[expert].detach()}});
   auto layout = [&](const std::string& json) { std::ofstream(ck + "/layout.json") << json; };
   layout(R"({"weights": ["model.safetensors", "experts-00-of-02.safetensors"]})");
-  std::string msg = error_of([&] { train::load_model_weights(ck, into); });
+  std::string msg = test::user_error_of([&] { train::load_model_weights(ck, into); });
   EXPECT_NE(msg.find("tensor '" + expert + "' is also in"), std::string::npos) << msg;
   layout(R"({"weights": ["model.safetensors", "../ck/model.safetensors"]})");
-  msg = error_of([&] { train::load_model_weights(ck, into); });
+  msg = test::user_error_of([&] { train::load_model_weights(ck, into); });
   EXPECT_NE(msg.find("is not a plain file name"), std::string::npos) << msg;
   layout(R"({"weights": ["model.safetensors", "experts-01-of-02.safetensors"]})");
-  msg = error_of([&] { train::load_model_weights(ck, into); });
+  msg = test::user_error_of([&] { train::load_model_weights(ck, into); });
   EXPECT_NE(msg.find("names 'experts-01-of-02.safetensors', which is missing"), std::string::npos) << msg;
   layout(R"({"weights": ["model.safetensors"], "experts": )");  // torn
-  EXPECT_NE(error_of([&] { train::load_model_weights(ck, into); }).find("layout.json: invalid layout"), std::string::npos);
+  EXPECT_NE(test::user_error_of([&] { train::load_model_weights(ck, into); }).find("layout.json: invalid layout"), std::string::npos);
   // Optimizer state in two files of the layout.
   layout(R"({"weights": ["model.safetensors"], "optimizer": ["optimizer.safetensors", "optimizer-part-01-of-02.safetensors"]})");
   io::write_safetensors(ck + "/optimizer.safetensors", {{"exp_avg.x", torch::zeros({2})}});
@@ -125,14 +117,14 @@ TEST(CheckpointLayout, DuplicatesAndBadNamesAreErrors) {
   for (auto& p : into->named_parameters()) named.emplace_back(p.key(), p.value());
   train::AdamW opt(named, train::AdamWOptions{});
   train::TrainerState st;
-  msg = error_of([&] { train::load_training_state(ck, opt, st, into); });
+  msg = test::user_error_of([&] { train::load_training_state(ck, opt, st, into); });
   EXPECT_NE(msg.find("optimizer state 'exp_avg.x' is in two files of the layout"), std::string::npos) << msg;
   // The trainer state itself, read once for every command.
   auto state = train::checkpoint_trainer_state(ck);
   ASSERT_TRUE(state.has_value());
   EXPECT_EQ(state->seq_len, 8);
   std::ofstream(ck + "/trainer_state.json") << R"({"step": "x"})";
-  EXPECT_NE(error_of([&] { train::checkpoint_trainer_state(ck); }).find("invalid trainer state"), std::string::npos);
+  EXPECT_NE(test::user_error_of([&] { train::checkpoint_trainer_state(ck); }).find("invalid trainer state"), std::string::npos);
   fs::remove(ck + "/trainer_state.json");
   EXPECT_FALSE(train::checkpoint_trainer_state(ck).has_value());
 }

@@ -38,14 +38,6 @@ std::string hex_of(const std::string& s) { return train::hash_hex(train::hash_by
 
 void write(const std::string& path, const std::string& bytes) { std::ofstream(path, std::ios::binary) << bytes; }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  return "";
-}
 
 // A directory with two files and a manifest of them.
 std::string manifested_dir(const test::TempDir& tmp) {
@@ -131,7 +123,7 @@ TEST(Manifest, VerifyFindsMissingTruncatedAndCorruptFiles) {
   EXPECT_FALSE(c.ok);
   EXPECT_EQ(c.file, "model.safetensors");
   EXPECT_NE(c.problem.find("corrupt"), std::string::npos) << c.problem;
-  const std::string msg = error_of([&] { train::require_intact_checkpoint(d); });
+  const std::string msg = test::user_error_of([&] { train::require_intact_checkpoint(d); });
   EXPECT_EQ(msg.rfind(d + "/model.safetensors: corrupt", 0), 0u) << msg;
   EXPECT_NE(msg.find("; the checkpoint is damaged"), std::string::npos) << msg;
   EXPECT_EQ(msg.find('\n'), std::string::npos);
@@ -201,7 +193,7 @@ TEST(Manifest, CheckpointsResumeAndPruneAroundDamage) {
   fs::resize_file(s5 + "/model.safetensors", fs::file_size(s5 + "/model.safetensors") - 1);
   EXPECT_EQ(*train::latest_checkpoint(run), s2);  // with a warning naming the file
   MixtralForCausalLM into(c);
-  const std::string msg = error_of([&] { train::load_model_weights(s5, into); });
+  const std::string msg = test::user_error_of([&] { train::load_model_weights(s5, into); });
   EXPECT_NE(msg.find(s5 + "/model.safetensors: truncated"), std::string::npos) << msg;
   EXPECT_NO_THROW(train::load_model_weights(s2, into));
 
@@ -233,7 +225,7 @@ TEST(Manifest, FailedWritesAreUserErrorsAndLeaveNothingBehind) {
     rlimit lim{8192, 8192};
     ::setrlimit(RLIMIT_FSIZE, &lim);
     auto expect_full = [&](const std::function<void()>& f, const std::string& path, int code) {
-      const std::string msg = error_of(f);
+      const std::string msg = test::user_error_of(f);
       if (msg.rfind(path + ": write failed: File too large", 0) != 0 || fs::exists(path)) {
         std::fprintf(stderr, "case %d: '%s'\n", code, msg.c_str());
         ::_exit(code);
@@ -249,7 +241,7 @@ TEST(Manifest, FailedWritesAreUserErrorsAndLeaveNothingBehind) {
     train::TrainerState st;
     st.step = 4;
     st.seq_len = 8;
-    const std::string msg = error_of([&] { train::save_checkpoint(run, contents(c, m, &st), 3); });
+    const std::string msg = test::user_error_of([&] { train::save_checkpoint(run, contents(c, m, &st), 3); });
     if (msg.find("/checkpoints/.tmp-step_00000004-") == std::string::npos ||
         msg.find("/model.safetensors: write failed: File too large (no checkpoint was written)") == std::string::npos) {
       std::fprintf(stderr, "checkpoint: '%s'\n", msg.c_str());
