@@ -1,7 +1,10 @@
-// moeforge export CHECKPOINT --format hf|gguf|peft --out PATH [--dtype D] [--max-shard-size S]
+// moeforge export CHECKPOINT --format hf|gguf|peft --out PATH [--dtype D] [--max-shard-size S] [--expert-shares N]
 // A LoRA / QLoRA checkpoint exports its merged model (hf, gguf: base + scale * B A, a quantised base
-// dequantised first) or its adapter alone (peft).
+// dequantised first) or its adapter alone (peft). --format hf streams: a full checkpoint tensor by tensor, an
+// adapter checkpoint one expert share at a time (--expert-shares, default shares of ~1 GB of experts).
 #include <torch/torch.h>
+
+#include <malloc.h>
 
 #include <cstdio>
 #include <map>
@@ -21,6 +24,7 @@
 #include "train/base_model.h"
 #include "train/checkpoint.h"
 #include "train/manifest.h"
+#include "train/share_writer.h"
 
 namespace moeforge::cli {
 
@@ -92,16 +96,90 @@ int export_streamed(const std::string& ckpt, const ModelConfig& cfg, const std::
   return 0;
 }
 
+// The expert id in a parameter name ("...block_sparse_moe.experts.5.w1.weight" -> 5), or -1 for a dense one.
+int64_t expert_of(const std::string& name) {
+  const std::string key = ".block_sparse_moe.experts.";
+  const auto p = name.find(key);
+  if (p == std::string::npos) return -1;
+  return std::stoll(name.substr(p + key.size()));
+}
+
+// --format hf of a LoRA / QLoRA checkpoint: the merged model, built one expert share at a time (the base's dense
+// part and one share of its experts, loaded from the base as in training, the adapters of that share from the
+// checkpoint, merged) and written in that order, one shard held at a time. The base's fingerprint is checked
+// over all shares before the export is renamed into place.
+int export_merged_streamed(const std::string& ckpt, const ModelConfig& cfg, const train::BasePointer& base,
+                           const std::string& out, const std::string& dtype, const std::string& shard, int shares) {
+  train::require_intact_checkpoint(ckpt);
+  auto recipe = train::checkpoint_recipe(ckpt);
+  if (!recipe) throw UserError(ckpt + ": an adapter checkpoint needs its recipe.yaml (the adapters' settings)");
+  if (recipe->finetune.method != base.method)
+    throw UserError(ckpt + "/base.json: method " + base.method + " but recipe.yaml says " + recipe->finetune.method);
+  const int64_t E = cfg.moe.num_experts;
+  if (shares < 1 || E % shares != 0)
+    throw UserError("export: --expert-shares must divide model.moe.num_experts (" + std::to_string(E) + "), got " +
+                    std::to_string(shares));
+  const int64_t per = E / shares;
+  io::WeightStream ws;
+  for (int k = 0; k < shares; ++k)
+    for (const auto& [n, shape] : parameter_shapes(cfg)) {
+      const int64_t e = expert_of(n);
+      if ((e < 0 && k == 0) || (e >= 0 && e / per == k)) ws.shapes.push_back({n, shape});
+    }
+  int current = -1;
+  uint64_t dense_fp = 0, experts_fp = 0;
+  std::map<std::string, torch::Tensor> merged;
+  ws.get = [&](const std::string& n) {
+    const int64_t e = expert_of(n);
+    const int k = e < 0 ? 0 : static_cast<int>(e / per);
+    if (k != current) {
+      merged.clear();
+      ::malloc_trim(0);
+      const ExpertRange held = shares > 1 ? ExpertRange{k * per, per} : ExpertRange{};
+      train::BaseModel b = train::load_base_model(base.init_from, cfg, recipe->finetune, "fp32", held);
+      if (k == 0) {
+        dense_fp = b.fingerprint ^ b.experts_fingerprint;
+        for (auto& buf : b.model->named_buffers())
+          if (buf.key().find("expert_bias") != std::string::npos && buf.value().abs().max().item<double>() > 0) {
+            MF_WARN("the aux-loss-free expert biases are not part of MixtralForCausalLM or llama.cpp's Mixtral; "
+                    "the exported model selects experts from the unbiased router logits");
+            break;
+          }
+      }
+      experts_fp ^= b.experts_fingerprint;
+      if (k == shares - 1 && (dense_fp ^ experts_fp) != base.fingerprint)
+        throw UserError(ckpt + "/base.json: the base at " + base.init_from +
+                        " is not the one these adapters were trained on (its fingerprint differs)");
+      attach_lora(b.model, recipe->finetune.lora, recipe->train.seed);
+      train::load_model_weights(ckpt, b.model);
+      for (auto& [name, t] : merged_weights(b.model)) merged[name] = t;
+      current = k;
+    }
+    return merged.at(n);
+  };
+  io::HfExportOptions o;
+  o.out_dir = out;
+  o.dtype = dtype.empty() ? "bf16" : dtype;
+  o.max_shard_bytes = io::parse_size(shard, "--max-shard-size");
+  o.tokenizer_path = train::checkpoint_tokenizer(ckpt);
+  if (o.tokenizer_path.empty()) MF_WARN(ckpt << " has no tokenizer.model; the export has weights and config only");
+  io::export_hf(cfg, ws, o);
+  std::printf("exported %s -> %s (Hugging Face MixtralForCausalLM, %s; %s adapters merged into their base %s)\n",
+              ckpt.c_str(), out.c_str(), o.dtype.c_str(), base.method.c_str(), base.init_from.c_str());
+  return 0;
+}
+
 }  // namespace
 
 int cmd_export(const Args& in) {
   Args args = in;
-  std::string format, out, dtype, shard = "5GB";
+  std::string format, out, dtype, shard = "5GB", shares_s;
   if (!take_option(args, "--format", &format)) throw UserError("export: --format hf|gguf|peft is required");
   if (!take_option(args, "--out", &out)) throw UserError("export: --out PATH is required");
   take_option(args, "--dtype", &dtype);
   take_option(args, "--max-shard-size", &shard);
-  reject_unknown_flags(args, "export", {"--format", "--out", "--dtype", "--max-shard-size"});
+  take_option(args, "--expert-shares", &shares_s);
+  reject_unknown_flags(args, "export", {"--format", "--out", "--dtype", "--max-shard-size", "--expert-shares"});
   if (args.size() != 1) throw UserError("export: expected one CHECKPOINT directory");
   if (format != "hf" && format != "gguf" && format != "peft")
     throw UserError("export: --format must be hf, gguf or peft, got '" + format + "'");
@@ -110,6 +188,15 @@ int cmd_export(const Args& in) {
   const auto base = train::read_base_pointer(ckpt);
   if (format == "peft") return export_adapter(ckpt, base, out, dtype.empty() ? "fp32" : dtype);
   if (format == "hf" && !base) return export_streamed(ckpt, cfg, out, dtype, shard);
+  if (format == "hf") {
+    int shares = train::default_expert_shares(cfg);
+    if (!shares_s.empty()) {
+      shares = std::atoi(shares_s.c_str());
+      if (std::to_string(shares) != shares_s)
+        throw UserError("export: --expert-shares must be a positive integer, got '" + shares_s + "'");
+    }
+    return export_merged_streamed(ckpt, cfg, *base, out, dtype, shard, shares);
+  }
   MixtralForCausalLM model = train::load_checkpoint_model(ckpt);
   if (base) MF_INFO(ckpt << ": " << base->method << " adapters merged into their base (" << base->init_from << ")");
   for (auto& b : model->named_buffers()) {

@@ -77,6 +77,21 @@ torch::Tensor logits(MixtralForCausalLM& m, const torch::Tensor& ids) {
   return m->forward(ids).logits.contiguous();
 }
 
+// The merged export built one expert share at a time (2 shares of the 4 experts, small shards) holds exactly the
+// tensors of the export built in one piece.
+void expect_same_merged_export_by_shares(const std::string& ckpt, const std::string& whole, const std::string& out) {
+  ASSERT_EQ(status_of(kBin + " export " + ckpt + " --format hf --dtype fp32 --expert-shares 2 --max-shard-size 40KB --out " +
+                      out),
+            0);
+  ASSERT_TRUE(fs::exists(out + "/model.safetensors.index.json"));
+  MixtralForCausalLM a(train::read_checkpoint_config(ckpt)), b(train::read_checkpoint_config(ckpt));
+  io::load_hf_weights(whole, a);
+  io::load_hf_weights(out, b);
+  auto pb = b->named_parameters();
+  for (auto& p : a->named_parameters()) EXPECT_TRUE(torch::equal(p.value(), pb[p.key()])) << p.key();
+  EXPECT_EQ(status_of(kBin + " export " + ckpt + " --format hf --expert-shares 3 --out " + out + "-bad"), 2);
+}
+
 }  // namespace
 
 TEST(LoraE2e, SftOnAnHfBaseResumesBitwiseAndItsPeftAdapterReproducesIt) {
@@ -179,6 +194,7 @@ TEST(LoraE2e, SftOnAnHfBaseResumesBitwiseAndItsPeftAdapterReproducesIt) {
   MixtralForCausalLM plain(train::read_checkpoint_config(ca));
   io::load_hf_weights(dir / "merged", plain);
   EXPECT_LT((logits(plain, ids) - lg).abs().max().item<double>(), 1e-5);
+  expect_same_merged_export_by_shares(ca, dir / "merged", dir / "merged2");
   // The adapters moved the model away from its base.
   MixtralForCausalLM b(train::read_checkpoint_config(ca));
   io::load_hf_weights(dir / "hfbase", b);
@@ -208,6 +224,7 @@ TEST(QloraE2e, TrainsOnAQuantisedBaseExportsMergedRefusesAChangedBaseAndDpoFollo
   EXPECT_EQ(status_of(kBin + " eval " + ck + " --data " + data), 0);
   // Merged export: the NF4 base dequantised plus the adapters, in a plain model, computes the checkpoint.
   ASSERT_EQ(status_of(kBin + " export " + ck + " --format hf --dtype fp32 --out " + (dir / "merged")), 0);
+  expect_same_merged_export_by_shares(ck, dir / "merged", dir / "merged2");
   auto model = train::load_checkpoint_model(ck, "fp32");
   auto ids = torch::randint(0, 320, {2, 9}, torch::kLong);
   MixtralForCausalLM plain(train::read_checkpoint_config(ck));
