@@ -61,30 +61,18 @@ int export_adapter(const std::string& ckpt, const std::optional<train::BasePoint
   return 0;
 }
 
-// --format hf of a full checkpoint (any layout): tensor by tensor from its memory-mapped files into the HF
-// shards, one shard held at a time; the model is never built.
-int export_streamed(const std::string& ckpt, const ModelConfig& cfg, const std::string& out, const std::string& dtype,
-                    const std::string& shard) {
-  train::require_intact_checkpoint(ckpt);
-  std::vector<io::SafetensorsFile> files;
-  std::map<std::string, size_t> file_of;
-  for (const auto& path : train::checkpoint_weight_files(ckpt)) {
-    files.push_back(io::SafetensorsFile::open(path));
-    for (const auto& n : files.back().names()) file_of.emplace(n, files.size() - 1);
-  }
-  for (const auto& [n, i] : file_of) {
-    if (n.find("expert_bias") == std::string::npos) continue;
-    if (files[i].get(n).abs().max().item<double>() > 0) {
-      MF_WARN("the aux-loss-free expert biases are not part of MixtralForCausalLM or llama.cpp's Mixtral; "
-              "the exported model selects experts from the unbiased router logits");
-      break;
-    }
-  }
-  io::WeightStream ws;
-  ws.shapes = parameter_shapes(cfg);
-  for (const auto& [n, shape] : ws.shapes)
-    if (!file_of.count(n)) throw UserError(ckpt + ": tensor '" + n + "' is missing from its weight files");
-  ws.get = [&](const std::string& n) { return files[file_of.at(n)].get(n); };
+// The warning an export gives when the router's aux-loss-free biases are in use (neither format has them);
+// true when given (callers warn once).
+bool warn_if_expert_biases(const std::string& name, const at::Tensor& t) {
+  if (name.find("expert_bias") == std::string::npos || t.abs().max().item<double>() == 0) return false;
+  MF_WARN("the aux-loss-free expert biases are not part of MixtralForCausalLM or llama.cpp's Mixtral; "
+          "the exported model selects experts from the unbiased router logits");
+  return true;
+}
+
+// --format hf: the streamed HF export of `ws` with the checkpoint's tokenizer, and its one-line report.
+void write_hf(const std::string& ckpt, const ModelConfig& cfg, const io::WeightStream& ws, const std::string& out,
+              const std::string& dtype, const std::string& shard, const std::string& what) {
   io::HfExportOptions o;
   o.out_dir = out;
   o.dtype = dtype.empty() ? "bf16" : dtype;
@@ -92,7 +80,28 @@ int export_streamed(const std::string& ckpt, const ModelConfig& cfg, const std::
   o.tokenizer_path = train::checkpoint_tokenizer(ckpt);
   if (o.tokenizer_path.empty()) MF_WARN(ckpt << " has no tokenizer.model; the export has weights and config only");
   io::export_hf(cfg, ws, o);
-  std::printf("exported %s -> %s (Hugging Face MixtralForCausalLM, %s)\n", ckpt.c_str(), out.c_str(), o.dtype.c_str());
+  std::printf("exported %s -> %s (Hugging Face MixtralForCausalLM, %s%s)\n", ckpt.c_str(), out.c_str(), o.dtype.c_str(),
+              what.c_str());
+}
+
+// --format hf of a full checkpoint (any layout): tensor by tensor from its memory-mapped files into the HF
+// shards, one shard held at a time; the model is never built.
+int export_streamed(const std::string& ckpt, const ModelConfig& cfg, const std::string& out, const std::string& dtype,
+                    const std::string& shard) {
+  std::vector<io::SafetensorsFile> files;
+  std::map<std::string, size_t> file_of;
+  for (const auto& path : train::checkpoint_weight_files(ckpt)) {
+    files.push_back(io::SafetensorsFile::open(path));
+    for (const auto& n : files.back().names()) file_of.emplace(n, files.size() - 1);
+  }
+  for (const auto& [n, i] : file_of)
+    if (n.find("expert_bias") != std::string::npos && warn_if_expert_biases(n, files[i].get(n))) break;
+  io::WeightStream ws;
+  ws.shapes = parameter_shapes(cfg);
+  for (const auto& [n, shape] : ws.shapes)
+    if (!file_of.count(n)) throw UserError(ckpt + ": tensor '" + n + "' is missing from its weight files");
+  ws.get = [&](const std::string& n) { return files[file_of.at(n)].get(n); };
+  write_hf(ckpt, cfg, ws, out, dtype, shard, "");
   return 0;
 }
 
@@ -140,11 +149,7 @@ int export_merged_streamed(const std::string& ckpt, const ModelConfig& cfg, cons
       if (k == 0) {
         dense_fp = b.fingerprint ^ b.experts_fingerprint;
         for (auto& buf : b.model->named_buffers())
-          if (buf.key().find("expert_bias") != std::string::npos && buf.value().abs().max().item<double>() > 0) {
-            MF_WARN("the aux-loss-free expert biases are not part of MixtralForCausalLM or llama.cpp's Mixtral; "
-                    "the exported model selects experts from the unbiased router logits");
-            break;
-          }
+          if (warn_if_expert_biases(buf.key(), buf.value())) break;
       }
       experts_fp ^= b.experts_fingerprint;
       if (k == shares - 1 && (dense_fp ^ experts_fp) != base.fingerprint)
@@ -157,15 +162,7 @@ int export_merged_streamed(const std::string& ckpt, const ModelConfig& cfg, cons
     }
     return merged.at(n);
   };
-  io::HfExportOptions o;
-  o.out_dir = out;
-  o.dtype = dtype.empty() ? "bf16" : dtype;
-  o.max_shard_bytes = io::parse_size(shard, "--max-shard-size");
-  o.tokenizer_path = train::checkpoint_tokenizer(ckpt);
-  if (o.tokenizer_path.empty()) MF_WARN(ckpt << " has no tokenizer.model; the export has weights and config only");
-  io::export_hf(cfg, ws, o);
-  std::printf("exported %s -> %s (Hugging Face MixtralForCausalLM, %s; %s adapters merged into their base %s)\n",
-              ckpt.c_str(), out.c_str(), o.dtype.c_str(), base.method.c_str(), base.init_from.c_str());
+  write_hf(ckpt, cfg, ws, out, dtype, shard, "; " + base.method + " adapters merged into their base " + base.init_from);
   return 0;
 }
 
@@ -199,26 +196,11 @@ int cmd_export(const Args& in) {
   }
   MixtralForCausalLM model = train::load_checkpoint_model(ckpt);
   if (base) MF_INFO(ckpt << ": " << base->method << " adapters merged into their base (" << base->init_from << ")");
-  for (auto& b : model->named_buffers()) {
-    if (b.key().find("expert_bias") != std::string::npos && b.value().abs().max().item<double>() > 0) {
-      MF_WARN("the aux-loss-free expert biases are not part of MixtralForCausalLM or llama.cpp's Mixtral; "
-              "the exported model selects experts from the unbiased router logits");
-      break;
-    }
-  }
+  for (auto& b : model->named_buffers())
+    if (warn_if_expert_biases(b.key(), b.value())) break;
+  // GGUF (hf and peft returned above): the whole model, merged.
   std::vector<std::pair<std::string, torch::Tensor>> weights = merged_weights(model);
   const std::string tok = train::checkpoint_tokenizer(ckpt);
-  if (format == "hf") {
-    io::HfExportOptions o;
-    o.out_dir = out;
-    o.dtype = dtype.empty() ? "bf16" : dtype;
-    o.max_shard_bytes = io::parse_size(shard, "--max-shard-size");
-    o.tokenizer_path = tok;
-    if (tok.empty()) MF_WARN(ckpt << " has no tokenizer.model; the export has weights and config only");
-    io::export_hf(cfg, weights, o);
-    std::printf("exported %s -> %s (Hugging Face MixtralForCausalLM, %s)\n", ckpt.c_str(), out.c_str(), o.dtype.c_str());
-    return 0;
-  }
   if (tok.empty()) throw UserError(ckpt + ": has no tokenizer.model, which GGUF needs for its vocabulary");
   data::Tokenizer t(tok);
   if (t.vocab_size() > cfg.vocab_size)
