@@ -1,5 +1,6 @@
 // moeforge eval CHECKPOINT: held-out loss (--data / --text), exact match of greedy completions (--generate),
-// DPO reward accuracy against a reference (--preferences).
+// DPO reward accuracy against a reference (--preferences). Under `moeforge launch` the ranks split every MoE
+// layer's experts (expert parallelism over the world) and all run the same inputs; rank 0 reports.
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -24,6 +25,7 @@
 #include "train/checkpoint.h"
 #include "train/dpo_objective.h"
 #include "train/evaluate.h"
+#include "train/inference.h"
 #include "train/recipe.h"
 
 namespace moeforge::cli {
@@ -32,9 +34,9 @@ namespace moeforge::cli {
 // an assistant turn), rendered in the chat format; exact match against the reference after trimming.
 static int eval_generate(const std::string& ckpt, const std::string& file, int64_t max_new, bool json, int threads,
                          const std::string& precision) {
-  compat::configure_threads(threads);
+  train::InferenceJob job("eval", threads);
   data::Tokenizer tok(train::require_checkpoint_tokenizer(ckpt, "--generate"));
-  MixtralForCausalLM model = train::load_checkpoint_model(ckpt, precision);
+  MixtralForCausalLM model = job.load(ckpt, precision);
   auto trim = [](std::string s) {
     size_t a = s.find_first_not_of(" \t\r\n"), b = s.find_last_not_of(" \t\r\n");
     return a == std::string::npos ? std::string() : s.substr(a, b - a + 1);
@@ -51,6 +53,7 @@ static int eval_generate(const std::string& ckpt, const std::string& file, int64
     SamplingOptions o;
     o.max_new_tokens = max_new;
     o.eos_id = tok.eos_id();
+    if (job.world() > 1) o.agree = [&](int64_t t) { return job.agree(t); };
     std::vector<int64_t> prompt(ex.ids.begin(), ex.ids.end());
     auto out = generate(model, prompt, o);
     std::string text = tok.decode(std::vector<int>(out.begin(), out.end()));
@@ -59,6 +62,7 @@ static int eval_generate(const std::string& ckpt, const std::string& file, int64
   });
   if (n == 0) throw UserError(file + ": no examples");
   const double em = static_cast<double>(correct) / static_cast<double>(n);
+  if (!job.is_main()) return 0;
   if (json) {
     std::cout << nlohmann::json{{"checkpoint", ckpt}, {"data", file}, {"exact_match", em}, {"n", n}, {"correct", correct}}
                      .dump()
@@ -79,7 +83,7 @@ static int64_t checkpoint_seq_len(const std::string& ckpt, const ModelConfig& cf
 static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt, const std::string& file, double beta,
                             std::string loss, int64_t batch_size, int64_t seq_len, bool json, int threads,
                             const std::string& precision) {
-  compat::configure_threads(threads);
+  train::InferenceJob job("eval", threads);
   ModelConfig cfg = train::read_checkpoint_config(ckpt), ref_cfg = train::read_checkpoint_config(ref_ckpt);
   if (cfg.vocab_size != ref_cfg.vocab_size)
     throw UserError(ref_ckpt + ": its vocabulary (" + std::to_string(ref_cfg.vocab_size) + ") differs from " + ckpt +
@@ -100,14 +104,10 @@ static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt
   data::PreferenceStats stats;
   auto pairs = data::load_preference_pairs(file, tok, seq_len, &stats);
   if (stats.skips.total()) MF_WARN(file << ": skipped " << stats.skips.describe());
-  torch::Device device = torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
-  MixtralForCausalLM policy = train::load_checkpoint_model(ckpt), ref = train::load_checkpoint_model(ref_ckpt);
-  move_to(policy, device);
-  move_to(ref, device);
+  const torch::Device device = job.device();
   // Both models compute in the policy's precision (as they did in training: the DPO reference follows it).
-  const auto dtype = compute_dtype_for(precision.empty() ? train::checkpoint_precision(ckpt) : precision);
-  policy->set_compute_dtype(dtype);
-  ref->set_compute_dtype(dtype);
+  const std::string dtype = precision.empty() ? train::checkpoint_precision(ckpt) : precision;
+  MixtralForCausalLM policy = job.load(ckpt, dtype), ref = job.load(ref_ckpt, dtype);
   train::DpoOptions o;
   o.beta = beta;
   o.loss = loss;
@@ -121,6 +121,7 @@ static int eval_preferences(const std::string& ckpt, const std::string& ref_ckpt
                         {"label_smoothing", label_smoothing}, {"loss", ev.loss},
                         {"skipped", stats.skips.total()},     {"truncated", stats.truncated}};
   for (const auto& [k, v] : ev.metrics) out[k] = v;
+  if (!job.is_main()) return 0;
   if (json) {
     std::cout << out.dump() << "\n";
   } else {
@@ -187,15 +188,13 @@ int cmd_eval(const Args& in) {
   if (data_dir.empty() == text_file.empty()) throw UserError("eval: give exactly one of --data DIR or --text FILE");
   if (batch_size <= 0) throw UserError("eval: --batch-size must be positive");
   const std::string ckpt = args[0];
-  compat::configure_threads(static_cast<int>(threads));
+  train::InferenceJob job("eval", static_cast<int>(threads));
   ModelConfig cfg = train::read_checkpoint_config(ckpt);
   if (seq_len <= 0) seq_len = checkpoint_seq_len(ckpt, cfg);
   if (seq_len > cfg.max_position_embeddings)
     throw UserError("eval: --seq-len " + std::to_string(seq_len) + " exceeds the model's max_position_embeddings");
-  MixtralForCausalLM model = train::load_checkpoint_model(ckpt);
-  torch::Device device = torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
-  move_to(model, device);
-  model->set_compute_dtype(compute_dtype_for(precision.empty() ? train::checkpoint_precision(ckpt) : precision));
+  MixtralForCausalLM model = job.load(ckpt, precision);
+  const torch::Device device = job.device();
   train::EvalResult r;
   std::string source;
   if (!data_dir.empty()) {
@@ -220,6 +219,7 @@ int cmd_eval(const Args& in) {
     r = train::evaluate_tokens(model, tokens, seq_len, device);
     source = text_file;
   }
+  if (!job.is_main()) return 0;
   if (json) {
     std::cout << nlohmann::json{{"checkpoint", ckpt}, {"source", source}, {"loss", r.loss}, {"perplexity", r.perplexity},
                                 {"tokens", r.tokens}, {"seq_len", seq_len}}

@@ -1,7 +1,8 @@
 // moeforge export CHECKPOINT --format hf|gguf|peft --out PATH [--dtype D] [--max-shard-size S] [--expert-shares N]
 // A LoRA / QLoRA checkpoint exports its merged model (hf, gguf: base + scale * B A, a quantised base
-// dequantised first) or its adapter alone (peft). --format hf streams: a full checkpoint tensor by tensor, an
-// adapter checkpoint one expert share at a time (--expert-shares, default shares of ~1 GB of experts).
+// dequantised first) or its adapter alone (peft, read from its files). hf and gguf stream: a full checkpoint
+// tensor by tensor, an adapter checkpoint one expert share at a time (--expert-shares, default shares of ~1 GB
+// of experts); no export builds the whole model.
 #include <torch/torch.h>
 
 #include <malloc.h>
@@ -30,14 +31,51 @@ namespace moeforge::cli {
 
 namespace {
 
-// --format peft: the adapters alone, for PEFT to load onto the base's --format hf export.
-int export_adapter(const std::string& ckpt, const std::optional<train::BasePointer>& base, const std::string& out,
-                   const std::string& dtype) {
+// The adapters a complete checkpoint of `l` holds: one A/B pair per targeted module (per expert for w1/w2/w3).
+int64_t expected_adapter_pairs(const ModelConfig& cfg, const LoraSpec& l) {
+  int64_t per_layer = 0;
+  for (const auto& t : l.targets)
+    per_layer += (t == "w1" || t == "w2" || t == "w3") ? cfg.moe.num_experts : t == "lm_head" ? 0 : 1;
+  return per_layer * cfg.num_layers + (l.targets_module("lm_head") ? 1 : 0);
+}
+
+// --format peft: the adapters alone, for PEFT to load onto the base's --format hf export. Read from the
+// checkpoint's files (any layout); the base is never built.
+int export_adapter(const std::string& ckpt, const ModelConfig& cfg, const std::optional<train::BasePointer>& base,
+                   const std::string& out, const std::string& dtype) {
   if (!base) throw UserError(ckpt + ": holds no adapters (no base.json); --format peft exports LoRA / QLoRA checkpoints");
   auto recipe = train::checkpoint_recipe(ckpt);
   if (!recipe) throw UserError(ckpt + ": an adapter checkpoint needs its recipe.yaml (the adapters' settings)");
   const LoraSpec& l = recipe->finetune.lora;
-  MixtralForCausalLM model = train::load_checkpoint_model(ckpt);
+  std::vector<io::SafetensorsFile> files;
+  std::map<std::string, at::Tensor> found;
+  for (const auto& path : train::checkpoint_weight_files(ckpt)) {  // verified against the manifest
+    files.push_back(io::SafetensorsFile::open(path));
+    for (const auto& n : files.back().names())
+      if (n.find(".lora_A.") != std::string::npos || n.find(".lora_B.") != std::string::npos)
+        found[n] = files.back().get(n);
+  }
+  // Pairs of the right ranks for every targeted module: a file that lost or altered one is refused.
+  std::vector<std::pair<std::string, at::Tensor>> adapters;
+  int64_t pairs = 0;
+  for (const auto& [n, a] : found) {
+    const auto p = n.find(".lora_A.weight");
+    if (p == std::string::npos) continue;
+    const std::string stem = n.substr(0, p), b_name = stem + ".lora_B.weight";
+    const std::string target = stem.substr(stem.rfind('.') + 1);
+    auto b = found.find(b_name);
+    if (b == found.end()) throw UserError(ckpt + ": adapter '" + b_name + "' is missing");
+    const int64_t r = l.targets_module(target) ? l.rank_of(target) : -1;
+    if (a.dim() != 2 || b->second.dim() != 2 || a.size(0) != r || b->second.size(1) != r)
+      throw UserError(ckpt + ": adapter '" + stem + "' does not have the rank its recipe gives '" + target + "' (" +
+                      std::to_string(r) + ")");
+    adapters.emplace_back(n, a);
+    adapters.emplace_back(b_name, b->second);
+    ++pairs;
+  }
+  if (pairs != expected_adapter_pairs(cfg, l) || static_cast<int64_t>(found.size()) != 2 * pairs)
+    throw UserError(ckpt + ": holds " + std::to_string(found.size()) + " adapter tensors; its recipe's targets make " +
+                    std::to_string(2 * expected_adapter_pairs(cfg, l)));
   io::PeftAdapterConfig c;
   c.r = l.rank;
   c.lora_alpha = l.alpha;
@@ -52,7 +90,7 @@ int export_adapter(const std::string& ckpt, const std::optional<train::BasePoint
   else
     MF_INFO("the base is a moeforge checkpoint (" << src.dir << "): load the adapter onto its `moeforge export "
                                                  "--format hf` directory");
-  io::export_peft(c, adapter_tensors(model), out, dtype);
+  io::export_peft(c, adapters, out, dtype);
   if (base->method == "qlora")
     MF_WARN("the adapters were trained on a " + quant_type_name(recipe->finetune.quant.type) +
             "-quantised base; applied to the float base they give the model up to its quantisation error");
@@ -84,23 +122,34 @@ void write_hf(const std::string& ckpt, const ModelConfig& cfg, const io::WeightS
               what.c_str());
 }
 
+// A full checkpoint's tensors (any layout), read one by one from its memory-mapped, verified files.
+class CheckpointTensors {
+ public:
+  CheckpointTensors(const std::string& ckpt, const ModelConfig& cfg) {
+    for (const auto& path : train::checkpoint_weight_files(ckpt)) {
+      files_.push_back(io::SafetensorsFile::open(path));
+      for (const auto& n : files_.back().names()) file_of_.emplace(n, files_.size() - 1);
+    }
+    for (const auto& [n, i] : file_of_)
+      if (n.find("expert_bias") != std::string::npos && warn_if_expert_biases(n, files_[i].get(n))) break;
+    for (const auto& [n, shape] : parameter_shapes(cfg))
+      if (!file_of_.count(n)) throw UserError(ckpt + ": tensor '" + n + "' is missing from its weight files");
+  }
+  at::Tensor get(const std::string& n) const { return files_[file_of_.at(n)].get(n); }
+
+ private:
+  std::vector<io::SafetensorsFile> files_;
+  std::map<std::string, size_t> file_of_;
+};
+
 // --format hf of a full checkpoint (any layout): tensor by tensor from its memory-mapped files into the HF
 // shards, one shard held at a time; the model is never built.
 int export_streamed(const std::string& ckpt, const ModelConfig& cfg, const std::string& out, const std::string& dtype,
                     const std::string& shard) {
-  std::vector<io::SafetensorsFile> files;
-  std::map<std::string, size_t> file_of;
-  for (const auto& path : train::checkpoint_weight_files(ckpt)) {
-    files.push_back(io::SafetensorsFile::open(path));
-    for (const auto& n : files.back().names()) file_of.emplace(n, files.size() - 1);
-  }
-  for (const auto& [n, i] : file_of)
-    if (n.find("expert_bias") != std::string::npos && warn_if_expert_biases(n, files[i].get(n))) break;
+  CheckpointTensors files(ckpt, cfg);
   io::WeightStream ws;
   ws.shapes = parameter_shapes(cfg);
-  for (const auto& [n, shape] : ws.shapes)
-    if (!file_of.count(n)) throw UserError(ckpt + ": tensor '" + n + "' is missing from its weight files");
-  ws.get = [&](const std::string& n) { return files[file_of.at(n)].get(n); };
+  ws.get = [&](const std::string& n) { return files.get(n); };
   write_hf(ckpt, cfg, ws, out, dtype, shard, "");
   return 0;
 }
@@ -113,93 +162,82 @@ int64_t expert_of(const std::string& name) {
   return std::stoll(name.substr(p + key.size()));
 }
 
-// --format hf of a LoRA / QLoRA checkpoint: the merged model, built one expert share at a time (the base's dense
-// part and one share of its experts, loaded from the base as in training, the adapters of that share from the
-// checkpoint, merged) and written in that order, one shard held at a time. The base's fingerprint is checked
-// over all shares before the export is renamed into place.
+// A LoRA / QLoRA checkpoint's merged model, one expert share at a time: share k is the base's dense part (k = 0)
+// and its k-th share of the experts, loaded from the base as in training, with that share's adapters from the
+// checkpoint, merged. The base's fingerprint is checked over all shares when the last is loaded (before the
+// caller renames its output into place).
+class MergedShares {
+ public:
+  MergedShares(const std::string& ckpt, const ModelConfig& cfg, const train::BasePointer& base, int shares)
+      : ckpt_(ckpt), cfg_(cfg), base_(base), shares_(shares) {
+    train::require_intact_checkpoint(ckpt);
+    auto recipe = train::checkpoint_recipe(ckpt);
+    if (!recipe) throw UserError(ckpt + ": an adapter checkpoint needs its recipe.yaml (the adapters' settings)");
+    if (recipe->finetune.method != base.method)
+      throw UserError(ckpt + "/base.json: method " + base.method + " but recipe.yaml says " + recipe->finetune.method);
+    recipe_ = *recipe;
+    const int64_t E = cfg.moe.num_experts;
+    if (shares < 1 || E % shares != 0)
+      throw UserError("export: --expert-shares must divide model.moe.num_experts (" + std::to_string(E) + "), got " +
+                      std::to_string(shares));
+    per_ = E / shares;
+  }
+  int shares() const { return shares_; }
+  // The share a parameter belongs to (dense ones: share 0).
+  int share_of(const std::string& name) const {
+    const int64_t e = expert_of(name);
+    return e < 0 ? 0 : static_cast<int>(e / per_);
+  }
+  // Share k's merged tensors (the previous share's are released first).
+  const std::map<std::string, torch::Tensor>& load(int k) {
+    if (k == current_) return merged_;
+    merged_.clear();
+    ::malloc_trim(0);
+    const ExpertRange held = shares_ > 1 ? ExpertRange{k * per_, per_} : ExpertRange{};
+    train::BaseModel b = train::load_base_model(base_.init_from, cfg_, recipe_.finetune, "fp32", held);
+    if (k == 0) {
+      dense_fp_ = b.fingerprint ^ b.experts_fingerprint;
+      for (auto& buf : b.model->named_buffers())
+        if (warn_if_expert_biases(buf.key(), buf.value())) break;
+    }
+    experts_fp_ ^= b.experts_fingerprint;
+    if (k == shares_ - 1 && (dense_fp_ ^ experts_fp_) != base_.fingerprint)
+      throw UserError(ckpt_ + "/base.json: the base at " + base_.init_from +
+                      " is not the one these adapters were trained on (its fingerprint differs)");
+    attach_lora(b.model, recipe_.finetune.lora, recipe_.train.seed);
+    train::load_model_weights(ckpt_, b.model);
+    for (auto& [name, t] : merged_weights(b.model)) merged_[name] = t;
+    current_ = k;
+    return merged_;
+  }
+
+ private:
+  std::string ckpt_;
+  ModelConfig cfg_;
+  train::BasePointer base_;
+  train::Recipe recipe_;
+  int shares_ = 1, current_ = -1;
+  int64_t per_ = 1;
+  uint64_t dense_fp_ = 0, experts_fp_ = 0;
+  std::map<std::string, torch::Tensor> merged_;
+};
+
+// --format hf of a LoRA / QLoRA checkpoint: the merged model share by share (dense first), written in that
+// order, one shard held at a time.
 int export_merged_streamed(const std::string& ckpt, const ModelConfig& cfg, const train::BasePointer& base,
                            const std::string& out, const std::string& dtype, const std::string& shard, int shares) {
-  train::require_intact_checkpoint(ckpt);
-  auto recipe = train::checkpoint_recipe(ckpt);
-  if (!recipe) throw UserError(ckpt + ": an adapter checkpoint needs its recipe.yaml (the adapters' settings)");
-  if (recipe->finetune.method != base.method)
-    throw UserError(ckpt + "/base.json: method " + base.method + " but recipe.yaml says " + recipe->finetune.method);
-  const int64_t E = cfg.moe.num_experts;
-  if (shares < 1 || E % shares != 0)
-    throw UserError("export: --expert-shares must divide model.moe.num_experts (" + std::to_string(E) + "), got " +
-                    std::to_string(shares));
-  const int64_t per = E / shares;
+  MergedShares merged(ckpt, cfg, base, shares);
   io::WeightStream ws;
   for (int k = 0; k < shares; ++k)
-    for (const auto& [n, shape] : parameter_shapes(cfg)) {
-      const int64_t e = expert_of(n);
-      if ((e < 0 && k == 0) || (e >= 0 && e / per == k)) ws.shapes.push_back({n, shape});
-    }
-  int current = -1;
-  uint64_t dense_fp = 0, experts_fp = 0;
-  std::map<std::string, torch::Tensor> merged;
-  ws.get = [&](const std::string& n) {
-    const int64_t e = expert_of(n);
-    const int k = e < 0 ? 0 : static_cast<int>(e / per);
-    if (k != current) {
-      merged.clear();
-      ::malloc_trim(0);
-      const ExpertRange held = shares > 1 ? ExpertRange{k * per, per} : ExpertRange{};
-      train::BaseModel b = train::load_base_model(base.init_from, cfg, recipe->finetune, "fp32", held);
-      if (k == 0) {
-        dense_fp = b.fingerprint ^ b.experts_fingerprint;
-        for (auto& buf : b.model->named_buffers())
-          if (warn_if_expert_biases(buf.key(), buf.value())) break;
-      }
-      experts_fp ^= b.experts_fingerprint;
-      if (k == shares - 1 && (dense_fp ^ experts_fp) != base.fingerprint)
-        throw UserError(ckpt + "/base.json: the base at " + base.init_from +
-                        " is not the one these adapters were trained on (its fingerprint differs)");
-      attach_lora(b.model, recipe->finetune.lora, recipe->train.seed);
-      train::load_model_weights(ckpt, b.model);
-      for (auto& [name, t] : merged_weights(b.model)) merged[name] = t;
-      current = k;
-    }
-    return merged.at(n);
-  };
+    for (const auto& [n, shape] : parameter_shapes(cfg))
+      if (merged.share_of(n) == k) ws.shapes.push_back({n, shape});
+  ws.get = [&](const std::string& n) { return merged.load(merged.share_of(n)).at(n); };
   write_hf(ckpt, cfg, ws, out, dtype, shard, "; " + base.method + " adapters merged into their base " + base.init_from);
   return 0;
 }
 
-}  // namespace
-
-int cmd_export(const Args& in) {
-  Args args = in;
-  std::string format, out, dtype, shard = "5GB", shares_s;
-  if (!take_option(args, "--format", &format)) throw UserError("export: --format hf|gguf|peft is required");
-  if (!take_option(args, "--out", &out)) throw UserError("export: --out PATH is required");
-  take_option(args, "--dtype", &dtype);
-  take_option(args, "--max-shard-size", &shard);
-  take_option(args, "--expert-shares", &shares_s);
-  reject_unknown_flags(args, "export", {"--format", "--out", "--dtype", "--max-shard-size", "--expert-shares"});
-  if (args.size() != 1) throw UserError("export: expected one CHECKPOINT directory");
-  if (format != "hf" && format != "gguf" && format != "peft")
-    throw UserError("export: --format must be hf, gguf or peft, got '" + format + "'");
-  const std::string ckpt = args[0];
-  ModelConfig cfg = train::read_checkpoint_config(ckpt);
-  const auto base = train::read_base_pointer(ckpt);
-  if (format == "peft") return export_adapter(ckpt, base, out, dtype.empty() ? "fp32" : dtype);
-  if (format == "hf" && !base) return export_streamed(ckpt, cfg, out, dtype, shard);
-  if (format == "hf") {
-    int shares = train::default_expert_shares(cfg);
-    if (!shares_s.empty()) {
-      shares = std::atoi(shares_s.c_str());
-      if (std::to_string(shares) != shares_s)
-        throw UserError("export: --expert-shares must be a positive integer, got '" + shares_s + "'");
-    }
-    return export_merged_streamed(ckpt, cfg, *base, out, dtype, shard, shares);
-  }
-  MixtralForCausalLM model = train::load_checkpoint_model(ckpt);
-  if (base) MF_INFO(ckpt << ": " << base->method << " adapters merged into their base (" << base->init_from << ")");
-  for (auto& b : model->named_buffers())
-    if (warn_if_expert_biases(b.key(), b.value())) break;
-  // GGUF (hf and peft returned above): the whole model, merged.
-  std::vector<std::pair<std::string, torch::Tensor>> weights = merged_weights(model);
+// GGUF's vocabulary from the checkpoint's tokenizer (rows past it: unused pieces).
+io::GgufVocab gguf_vocab(const std::string& ckpt, const ModelConfig& cfg) {
   const std::string tok = train::checkpoint_tokenizer(ckpt);
   if (tok.empty()) throw UserError(ckpt + ": has no tokenizer.model, which GGUF needs for its vocabulary");
   data::Tokenizer t(tok);
@@ -220,14 +258,68 @@ int cmd_export(const Args& in) {
   v.bos = t.bos_id();
   v.eos = t.eos_id();
   v.unk = t.unk_id();
+  return v;
+}
+
+// --format gguf, streamed like hf: a full checkpoint tensor by tensor from its files, an adapter checkpoint's
+// merged model one expert share at a time (each expert written into its slot of its layer's stacked tensor).
+int export_gguf_streamed(const std::string& ckpt, const ModelConfig& cfg, const std::optional<train::BasePointer>& base,
+                         const std::string& out, const std::string& dtype, int shares) {
+  const io::GgufVocab v = gguf_vocab(ckpt, cfg);
   if (cfg.sliding_window)
     MF_WARN("llama.cpp's llama architecture has no sliding window: the GGUF model attends to the whole context");
-  std::string d = dtype.empty() ? "f16" : dtype == "fp16" ? "f16" : dtype == "fp32" ? "f32" : dtype;
-  std::map<std::string, torch::Tensor> wm(weights.begin(), weights.end());
-  io::export_gguf(cfg, wm, v, out, d);
+  const std::string d = dtype.empty() ? "f16" : dtype == "fp16" ? "f16" : dtype == "fp32" ? "f32" : dtype;
+  using Put = std::function<void(const std::string&, const at::Tensor&)>;
+  if (!base) {
+    CheckpointTensors files(ckpt, cfg);
+    io::export_gguf(
+        cfg, [&](const Put& put) {
+          for (const auto& [n, shape] : parameter_shapes(cfg)) put(n, files.get(n));
+        },
+        v, out, d);
+  } else {
+    MF_INFO(ckpt << ": " << base->method << " adapters merged into their base (" << base->init_from << ")");
+    MergedShares merged(ckpt, cfg, *base, shares);
+    io::export_gguf(
+        cfg, [&](const Put& put) {
+          for (int k = 0; k < merged.shares(); ++k)
+            for (const auto& [n, shape] : parameter_shapes(cfg))
+              if (merged.share_of(n) == k) put(n, merged.load(k).at(n));
+        },
+        v, out, d);
+  }
   std::printf("exported %s -> %s (GGUF v3, llama architecture with %ld experts, %s)\n", ckpt.c_str(), out.c_str(),
               (long)cfg.moe.num_experts, d.c_str());
   return 0;
+}
+
+}  // namespace
+
+int cmd_export(const Args& in) {
+  Args args = in;
+  std::string format, out, dtype, shard = "5GB", shares_s;
+  if (!take_option(args, "--format", &format)) throw UserError("export: --format hf|gguf|peft is required");
+  if (!take_option(args, "--out", &out)) throw UserError("export: --out PATH is required");
+  take_option(args, "--dtype", &dtype);
+  take_option(args, "--max-shard-size", &shard);
+  take_option(args, "--expert-shares", &shares_s);
+  reject_unknown_flags(args, "export", {"--format", "--out", "--dtype", "--max-shard-size", "--expert-shares"});
+  if (args.size() != 1) throw UserError("export: expected one CHECKPOINT directory");
+  if (format != "hf" && format != "gguf" && format != "peft")
+    throw UserError("export: --format must be hf, gguf or peft, got '" + format + "'");
+  const std::string ckpt = args[0];
+  ModelConfig cfg = train::read_checkpoint_config(ckpt);
+  const auto base = train::read_base_pointer(ckpt);
+  if (format == "peft") return export_adapter(ckpt, cfg, base, out, dtype.empty() ? "fp32" : dtype);
+  if (format == "hf" && !base) return export_streamed(ckpt, cfg, out, dtype, shard);
+  int shares = train::default_expert_shares(cfg);
+  if (!shares_s.empty()) {
+    shares = std::atoi(shares_s.c_str());
+    if (std::to_string(shares) != shares_s)
+      throw UserError("export: --expert-shares must be a positive integer, got '" + shares_s + "'");
+  }
+  if (format == "hf") return export_merged_streamed(ckpt, cfg, *base, out, dtype, shard, shares);
+  return export_gguf_streamed(ckpt, cfg, base, out, dtype, shares);
 }
 
 }  // namespace moeforge::cli

@@ -1,4 +1,5 @@
 // moeforge generate CHECKPOINT --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
+// Under `moeforge launch` the ranks split the experts (expert parallelism over the world); rank 0 samples and prints.
 #include <torch/torch.h>
 
 #include <cstdio>
@@ -11,6 +12,7 @@
 #include "model/generate.h"
 #include "model/finetune.h"
 #include "train/checkpoint.h"
+#include "train/inference.h"
 
 namespace moeforge::cli {
 
@@ -33,11 +35,12 @@ int cmd_generate(const Args& in) {
   if (o.max_new_tokens <= 0) throw UserError("generate: --max-new-tokens must be positive");
   if (o.temperature < 0) throw UserError("generate: --temperature must be >= 0");
   if (!(o.top_p > 0 && o.top_p <= 1)) throw UserError("generate: --top-p must be in (0, 1]");
-  compat::configure_threads(static_cast<int>(threads));
+  train::InferenceJob job("generate", static_cast<int>(threads));
   const std::string ckpt = args[0];
   data::Tokenizer tok(train::require_checkpoint_tokenizer(ckpt, "generation"));
-  MixtralForCausalLM model = train::load_checkpoint_model(ckpt, precision);
-  if (torch::cuda::is_available()) move_to(model, torch::Device(torch::kCUDA, 0));
+  MixtralForCausalLM model = job.load(ckpt, precision);
+  if (job.world() > 1) o.agree = [&](int64_t t) { return job.agree(t); };
+  const bool print = job.is_main();
   // Mixtral-Instruct's format: <s>[INST] {prompt} [/INST]
   std::vector<int64_t> ids{tok.bos_id()};
   for (int t : tok.encode(chat ? "[INST] " + prompt + " [/INST]" : prompt)) ids.push_back(t);
@@ -46,16 +49,16 @@ int cmd_generate(const Args& in) {
   // leading space of a text's first piece and pieces can merge, so tokens are not decoded alone.
   std::vector<int> produced(ids.begin() + 1, ids.end());
   std::string shown = tok.decode(produced);
-  if (!chat) std::cout << shown << std::flush;  // chat: only the answer
+  if (!chat && print) std::cout << shown << std::flush;  // chat: only the answer
   generate(model, ids, o, [&](int64_t t) {
     produced.push_back(static_cast<int>(t));
     std::string text = tok.decode(produced);
-    if (text.size() > shown.size() && text.compare(0, shown.size(), shown) == 0) {
+    if (print && text.size() > shown.size() && text.compare(0, shown.size(), shown) == 0) {
       std::cout << text.substr(shown.size()) << std::flush;
       shown = text;
     }
   });
-  std::cout << "\n";
+  if (print) std::cout << "\n";
   return 0;
 }
 

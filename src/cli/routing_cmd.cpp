@@ -1,5 +1,6 @@
 // moeforge routing CHECKPOINT --data DIR [--split val|train] [--seq-len T] [--max-tokens N] [--json]
 // The Mixtral paper's routing analysis (section 5) of a checkpoint on prepared data with domain labels.
+// Under `moeforge launch` the ranks split the experts (the routers are on every rank); rank 0 reports.
 #include <cstdio>
 #include <iostream>
 
@@ -7,6 +8,7 @@
 #include "core/compat.h"
 #include "core/error.h"
 #include "train/checkpoint.h"
+#include "train/inference.h"
 #include "train/routing_analysis.h"
 
 namespace moeforge::cli {
@@ -28,9 +30,9 @@ int cmd_routing(const Args& in) {
   if (split != "val" && split != "train") throw UserError("routing: --split must be val or train");
   if (seq_len < 2) throw UserError("routing: --seq-len must be at least 2");
   if (max_tokens < 2) throw UserError("routing: --max-tokens must be at least 2");
-  compat::configure_threads(static_cast<int>(threads));
+  train::InferenceJob job("routing", static_cast<int>(threads));
   const std::string ckpt = args[0];
-  MixtralForCausalLM model = train::load_checkpoint_model(ckpt, precision);
+  MixtralForCausalLM model = job.load(ckpt, precision);
   if (seq_len > model->config().max_position_embeddings)
     throw UserError("routing: --seq-len " + std::to_string(seq_len) + " exceeds the model's max_position_embeddings");
   auto trace = train::trace_routing(model, data, split, seq_len, max_tokens);
@@ -39,6 +41,7 @@ int cmd_routing(const Args& in) {
   j["checkpoint"] = ckpt;
   j["data"] = data;
   j["split"] = split;
+  if (!job.is_main()) return 0;
   if (json) {
     std::cout << j.dump() << "\n";
     return 0;

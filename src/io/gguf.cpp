@@ -87,11 +87,22 @@ void GgufWriter::add_tensor(const std::string& name, const at::Tensor& t, GgmlTy
   x.name = name;
   x.shape = t.sizes().vec();
   x.type = type;
-  x.data = t.detach().to(at::kCPU).to(scalar_of(type)).contiguous();
+  x.data = t.detach();
   tensors_.push_back(std::move(x));
 }
 
-void GgufWriter::write(const std::string& path, uint32_t alignment) const {
+void GgufWriter::declare_tensor(const std::string& name, const std::vector<int64_t>& shape, GgmlType type) {
+  MF_CHECK(!shape.empty() && shape[0] > 0, "a declared GGUF tensor has rows");
+  Tensor x;
+  x.name = name;
+  x.shape = shape;
+  x.type = type;
+  tensors_.push_back(std::move(x));
+}
+
+void GgufWriter::write(const std::string& path, uint32_t alignment) const { start(path, alignment).close(); }
+
+GgufSink GgufWriter::start(const std::string& path, uint32_t alignment) const {
   Out o;
   o.put<uint32_t>(kMagic);
   o.put<uint32_t>(3);
@@ -114,32 +125,84 @@ void GgufWriter::write(const std::string& path, uint32_t alignment) const {
     o.put<uint32_t>(static_cast<uint32_t>(t.type));
     o.put<uint64_t>(offset);
     offsets.push_back(offset);
-    offset += static_cast<uint64_t>(t.data.numel()) * ggml_type_size(t.type);
+    uint64_t n = 1;
+    for (int64_t d : t.shape) n *= static_cast<uint64_t>(d);
+    offset += n * ggml_type_size(t.type);
     offset = (offset + alignment - 1) / alignment * alignment;
   }
-  std::ofstream out(path, std::ios::binary);
-  if (!out) throw UserError(path + ": cannot create: " + std::strerror(errno));
-  out.write(o.buf.data(), static_cast<std::streamsize>(o.buf.size()));
-  uint64_t pos = o.buf.size();
-  auto pad_to = [&](uint64_t target) {
-    static const char zeros[64] = {};
-    while (pos < target) {
-      uint64_t n = std::min<uint64_t>(64, target - pos);
-      out.write(zeros, static_cast<std::streamsize>(n));
-      pos += n;
-    }
-  };
-  const uint64_t data_start = (pos + alignment - 1) / alignment * alignment;
-  pad_to(data_start);
+  const uint64_t data_start = (o.buf.size() + alignment - 1) / alignment * alignment;
+  GgufSink sink;
+  sink.path_ = path;
+  sink.fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (sink.fd_ < 0) throw UserError(path + ": cannot create: " + std::strerror(errno));
   for (size_t i = 0; i < tensors_.size(); ++i) {
-    pad_to(data_start + offsets[i]);
-    const auto& d = tensors_[i].data;
-    const uint64_t n = static_cast<uint64_t>(d.numel()) * ggml_type_size(tensors_[i].type);
-    out.write(static_cast<const char*>(d.data_ptr()), static_cast<std::streamsize>(n));
-    pos += n;
+    GgufSink::Slot slot{tensors_[i].shape, tensors_[i].type, data_start + offsets[i],
+                        std::vector<bool>(static_cast<size_t>(tensors_[i].shape.empty() ? 1 : tensors_[i].shape[0]))};
+    MF_CHECK(sink.slots_.emplace(tensors_[i].name, std::move(slot)).second, "GGUF tensor " + tensors_[i].name + " twice");
   }
-  out.close();
-  if (!out) throw UserError(path + ": write failed");
+  // The header, the padding up to the data and the file's full size (the tensors fill it in place).
+  o.buf.resize(data_start, '\0');
+  sink.put_bytes(0, o.buf.data(), o.buf.size());
+  if (::ftruncate(sink.fd_, static_cast<off_t>(data_start + offset)) != 0)
+    throw UserError(path + ": cannot size the file: " + std::strerror(errno));
+  for (const auto& t : tensors_)
+    if (t.data.defined()) sink.put(t.name, 0, t.shape.empty() ? t.data.reshape({1}) : t.data);
+  return sink;
+}
+
+GgufSink::GgufSink(GgufSink&& o) noexcept : path_(std::move(o.path_)), fd_(o.fd_), slots_(std::move(o.slots_)) { o.fd_ = -1; }
+
+GgufSink::~GgufSink() {
+  if (fd_ < 0) return;
+  ::close(fd_);
+  ::unlink(path_.c_str());
+}
+
+void GgufSink::put_bytes(uint64_t at, const void* data, uint64_t n) {
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    const ssize_t w = ::pwrite(fd_, p, std::min<uint64_t>(n, 1ULL << 30), static_cast<off_t>(at));
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) throw UserError(path_ + ": write failed: " + std::strerror(w < 0 ? errno : EIO));
+    p += w;
+    at += static_cast<uint64_t>(w);
+    n -= static_cast<uint64_t>(w);
+  }
+}
+
+void GgufSink::put(const std::string& name, int64_t first_row, const at::Tensor& rows) {
+  auto it = slots_.find(name);
+  MF_CHECK(it != slots_.end(), "GGUF tensor " + name + " was not declared");
+  Slot& s = it->second;
+  MF_CHECK(fd_ >= 0, "GGUF sink closed");
+  const at::Tensor t = s.shape.empty() ? rows.reshape({1}) : rows;
+  const int64_t n = t.dim() == 0 ? 1 : t.size(0);
+  MF_CHECK(first_row >= 0 && first_row + n <= static_cast<int64_t>(s.written.size()), "GGUF rows of " + name + " in range");
+  MF_CHECK(s.shape.size() <= 1 || std::vector<int64_t>(t.sizes().begin() + 1, t.sizes().end()) ==
+                                      std::vector<int64_t>(s.shape.begin() + 1, s.shape.end()),
+           "GGUF rows of " + name + " have its row shape");
+  for (int64_t r = first_row; r < first_row + n; ++r) {
+    MF_CHECK(!s.written[static_cast<size_t>(r)], "GGUF row of " + name + " written once");
+    s.written[static_cast<size_t>(r)] = true;
+  }
+  const at::Tensor d = t.detach().to(at::kCPU).to(scalar_of(s.type)).contiguous();
+  const uint64_t row_bytes = n > 0 ? static_cast<uint64_t>(d.numel()) / static_cast<uint64_t>(n) * ggml_type_size(s.type) : 0;
+  put_bytes(s.offset + static_cast<uint64_t>(first_row) * row_bytes, d.data_ptr(),
+            static_cast<uint64_t>(d.numel()) * ggml_type_size(s.type));
+}
+
+void GgufSink::close() {
+  for (const auto& [name, s] : slots_)
+    for (size_t r = 0; r < s.written.size(); ++r)
+      if (!s.written[r]) throw UserError(path_ + ": tensor '" + name + "' was not written in full (row " + std::to_string(r) + ")");
+  const int fd = fd_;
+  fd_ = -1;
+  const bool ok = ::fsync(fd) == 0;
+  const int err = errno;
+  if (::close(fd) != 0 || !ok) {
+    ::unlink(path_.c_str());
+    throw UserError(path_ + ": write failed: " + std::strerror(ok ? errno : err));
+  }
 }
 
 // ---- reader ----------------------------------------------------------------------------------

@@ -29,6 +29,35 @@ struct GgufValue {
   std::vector<GgufValue> array;
 };
 
+// The data of a GGUF file being written (GgufWriter::start): the header is on disk, each tensor's data region
+// is reserved at its offset, and the data arrive in pieces, in any order, one piece held at a time.
+class GgufSink {
+ public:
+  GgufSink(GgufSink&&) noexcept;
+  GgufSink(const GgufSink&) = delete;
+  ~GgufSink();  // an unclosed sink's file is removed
+  // Writes `rows` (converted to the tensor's type) as rows [first_row, first_row + rows.size(0)) of tensor
+  // `name`'s outermost dimension. A row written twice, out of range or of the wrong shape is an MF_CHECK.
+  void put(const std::string& name, int64_t first_row, const at::Tensor& rows);
+  // Checks that every row of every tensor was written (UserError naming the first that was not), flushes and
+  // closes the file. A failed write (disk full) is a UserError naming the file.
+  void close();
+
+ private:
+  friend class GgufWriter;
+  struct Slot {
+    std::vector<int64_t> shape;
+    GgmlType type;
+    uint64_t offset;              // absolute, in the file
+    std::vector<bool> written;    // per outermost row
+  };
+  GgufSink() = default;
+  void put_bytes(uint64_t at, const void* data, uint64_t n);
+  std::string path_;
+  int fd_ = -1;
+  std::map<std::string, Slot> slots_;
+};
+
 class GgufWriter {
  public:
   void add_u32(const std::string& key, uint32_t v);
@@ -41,14 +70,20 @@ class GgufWriter {
   void add_i32_array(const std::string& key, const std::vector<int32_t>& v);
   // A row-major tensor (converted to `type`); dims are reversed into ggml order on write.
   void add_tensor(const std::string& name, const at::Tensor& t, GgmlType type);
+  // A tensor of `shape` whose data are given later, through the sink start() returns.
+  void declare_tensor(const std::string& name, const std::vector<int64_t>& shape, GgmlType type);
+  // Writes everything (every tensor added with its data) to `path`.
   void write(const std::string& path, uint32_t alignment = 32) const;
+  // Creates `path` with the header (and the data of tensors added with it): the declared tensors' data go
+  // through the returned sink.
+  GgufSink start(const std::string& path, uint32_t alignment = 32) const;
 
  private:
   struct Tensor {
     std::string name;
     std::vector<int64_t> shape;  // row-major
     GgmlType type;
-    at::Tensor data;             // CPU, contiguous, converted
+    at::Tensor data;             // as given (undefined: declared, given later through the sink)
   };
   std::vector<std::pair<std::string, GgufValue>> kv_;
   std::vector<Tensor> tensors_;

@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "model/param_count.h"
 
 namespace moeforge::io {
 
@@ -20,15 +21,17 @@ at::Tensor permute_rope_rows(const at::Tensor& w, int64_t n_heads) {
   return w.reshape(shape).transpose(1, 2).reshape(w.sizes()).contiguous();
 }
 
-void export_gguf(const ModelConfig& c, const std::map<std::string, at::Tensor>& weights, const GgufVocab& vocab,
-                 const std::string& path, const std::string& dtype) {
+void export_gguf(const ModelConfig& c, const HfTensorFeed& feed, const GgufVocab& vocab, const std::string& path,
+                 const std::string& dtype) {
   GgmlType t = dtype == "f32" ? GgmlType::F32 : dtype == "f16" ? GgmlType::F16 : dtype == "bf16" ? GgmlType::BF16
                                                                                                   : GgmlType(999);
   if (static_cast<uint32_t>(t) == 999) throw UserError("--dtype for gguf must be f32, f16 or bf16, got '" + dtype + "'");
   if (fs::exists(path)) throw UserError(path + ": already exists; choose a new --out file");
-  auto w = [&](const std::string& n) -> const at::Tensor& {
-    auto it = weights.find(n);
-    MF_CHECK(it != weights.end(), "weight " + n);
+  std::map<std::string, std::vector<int64_t>> shape;
+  for (const auto& [n, s] : parameter_shapes(c)) shape[n] = s;
+  auto shape_of = [&](const std::string& n) {
+    auto it = shape.find(n);
+    MF_CHECK(it != shape.end(), "parameter " + n);
     return it->second;
   };
   GgufWriter g;
@@ -59,38 +62,71 @@ void export_gguf(const ModelConfig& c, const std::map<std::string, at::Tensor>& 
   g.add_bool("tokenizer.ggml.add_bos_token", true);
   g.add_bool("tokenizer.ggml.add_eos_token", false);
 
-  g.add_tensor("token_embd.weight", w("model.embed_tokens.weight"), t);
+  // Where each HF tensor goes: its GGUF tensor, the expert's slot (-1: the whole tensor) and the q/k head count
+  // whose rows are permuted to llama.cpp's interleaved RoPE (0: none).
+  struct Target {
+    std::string name;
+    int64_t expert = -1;
+    int64_t rope_heads = 0;
+  };
+  std::map<std::string, Target> target;
+  auto declare = [&](const std::string& gg, const std::string& hf, GgmlType type, int64_t rope_heads = 0) {
+    g.declare_tensor(gg, shape_of(hf), type);
+    target[hf] = {gg, -1, rope_heads};
+  };
+  declare("token_embd.weight", "model.embed_tokens.weight", t);
+  const int64_t E = c.moe.num_experts;
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const std::string hf = "model.layers." + std::to_string(l) + ".";
     const std::string gg = "blk." + std::to_string(l) + ".";
-    g.add_tensor(gg + "attn_norm.weight", w(hf + "input_layernorm.weight"), GgmlType::F32);
-    g.add_tensor(gg + "attn_q.weight", permute_rope_rows(w(hf + "self_attn.q_proj.weight"), c.num_attention_heads), t);
-    g.add_tensor(gg + "attn_k.weight", permute_rope_rows(w(hf + "self_attn.k_proj.weight"), c.num_key_value_heads), t);
-    g.add_tensor(gg + "attn_v.weight", w(hf + "self_attn.v_proj.weight"), t);
-    g.add_tensor(gg + "attn_output.weight", w(hf + "self_attn.o_proj.weight"), t);
-    g.add_tensor(gg + "ffn_norm.weight", w(hf + "post_attention_layernorm.weight"), GgmlType::F32);
-    g.add_tensor(gg + "ffn_gate_inp.weight", w(hf + "block_sparse_moe.gate.weight"), GgmlType::F32);
-    std::vector<at::Tensor> w1, w2, w3;
-    for (int64_t e = 0; e < c.moe.num_experts; ++e) {
-      const std::string ex = hf + "block_sparse_moe.experts." + std::to_string(e) + ".";
-      w1.push_back(w(ex + "w1.weight"));
-      w2.push_back(w(ex + "w2.weight"));
-      w3.push_back(w(ex + "w3.weight"));
+    declare(gg + "attn_norm.weight", hf + "input_layernorm.weight", GgmlType::F32);
+    declare(gg + "attn_q.weight", hf + "self_attn.q_proj.weight", t, c.num_attention_heads);
+    declare(gg + "attn_k.weight", hf + "self_attn.k_proj.weight", t, c.num_key_value_heads);
+    declare(gg + "attn_v.weight", hf + "self_attn.v_proj.weight", t);
+    declare(gg + "attn_output.weight", hf + "self_attn.o_proj.weight", t);
+    declare(gg + "ffn_norm.weight", hf + "post_attention_layernorm.weight", GgmlType::F32);
+    declare(gg + "ffn_gate_inp.weight", hf + "block_sparse_moe.gate.weight", GgmlType::F32);
+    // Experts stacked per layer: [E, I, H] (w1 as gate, w3 as up), [E, H, I] (w2 as down).
+    static const std::pair<const char*, const char*> kStacked[] = {
+        {"w1", "ffn_gate_exps"}, {"w2", "ffn_down_exps"}, {"w3", "ffn_up_exps"}};
+    for (const auto& [w, name] : kStacked) {
+      std::vector<int64_t> s{E};
+      for (int64_t d : shape_of(hf + "block_sparse_moe.experts.0." + w + ".weight")) s.push_back(d);
+      g.declare_tensor(gg + name + ".weight", s, t);
+      for (int64_t e = 0; e < E; ++e)
+        target[hf + "block_sparse_moe.experts." + std::to_string(e) + "." + w + ".weight"] = {gg + name + ".weight", e, 0};
     }
-    g.add_tensor(gg + "ffn_gate_exps.weight", at::stack(w1), t);  // [E, I, H]
-    g.add_tensor(gg + "ffn_down_exps.weight", at::stack(w2), t);  // [E, H, I]
-    g.add_tensor(gg + "ffn_up_exps.weight", at::stack(w3), t);    // [E, I, H]
   }
-  g.add_tensor("output_norm.weight", w("model.norm.weight"), GgmlType::F32);
-  if (!c.tie_word_embeddings) g.add_tensor("output.weight", w("lm_head.weight"), t);
+  declare("output_norm.weight", "model.norm.weight", GgmlType::F32);
+  if (!c.tie_word_embeddings) declare("output.weight", "lm_head.weight", t);
   const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
-  try {
-    g.write(tmp);
-  } catch (...) {
-    fs::remove(tmp);
-    throw;
+  {
+    GgufSink sink = g.start(tmp);  // removes the temp file unless closed
+    feed([&](const std::string& name, const at::Tensor& w) {
+      auto it = target.find(name);
+      MF_CHECK(it != target.end(), "GGUF export: no place for " + name);
+      const Target& x = it->second;
+      MF_CHECK(w.sizes().vec() == shape_of(name), "GGUF export: " + name + " has its shape");
+      if (x.expert >= 0) sink.put(x.name, x.expert, w.unsqueeze(0));
+      else sink.put(x.name, 0, x.rope_heads ? permute_rope_rows(w, x.rope_heads) : w);
+    });
+    sink.close();
   }
   fs::rename(tmp, path);
+}
+
+void export_gguf(const ModelConfig& c, const std::map<std::string, at::Tensor>& weights, const GgufVocab& vocab,
+                 const std::string& path, const std::string& dtype) {
+  export_gguf(
+      c,
+      [&](const std::function<void(const std::string&, const at::Tensor&)>& put) {
+        for (const auto& [n, s] : parameter_shapes(c)) {
+          auto it = weights.find(n);
+          MF_CHECK(it != weights.end(), "weight " + n);
+          put(n, it->second);
+        }
+      },
+      vocab, path, dtype);
 }
 
 }  // namespace moeforge::io

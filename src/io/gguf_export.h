@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -24,7 +25,17 @@ struct GgufVocab {
 // to llama.cpp's interleaved pairing (2i, 2i + 1), head by head.
 at::Tensor permute_rope_rows(const at::Tensor& w, int64_t n_heads);
 
-// `weights` are HF-named parameters. dtype: "f32" | "f16" | "bf16" (1-D tensors stay f32).
+// The model's HF-named parameters, handed to `put` in any order and grouping, each once (a whole model, or
+// a checkpoint's files tensor by tensor, or a merged model one expert share at a time).
+using HfTensorFeed = std::function<void(const std::function<void(const std::string& name, const at::Tensor& t)>& put)>;
+
+// Streams the GGUF file: the header first, then each tensor converted into its place as it arrives (an expert
+// into its slot of the layer's stacked tensor), so that no more than one tensor is held here; written to a temp
+// file renamed to `path` when every tensor is complete. dtype: "f32" | "f16" | "bf16" (1-D tensors and the
+// router stay f32).
+void export_gguf(const ModelConfig& c, const HfTensorFeed& feed, const GgufVocab& vocab, const std::string& path,
+                 const std::string& dtype);
+// The same from a whole model's HF-named parameters.
 void export_gguf(const ModelConfig& c, const std::map<std::string, at::Tensor>& weights, const GgufVocab& vocab,
                  const std::string& path, const std::string& dtype);
 

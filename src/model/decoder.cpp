@@ -109,6 +109,13 @@ std::vector<MoEBlock> MixtralForCausalLMImpl::moe_blocks() const {
   return out;
 }
 
+ExpertRange MixtralForCausalLMImpl::held_experts() const {
+  if (model->layers.empty()) return {};
+  const auto& bank = model->layers.front()->block_sparse_moe->experts;
+  if (bank->count() >= cfg_.moe.num_experts) return {};
+  return {bank->first(), bank->count()};
+}
+
 void MixtralForCausalLMImpl::set_compute_dtype(std::optional<at::ScalarType> dtype) {
   compute_dtype_ = dtype;
   for (auto& l : model->layers) l->compute_dtype = dtype;

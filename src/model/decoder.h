@@ -83,6 +83,8 @@ class MixtralForCausalLMImpl : public torch::nn::Module {
   torch::Tensor lm_head_weight() const;
   // The MoE blocks in layer order (for dispatchers and aux-free bias updates).
   std::vector<MoEBlock> moe_blocks() const;
+  // The experts this model was built with (every layer the same range; all() when it holds every expert).
+  ExpertRange held_experts() const;
   // Mixed precision: matmuls, attention and the LM head in `dtype` (bf16) with the parameters kept in their own
   // dtype (fp32 master weights); nullopt computes in the parameters' dtype. The residual stream, RMSNorm
   // statistics, the router (logits, softmax, top-k) and the softmax of attention stay fp32; the objectives

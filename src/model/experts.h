@@ -3,6 +3,8 @@
 #include <torch/nn/modules/linear.h>
 
 #include <array>
+#include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -18,6 +20,11 @@ struct ExpertRange {
   int64_t count = -1;
   bool all() const { return count < 0; }
 };
+
+// XOR of a rank's value over its expert-parallel group (parallel::Layout::xor_over_expert_group): a checked
+// fingerprint covers every expert, and under expert parallelism each rank reads only its share of them.
+// Empty: one process holding every expert.
+using GroupXor = std::function<uint64_t(uint64_t)>;
 
 // One expert's adapters (slices of its bank's stacked tensors) for w1, w2, w3.
 struct ExpertAdapters {

@@ -45,6 +45,7 @@ std::vector<int64_t> generate(MixtralForCausalLM& model, const std::vector<int64
   std::vector<int64_t> out;
   for (int64_t step = 0; step < opt.max_new_tokens; ++step) {
     int64_t tok = pick(logits[0][-1], opt, gen);
+    if (opt.agree) tok = opt.agree(tok);
     if (tok == opt.eos_id) break;
     out.push_back(tok);
     if (on_token) on_token(tok);

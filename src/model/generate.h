@@ -14,6 +14,9 @@ struct SamplingOptions {
   double top_p = 1.0;
   uint64_t seed = 0;
   int64_t eos_id = 2;        // stops generation (not returned); < 0 = never stop early
+  // Under expert parallelism every rank generates: each picked token is replaced by agree(token) (rank 0's), so
+  // the ranks never diverge on a logit that differs in its last bit. Empty: one process.
+  std::function<int64_t(int64_t)> agree;
 };
 
 // Continues `prompt` (token ids, <s> included); `on_token` sees each new token as it is produced.

@@ -30,7 +30,7 @@ namespace {
 // or, for a base that is itself an adapter checkpoint, its merged weights.
 class WeightSource {
  public:
-  explicit WeightSource(const std::string& init_from) {
+  WeightSource(const std::string& init_from, ExpertRange held, const GroupXor& over_group) {
     const auto src = io::parse_init_source(init_from);
     where_ = src.dir;
     if (src.hf) {
@@ -39,7 +39,7 @@ class WeightSource {
     }
     if (auto base = read_base_pointer(src.dir)) {  // adapters on adapters: this base is a merged model
       MF_INFO(src.dir << " is an adapter checkpoint: its adapters are merged into its base to form this base");
-      auto m = load_adapter_checkpoint_model(src.dir, *base);
+      auto m = load_adapter_checkpoint_model(src.dir, *base, held, over_group);
       for (auto& [n, t] : merged_weights(m)) merged_[n] = t;
       for (auto& b : m->named_buffers()) merged_[b.key()] = b.value().detach();
       return;
@@ -98,8 +98,8 @@ std::string hex(uint64_t v) {
 }  // namespace
 
 BaseModel load_base_model(const std::string& init_from, const ModelConfig& cfg, const FinetuneSpec& ft,
-                          const std::string& precision, ExpertRange held) {
-  WeightSource src(init_from);
+                          const std::string& precision, ExpertRange held, const GroupXor& over_group) {
+  WeightSource src(init_from, held, over_group);
   BaseModel out;
   std::vector<std::string> names;
   torch::NoGradGuard ng;
@@ -169,18 +169,23 @@ std::optional<BasePointer> read_base_pointer(const std::string& ckpt_dir) {
   return b;
 }
 
-MixtralForCausalLM load_adapter_checkpoint_model(const std::string& ckpt_dir, const BasePointer& base) {
+MixtralForCausalLM load_adapter_checkpoint_model(const std::string& ckpt_dir, const BasePointer& base, ExpertRange held,
+                                                 const GroupXor& over_group) {
   auto recipe = checkpoint_recipe(ckpt_dir);
   if (!recipe) throw UserError(ckpt_dir + ": an adapter checkpoint needs its recipe.yaml (the adapters' settings)");
   if (recipe->finetune.method != base.method)
     throw UserError(ckpt_dir + "/base.json: method " + base.method + " but recipe.yaml says " + recipe->finetune.method);
   const ModelConfig cfg = read_checkpoint_config(ckpt_dir);
+  MF_CHECK(held.all() || over_group, "a share of an adapter checkpoint's experts needs the group to check its base");
   // The base in fp32 storage (a QLoRA base quantised, as trained): bf16 storage is a training-time saving,
   // and eval --precision fp32, export and a chained base want the weights as they are.
-  BaseModel b = load_base_model(base.init_from, cfg, recipe->finetune, "fp32");
-  if (b.fingerprint != base.fingerprint)
+  BaseModel b = load_base_model(base.init_from, cfg, recipe->finetune, "fp32", held, over_group);
+  // A share's fingerprint covers the dense part and its experts: the other ranks' experts complete it.
+  const uint64_t fingerprint =
+      held.all() ? b.fingerprint : (b.fingerprint ^ b.experts_fingerprint) ^ over_group(b.experts_fingerprint);
+  if (fingerprint != base.fingerprint)
     throw UserError(ckpt_dir + "/base.json: the base at " + base.init_from + " is not the one these adapters were trained on " +
-                    "(fingerprint " + hex(b.fingerprint) + ", expected " + hex(base.fingerprint) + ")");
+                    "(fingerprint " + hex(fingerprint) + ", expected " + hex(base.fingerprint) + ")");
   attach_lora(b.model, recipe->finetune.lora, recipe->train.seed);
   load_model_weights(ckpt_dir, b.model);
   return b.model;

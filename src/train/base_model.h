@@ -26,9 +26,10 @@ struct BaseModel {
 // bf16 anyway, so the numbers are the same and the frozen base takes half the memory); the embeddings, LM
 // head, norms and router stay fp32.
 // `held`: the experts this process builds and reads (expert parallelism: the rank's share; the others are
-// never read, and a fused v5 tensor is read only in this share's rows).
+// never read, and a fused v5 tensor is read only in this share's rows). `over_group` (required when `held` is a
+// share and `init_from` is itself an adapter checkpoint, whose base fingerprint is checked) combines the ranks'.
 BaseModel load_base_model(const std::string& init_from, const ModelConfig& cfg, const FinetuneSpec& ft,
-                          const std::string& precision, ExpertRange held = {});
+                          const std::string& precision, ExpertRange held = {}, const GroupXor& over_group = {});
 
 struct BasePointer {
   std::string init_from;
@@ -40,7 +41,9 @@ std::string base_pointer_json(const BasePointer& b);
 std::optional<BasePointer> read_base_pointer(const std::string& ckpt_dir);
 
 // A LoRA / QLoRA checkpoint's model (base from its pointer, checked by fingerprint, plus its adapters), on
-// the CPU. The fine-tuning settings come from the checkpoint's recipe.yaml.
-MixtralForCausalLM load_adapter_checkpoint_model(const std::string& ckpt_dir, const BasePointer& base);
+// the CPU. The fine-tuning settings come from the checkpoint's recipe.yaml. `held`: only this share of the experts
+// (and their adapters) is built and read; the base's fingerprint is then combined over the ranks by `over_group`.
+MixtralForCausalLM load_adapter_checkpoint_model(const std::string& ckpt_dir, const BasePointer& base,
+                                                 ExpertRange held = {}, const GroupXor& over_group = {});
 
 }  // namespace moeforge::train

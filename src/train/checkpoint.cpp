@@ -343,6 +343,8 @@ std::string save_checkpoint(parallel::Layout& layout, const std::string& run_dir
   return run_dir + "/checkpoints/" + step_name(step);
 }
 
+std::string checkpoint_dir(const std::string& run_dir, int64_t step) { return run_dir + "/checkpoints/" + step_name(step); }
+
 std::optional<std::string> latest_checkpoint(const std::string& run_dir) {
   const std::string root = run_dir + "/checkpoints";
   if (!fs::exists(root)) return std::nullopt;
@@ -404,13 +406,13 @@ std::string init_tokenizer(const std::string& init_from) {
   return checkpoint_tokenizer(io::parse_init_source(init_from).dir);
 }
 
-void load_init_weights(const std::string& init_from, MixtralForCausalLM& model) {
+void load_init_weights(const std::string& init_from, MixtralForCausalLM& model, const GroupXor& over_group) {
   const auto src = io::parse_init_source(init_from);
   if (!src.hf) require_intact_checkpoint(src.dir);
   if (src.hf) {
     io::load_hf_weights(src.dir, model);
   } else if (auto base = read_base_pointer(src.dir)) {  // an adapter checkpoint: its merged model
-    auto adapted = load_adapter_checkpoint_model(src.dir, *base);
+    auto adapted = load_adapter_checkpoint_model(src.dir, *base, model->held_experts(), over_group);
     auto merged = merged_weights(adapted);
     std::map<std::string, torch::Tensor> m(merged.begin(), merged.end());
     torch::NoGradGuard ng;

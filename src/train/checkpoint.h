@@ -87,6 +87,8 @@ void write_checkpoint_dir(const std::string& dir, const CheckpointContents& c);
 // The newest intact checkpoint under run_dir/checkpoints, if any: each is verified against its manifest, newest
 // first; a damaged one is skipped with a one-line warning naming the file.
 std::optional<std::string> latest_checkpoint(const std::string& run_dir);
+// Where the checkpoint of `step` lives: run_dir/checkpoints/step_NNNNNNNN.
+std::string checkpoint_dir(const std::string& run_dir, int64_t step);
 
 ModelConfig read_checkpoint_config(const std::string& ckpt_dir);
 // The weight files of a checkpoint: model.safetensors plus the shards its layout.json names.
@@ -100,7 +102,9 @@ std::vector<std::pair<std::string, torch::Tensor>> saved_parameters(MixtralForCa
 void load_model_weights(const std::string& ckpt_dir, MixtralForCausalLM& model);
 // "hf:DIR" (a Hugging Face directory) or a moeforge checkpoint directory.
 ModelConfig read_init_config(const std::string& init_from);
-void load_init_weights(const std::string& init_from, MixtralForCausalLM& model);
+// `model` may hold a share of the experts (ExpertRange): only those are read. An adapter checkpoint as the
+// source is merged share by share; its base's fingerprint is then combined over the ranks by `over_group`.
+void load_init_weights(const std::string& init_from, MixtralForCausalLM& model, const GroupXor& over_group = {});
 // The tokenizer.model of an init source ("hf:DIR" or a checkpoint), or "" when it has none.
 std::string init_tokenizer(const std::string& init_from);
 // Restores the optimizer state, the trainer state and the routers' jitter generators of `model`.

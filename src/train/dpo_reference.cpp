@@ -30,7 +30,7 @@ DpoReference::DpoReference(const Recipe& r, const std::vector<data::PreferencePa
     : r_(r), train_(train), val_(val) {}
 
 void DpoReference::start(const std::string& run_dir, const torch::Device& device, bool main_rank,
-                         MixtralForCausalLM& policy) {
+                         MixtralForCausalLM& policy, const GroupXor& experts_xor) {
   if (r_.dpo.reference == "adapters_off") {
     MF_CHECK(has_adapters(policy), "adapters_off needs a policy with adapters (load_recipe checks the method)");
     return;
@@ -50,11 +50,9 @@ void DpoReference::start(const std::string& run_dir, const torch::Device& device
     // Sharded exactly like the policy: the same share of the experts, read from init_from tensor by tensor,
     // routed through the policy's expert-parallel groups (no rank holds a whole second model).
     auto policy_blocks = policy->moe_blocks();
-    ExpertRange held;
-    if (!policy_blocks.empty() && policy_blocks[0]->experts->count() < r_.model.moe.num_experts)
-      held = {policy_blocks[0]->experts->first(), policy_blocks[0]->experts->count()};
+    const ExpertRange held = policy->held_experts();
     ref = MixtralForCausalLM(r_.model, OnLayerBuilt{}, held);
-    load_init_weights(r_.init_from, ref);
+    load_init_weights(r_.init_from, ref, experts_xor);
     auto ref_blocks = ref->moe_blocks();
     for (size_t i = 0; i < ref_blocks.size() && !held.all(); ++i)
       ref_blocks[i]->set_dispatcher(policy_blocks[i]->shared_dispatcher(), ref_blocks[i]->experts);

@@ -28,7 +28,8 @@ class DpoReference {
   DpoReference(const DpoReference&) = delete;
   DpoReference& operator=(const DpoReference&) = delete;
   // Builds the frozen model or the table (only the main rank writes the table file).
-  void start(const std::string& run_dir, const torch::Device& device, bool main_rank, MixtralForCausalLM& policy);
+  void start(const std::string& run_dir, const torch::Device& device, bool main_rank, MixtralForCausalLM& policy,
+             const GroupXor& experts_xor);
   // Reference log-prob sums {chosen [n], rejected [n]} of pairs idx of the training set or the held-out set.
   // Training and held-out pairs alike go through the precision the policy trains in (runtime.precision).
   std::pair<torch::Tensor, torch::Tensor> logps(bool training_set, const std::vector<size_t>& idx,

@@ -43,8 +43,9 @@ class DpoStage : public Stage {
   std::string describe() const override { return std::to_string(train_.size()) + " preference pairs"; }
   const std::string& tokenizer() const override { return tokenizer_; }
 
-  void start(const std::string& run_dir, const torch::Device& device, bool main_rank, MixtralForCausalLM& model) override {
-    reference_->start(run_dir, device, main_rank, model);
+  void start(const std::string& run_dir, const torch::Device& device, bool main_rank, MixtralForCausalLM& model,
+             const GroupXor& experts_xor) override {
+    reference_->start(run_dir, device, main_rank, model, experts_xor);
   }
 
   BatchLoss train_batch(MixtralForCausalLM& m, int64_t first, int64_t b, const torch::Device& d) override {

@@ -243,7 +243,9 @@ Manifest read_manifest(const std::string& dir) {
 
 std::string CheckpointCheck::message(const std::string& dir) const { return dir + "/" + file + ": " + problem; }
 
-CheckpointCheck verify_checkpoint(const std::string& dir) {
+namespace {
+// verify_checkpoint, with the hashes (`hashes`) or sizes only.
+CheckpointCheck check_checkpoint(const std::string& dir, bool hashes) {
   const std::string mp = dir + "/" + kManifestFile;
   struct stat st;
   // Written before manifests: accepted unchecked. (Not a directory at all: the callers' own checks say so.)
@@ -269,6 +271,7 @@ CheckpointCheck verify_checkpoint(const std::string& dir) {
     if (size > e.bytes)
       return damaged(name, "has " + std::to_string(size) + " bytes, manifest.json says " + std::to_string(e.bytes));
   }
+  if (!hashes) return {};
   for (const auto& [name, e] : m) {
     uint64_t h = 0, bytes = 0;
     if (!hash_file(dir + "/" + name, &h, &bytes)) return damaged(name, std::string("cannot read (") + std::strerror(errno) + ")");
@@ -279,20 +282,44 @@ CheckpointCheck verify_checkpoint(const std::string& dir) {
   return {};
 }
 
-CheckpointCheck verify_checkpoint_once(const std::string& dir) {
-  static std::mutex mu;
-  static std::set<std::string> verified;  // fingerprints of directories that verified
+std::mutex verified_mu;
+std::set<std::string> verified;  // fingerprints of directories that verified in this process
+
+// check_checkpoint, skipped for a directory that verified earlier, and remembered when it passes.
+CheckpointCheck check_once(const std::string& dir, bool hashes) {
   const std::string before = fingerprint(dir);
   if (!before.empty()) {
-    std::lock_guard<std::mutex> lock(mu);
+    std::lock_guard<std::mutex> lock(verified_mu);
     if (verified.count(before)) return {};
   }
-  CheckpointCheck c = verify_checkpoint(dir);
+  CheckpointCheck c = check_checkpoint(dir, hashes);
   if (c.ok && !c.legacy && !before.empty() && fingerprint(dir) == before) {
-    std::lock_guard<std::mutex> lock(mu);
+    std::lock_guard<std::mutex> lock(verified_mu);
     verified.insert(before);
   }
   return c;
+}
+}  // namespace
+
+CheckpointCheck verify_checkpoint(const std::string& dir) { return check_checkpoint(dir, true); }
+
+CheckpointCheck verify_checkpoint_once(const std::string& dir) { return check_once(dir, true); }
+
+CheckpointCheck accept_checkpoint_verified_by_main(const std::string& dir) { return check_once(dir, false); }
+
+void require_intact_checkpoint_once_per_job(const std::string& dir, bool main,
+                                            const std::function<int64_t(int64_t)>& from_main) {
+  if (!from_main) return require_intact_checkpoint(dir);
+  std::string problem;
+  if (main) {
+    const CheckpointCheck c = verify_checkpoint_once(dir);
+    if (!c.ok) problem = c.message(dir);
+  }
+  if (from_main(problem.empty() ? 0 : 1) != 0)
+    throw UserError(main ? problem + "; the checkpoint is damaged" : dir + ": rank 0 found the checkpoint damaged");
+  if (main) return;
+  const CheckpointCheck c = accept_checkpoint_verified_by_main(dir);
+  if (!c.ok) throw UserError(c.message(dir) + "; the checkpoint is damaged");
 }
 
 void require_intact_checkpoint(const std::string& dir) {

@@ -20,6 +20,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 
@@ -78,5 +79,16 @@ CheckpointCheck verify_checkpoint(const std::string& dir);
 CheckpointCheck verify_checkpoint_once(const std::string& dir);
 // verify_checkpoint_once, or UserError("<dir>/<file>: <problem>; the checkpoint is damaged").
 void require_intact_checkpoint(const std::string& dir);
+
+// Several ranks sharing one file system (sharded checkpoints need one): rank 0 verifies, the others call this
+// when rank 0 found `dir` intact. It checks the sizes only (cheap: a truncated or missing file is still found)
+// and takes the hashes as rank 0 found them; the directory then counts as verified in this process, so the
+// job reads a checkpoint for its hash once, not once per rank.
+CheckpointCheck accept_checkpoint_verified_by_main(const std::string& dir);
+// require_intact_checkpoint for such a job: rank 0 (`main`) verifies, `from_main(v)` is rank 0's v on every rank
+// (a collective: every rank calls this), the others accept. Damaged: a UserError on every rank (rank 0's names
+// the file). Without `from_main`: require_intact_checkpoint.
+void require_intact_checkpoint_once_per_job(const std::string& dir, bool main,
+                                            const std::function<int64_t(int64_t)>& from_main);
 
 }  // namespace moeforge::train

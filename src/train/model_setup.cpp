@@ -9,19 +9,46 @@
 #include "model/finetune.h"
 #include "parallel/layout.h"
 #include "train/checkpoint.h"
+#include "train/manifest.h"
 
 namespace moeforge::train {
 
 namespace fs = std::filesystem;
 
+std::optional<std::string> latest_checkpoint_of_job(const std::string& run_dir, parallel::Layout& layout) {
+  if (layout.world() == 1) return latest_checkpoint(run_dir);
+  std::optional<std::string> latest;
+  int64_t step = -1;
+  if (layout.is_main()) {
+    latest = latest_checkpoint(run_dir);
+    if (latest) {
+      auto st = checkpoint_trainer_state(*latest);
+      if (!st) throw UserError(*latest + ": has no trainer_state.json; not a checkpoint to resume");
+      step = st->step;
+    }
+  }
+  step = layout.from_main(step);
+  if (layout.is_main() || step < 0) return latest;
+  const std::string dir = checkpoint_dir(run_dir, step);
+  const CheckpointCheck c = accept_checkpoint_verified_by_main(dir);
+  if (!c.ok) throw UserError(c.message(dir) + "; the checkpoint is damaged (rank 0 found it intact: is " + run_dir +
+                             " on a file system every rank shares?)");
+  return dir;
+}
+
 TrainingModel build_training_model(const Recipe& r, parallel::Layout& layout, const std::optional<std::string>& latest) {
   const ModelConfig& cfg = r.model;
   const FinetuneSpec& ft = r.finetune;
   const ExpertRange held = layout.held_experts(cfg.moe.num_experts);
+  const GroupXor over_group = [&](uint64_t v) { return layout.xor_over_expert_group(v); };
+  // A moeforge checkpoint to start from (or to adapt) is hashed by rank 0 only; the others check its sizes.
+  if (!r.init_from.empty() && (!latest || ft.adapters()))
+    if (const auto src = io::parse_init_source(r.init_from); !src.hf)
+      require_intact_checkpoint_once_per_job(src.dir, layout.is_main(), [&](int64_t v) { return layout.from_main(v); });
   TrainingModel out;
   if (ft.adapters()) {
     // A frozen base, loaded (and for QLoRA quantised) layer by layer; adapters come after the expert split.
-    BaseModel b = load_base_model(r.init_from, cfg, ft, r.runtime.precision, held);
+    BaseModel b = load_base_model(r.init_from, cfg, ft, r.runtime.precision, held, over_group);
     out.model = b.model;
     // The base's fingerprint covers every expert: this rank's share XORed with the other ranks'.
     const uint64_t dense = b.fingerprint ^ b.experts_fingerprint;
@@ -31,7 +58,7 @@ TrainingModel build_training_model(const Recipe& r, parallel::Layout& layout, co
   } else {
     out.model = MixtralForCausalLM(cfg, OnLayerBuilt{}, held);
     init_weights(*out.model, cfg.init_std, r.train.seed);
-    if (!r.init_from.empty() && !latest) load_init_weights(r.init_from, out.model);
+    if (!r.init_from.empty() && !latest) load_init_weights(r.init_from, out.model, over_group);
   }
   out.model->seed_router_jitter(r.train.seed);  // a resumed run restores the generators' states later
   if (latest && ft.adapters()) {

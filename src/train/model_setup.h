@@ -22,6 +22,11 @@ struct TrainingModel {
   BasePointer base;  // adapter runs: the frozen base (its fingerprint over every rank's experts)
 };
 
+// The checkpoint of `run_dir` a job resumes: rank 0 finds the newest intact one (latest_checkpoint: verified,
+// falling back past damaged ones with a warning) and tells the others, which check its sizes only; the job
+// reads a checkpoint for its hash once, not once per rank.
+std::optional<std::string> latest_checkpoint_of_job(const std::string& run_dir, parallel::Layout& layout);
+
 // Builds `r`'s model for this rank of `layout`, loads `latest` (a checkpoint of this run being resumed) or
 // `r.init_from`, and hands it to the layout (layout.hold: adapters attached after the split). On the CPU.
 TrainingModel build_training_model(const Recipe& r, parallel::Layout& layout, const std::optional<std::string>& latest);

@@ -112,7 +112,7 @@ RoutingTrace trace_routing(MixtralForCausalLM& model, const std::string& data_di
       for (size_t off = 0; off < buf.size() && total < max_tokens; off += static_cast<size_t>(seq_len)) {
         const int64_t n = std::min<int64_t>({seq_len, static_cast<int64_t>(buf.size() - off), max_tokens - total});
         if (n < 2) break;  // a pair needs two tokens
-        auto ids = torch::from_blob(buf.data() + off, {1, n}, torch::kLong).clone();
+        auto ids = torch::from_blob(buf.data() + off, {1, n}, torch::kLong).to(model->lm_head_weight().device());
         auto fo = model->forward(ids);
         for (int64_t l = 0; l < L; ++l) parts[static_cast<size_t>(l)].push_back(fo.router[static_cast<size_t>(l)].topk_idx_NK.cpu());
         tr.sequence.insert(tr.sequence.end(), static_cast<size_t>(n), seq++);

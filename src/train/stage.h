@@ -32,7 +32,8 @@ class Stage {
   // Called once the run directory exists, before the first batch (DPO builds its reference here); only the
   // main rank writes into the run directory.
   // `model` is the policy (DPO's adapters_off reference is the policy without its adapters).
-  virtual void start(const std::string& run_dir, const torch::Device& device, bool main_rank, MixtralForCausalLM& model) {}
+  virtual void start(const std::string& run_dir, const torch::Device& device, bool main_rank, MixtralForCausalLM& model,
+                     const GroupXor& experts_xor) {}
   // Micro-batch of `batch_size` samples starting at global sample index `first`.
   virtual BatchLoss train_batch(MixtralForCausalLM& model, int64_t first, int64_t batch_size,
                                 const torch::Device& device) = 0;

@@ -142,7 +142,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
 
   // Model and optimizer: this rank's share, built and loaded without the rest ever existing here.
   const FinetuneSpec& ft = r.finetune;
-  const std::optional<std::string> latest = resume ? latest_checkpoint(run_dir) : std::nullopt;
+  const std::optional<std::string> latest = resume ? latest_checkpoint_of_job(run_dir, layout) : std::nullopt;
   TrainingModel built = build_training_model(r, layout, latest);
   MixtralForCausalLM model = built.model;
   const BasePointer base = built.base;
@@ -188,7 +188,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     metrics = std::make_unique<MetricsLog>(run_dir, state.step);  // drops lines written after the last checkpoint
   }
   layout.barrier();
-  stage->start(run_dir, device, main_rank, model);
+  stage->start(run_dir, device, main_rank, model, [&](uint64_t v) { return layout.xor_over_expert_group(v); });
 
   const std::string dev_name = device.is_cuda() ? "cuda" : "cpu";
   // MFU compares the tokens of all ranks with the matmul rate of all ranks (each measured with its threads),

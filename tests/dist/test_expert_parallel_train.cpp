@@ -196,6 +196,39 @@ TEST(ExpertParallelTraining, ShardedCheckpointResumesExactlyAndLoadsIntoOneProce
     EXPECT_EQ(a[i]["loss"].get<double>(), b[i]["loss"].get<double>()) << "step " << i + 1;
     EXPECT_EQ(a[i]["grad_norm"].get<double>(), b[i]["grad_norm"].get<double>()) << "step " << i + 1;
   }
+  // A damaged newest checkpoint whose damaged file only rank 1 reads (its expert shard): rank 0 verifies for the
+  // job, warns naming the file and every rank falls back to step 3; the run then equals the uninterrupted one.
+  fs::copy(dir / "full", dir / "damaged", fs::copy_options::recursive);
+  fs::remove(dir / "damaged/summary.json");
+  {
+    const std::string shard = dir / "damaged/checkpoints/step_00000006/experts-01-of-02.safetensors";
+    ASSERT_TRUE(fs::exists(shard));
+    std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(-5, std::ios::end);
+    char ch = 0;
+    f.get(ch);
+    f.seekp(-5, std::ios::end);
+    f.put(static_cast<char>(ch ^ 0x10));
+  }
+  const std::string log = dir / "damaged.log";
+  ASSERT_EQ(std::system((kBin + " launch --nproc-per-node 2 --master-port " + std::to_string(test::free_port()) +
+                         " -- train " + recipe + " --set output_dir=" + (dir / "damaged") +
+                         " --set parallel.expert=2 --resume > " + log + " 2>&1")
+                            .c_str()),
+            0);
+  {
+    std::ifstream in(log);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string damage = "step_00000006/experts-01-of-02.safetensors: corrupt";
+    const auto at = text.find(damage);
+    ASSERT_NE(at, std::string::npos) << text;
+    EXPECT_EQ(text.find(damage, at + 1), std::string::npos) << text;  // said once: rank 1 did not hash it
+    const auto line = text.rfind('\n', at);
+    EXPECT_EQ(text.compare(line == std::string::npos ? 0 : line + 1, 9, "[rank 0] "), 0) << text;
+  }
+  auto d = test::metric_records(dir / "damaged", "loss");
+  ASSERT_EQ(d.size(), 6u);
+  for (size_t i = 0; i < 6; ++i) EXPECT_EQ(a[i]["loss"].get<double>(), d[i]["loss"].get<double>()) << "step " << i + 1;
   // The training state of the EP=2 + ZeRO-1 checkpoint of step 3 resumed by one process (EP=1, no
   // ZeRO, 2 micro-batches accumulated): steps 4-6 equal the EP=2 run's to float rounding.
   fs::create_directories(dir / "one/checkpoints");

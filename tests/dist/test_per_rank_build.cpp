@@ -1,8 +1,8 @@
 // Per-rank construction and loading (issue 15): under expert parallelism a rank allocates only what it holds.
 // Each worker rank (this binary re-run, 2 or 4 ranks, parallel.expert = ranks) installs a CPU allocator that
 // counts bytes, builds its training model with build_training_model (fresh from the seed, from a moeforge
-// checkpoint, from a Hugging Face directory in the per-expert and in the fused transformers-v5 layout, and a
-// LoRA base), and reports its peak allocation and its parameters. Against the one-process model: every held
+// checkpoint, from a Hugging Face directory in the per-expert and in the fused transformers-v5 layout, a
+// LoRA base, and an inference command's model of a checkpoint, train::InferenceJob), and reports its peak allocation and its parameters. Against the one-process model: every held
 // tensor has the one-process values bit for bit, and the peak stays within the bytes of what the rank holds
 // plus one tensor being read; far below the whole model.
 #include <gtest/gtest.h>
@@ -24,6 +24,7 @@
 #include "test_util.h"
 #include "train/base_model.h"
 #include "train/checkpoint.h"
+#include "train/inference.h"
 #include "train/model_setup.h"
 
 using namespace moeforge;
@@ -56,6 +57,28 @@ TEST(PerRankBuildWorker, Run) {
   if (!dir) GTEST_SKIP() << "run by PerRankBuild.* as a worker";
   auto& counting = test::CountingAllocator::install();
   auto env = parallel::read_dist_env();
+  const std::string method = std::getenv("MOEFORGE_BUILD_METHOD");
+  auto report = [&](MixtralForCausalLM& model, int64_t peak, uint64_t fingerprint) {
+    std::ofstream out(std::string(dir) + "/rank" + std::to_string(env.rank) + ".txt");
+    out.precision(17);
+    out << "peak " << peak << "\n";
+    out << "fingerprint " << fingerprint << "\n";
+    for (auto& p : model->named_parameters()) {
+      auto t = p.value().detach().to(torch::kDouble).contiguous();
+      // Sum and a position-weighted sum: two numbers that change with any value moved or altered.
+      auto w = torch::arange(1, t.numel() + 1, torch::kDouble).view(t.sizes());
+      out << "param " << p.key() << " " << p.value().numel() * p.value().element_size() << " " << t.sum().item<double>()
+          << " " << (t * w).sum().item<double>() << "\n";
+    }
+  };
+  if (method == "infer") {  // an inference command's model (eval, generate, routing under launch)
+    train::InferenceJob job("test", 1);
+    counting.peak = counting.now.load();
+    const int64_t before = counting.now.load();
+    auto model = job.load(std::getenv("MOEFORGE_BUILD_INIT_FROM"), "fp32");
+    report(model, counting.peak.load() - before, 0);
+    return;
+  }
   parallel::LayoutOptions o;
   o.expert = env.world_size;
   o.timeout = std::chrono::milliseconds(60000);
@@ -64,7 +87,6 @@ TEST(PerRankBuildWorker, Run) {
   r.model = build_config();
   r.train.seed = kSeed;
   r.init_from = std::getenv("MOEFORGE_BUILD_INIT_FROM");
-  const std::string method = std::getenv("MOEFORGE_BUILD_METHOD");
   if (method != "full") {
     r.finetune.method = method;
     r.runtime.precision = "fp32";
@@ -72,17 +94,7 @@ TEST(PerRankBuildWorker, Run) {
   counting.peak = counting.now.load();
   const int64_t before = counting.now.load();
   auto built = train::build_training_model(r, layout, std::nullopt);
-  std::ofstream out(std::string(dir) + "/rank" + std::to_string(env.rank) + ".txt");
-  out.precision(17);
-  out << "peak " << counting.peak.load() - before << "\n";
-  out << "fingerprint " << built.base.fingerprint << "\n";
-  for (auto& p : built.model->named_parameters()) {
-    auto t = p.value().detach().to(torch::kDouble).contiguous();
-    // Sum and a position-weighted sum: two numbers that change with any value moved or altered.
-    auto w = torch::arange(1, t.numel() + 1, torch::kDouble).view(t.sizes());
-    out << "param " << p.key() << " " << p.value().numel() * p.value().element_size() << " " << t.sum().item<double>()
-        << " " << (t * w).sum().item<double>() << "\n";
-  }
+  report(built.model, counting.peak.load() - before, built.base.fingerprint);
 }
 
 class PerRankBuild : public ::testing::TestWithParam<int> {};
@@ -144,7 +156,8 @@ TEST_P(PerRankBuild, EachRankAllocatesOnlyItsShareWithTheOneProcessValues) {
                {"checkpoint", ckpt, "full", &source},
                {"hf", "hf:" + hf, "full", &source},
                {"hf-fused", "hf:" + fused, "full", &source},
-               {"lora-base", "hf:" + fused, "lora", &source}};
+               {"lora-base", "hf:" + fused, "lora", &source},
+               {"inference", ckpt, "infer", &source}};
   for (const auto& c : cases) {
     const std::string out = dir.path + "/" + c.name;
     fs::create_directories(out);
@@ -193,7 +206,7 @@ TEST_P(PerRankBuild, EachRankAllocatesOnlyItsShareWithTheOneProcessValues) {
       EXPECT_EQ(holders[name], is_expert_param(name) ? 1 : world) << c.name << ": " << name;
     // A LoRA base's fingerprint is the whole base's, the same on every rank: what one process loading it computes.
     EXPECT_EQ(fingerprints.size(), 1u) << c.name;
-    if (c.method != "full") {
+    if (c.method == "lora") {
       FinetuneSpec ft;
       ft.method = c.method;
       const uint64_t whole_fp = train::load_base_model(c.init_from, cfg, ft, "fp32").fingerprint;

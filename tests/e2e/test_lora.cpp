@@ -15,6 +15,8 @@
 #include <nlohmann/json.hpp>
 
 #include "corpus.h"
+#include "io/gguf.h"
+#include "io/gguf_export.h"
 #include "io/hf_import.h"
 #include "io/safetensors.h"
 #include "model/finetune.h"
@@ -90,6 +92,45 @@ void expect_same_merged_export_by_shares(const std::string& ckpt, const std::str
   auto pb = b->named_parameters();
   for (auto& p : a->named_parameters()) EXPECT_TRUE(torch::equal(p.value(), pb[p.key()])) << p.key();
   EXPECT_EQ(status_of(kBin + " export " + ckpt + " --format hf --expert-shares 3 --out " + out + "-bad"), 2);
+  // GGUF streams the same way: byte for byte the same file from 1 and from 2 shares, and its stacked experts and
+  // q projection are the merged HF tensors (q's rows in llama.cpp's interleaved RoPE order).
+  ASSERT_EQ(status_of(kBin + " export " + ckpt + " --format gguf --dtype fp32 --expert-shares 1 --out " + out + "-1.gguf"), 0);
+  ASSERT_EQ(status_of(kBin + " export " + ckpt + " --format gguf --dtype fp32 --expert-shares 2 --out " + out + "-2.gguf"), 0);
+  EXPECT_EQ(read_all(out + "-1.gguf"), read_all(out + "-2.gguf"));
+  auto g = io::GgufFile::open(out + "-2.gguf");
+  const auto& cfg = a->config();
+  for (int64_t l = 0; l < cfg.num_layers; ++l) {
+    const std::string pre = "model.layers." + std::to_string(l) + ".";
+    std::vector<torch::Tensor> w1, w2;
+    for (int64_t e = 0; e < cfg.moe.num_experts; ++e) {
+      w1.push_back(pb[pre + "block_sparse_moe.experts." + std::to_string(e) + ".w1.weight"]);
+      w2.push_back(pb[pre + "block_sparse_moe.experts." + std::to_string(e) + ".w2.weight"]);
+    }
+    const std::string gg = "blk." + std::to_string(l) + ".";
+    EXPECT_TRUE(torch::equal(g.get(gg + "ffn_gate_exps.weight"), torch::stack(w1))) << l;
+    EXPECT_TRUE(torch::equal(g.get(gg + "ffn_down_exps.weight"), torch::stack(w2))) << l;
+    EXPECT_TRUE(torch::equal(g.get(gg + "attn_q.weight"),
+                             io::permute_rope_rows(pb[pre + "self_attn.q_proj.weight"], cfg.num_attention_heads)))
+        << l;
+  }
+}
+
+// `eval --json` of `ckpt` under `moeforge launch` with 2 ranks (each holding half of every layer's experts and,
+// for an adapter checkpoint, their adapters, its base checked by the fingerprint over both) equals one process.
+void expect_same_eval_under_expert_parallelism(const std::string& ckpt, const std::string& data, const std::string& tmp) {
+  const std::string eval = " eval " + ckpt + " --data " + data + " --seq-len 32 --batches 2 --json --threads 1";
+  ASSERT_EQ(std::system((kBin + eval + " > " + tmp + "-one 2>/dev/null").c_str()), 0);
+  ASSERT_EQ(std::system((kBin + " launch --nproc-per-node 2 --master-port " + std::to_string(test::free_port()) + " --" +
+                         eval + " > /dev/null 2> " + tmp + "-ep")
+                            .c_str()),
+            0);
+  const auto one = read_json(tmp + "-one");
+  const std::string text = read_all(tmp + "-ep"), head = "[rank 0] {";
+  const auto at = text.find(head);
+  ASSERT_NE(at, std::string::npos) << text;
+  const auto ep = nlohmann::json::parse(text.substr(at + head.size() - 1, text.find('\n', at) - at - head.size() + 1));
+  EXPECT_EQ(ep["tokens"], one["tokens"]);
+  EXPECT_NEAR(ep["loss"].get<double>(), one["loss"].get<double>(), 1e-5 * one["loss"].get<double>());
 }
 
 }  // namespace
@@ -153,6 +194,7 @@ TEST(LoraE2e, SftOnAnHfBaseResumesBitwiseAndItsPeftAdapterReproducesIt) {
 
   // eval, generate and routing take the adapter checkpoint as they take any other.
   EXPECT_EQ(status_of(kBin + " eval " + ca + " --data " + data), 0);
+  expect_same_eval_under_expert_parallelism(ca, data, dir / "eval");
   EXPECT_EQ(status_of(kBin + " generate " + ca + " --prompt 'the cat' --max-new-tokens 4"), 0);
   EXPECT_EQ(status_of(kBin + " routing " + ca + " --data " + data + " --seq-len 32 --max-tokens 256"), 0);
 

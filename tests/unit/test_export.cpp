@@ -334,6 +334,64 @@ TEST(ExportGguf, FileParsesBackWithEveryTensorAndThePermutation) {
   auto h = io::GgufFile::open(dir / "h.gguf");
   EXPECT_TRUE(torch::equal(h.get("token_embd.weight"), wm["model.embed_tokens.weight"].to(torch::kHalf).to(torch::kFloat)));
   EXPECT_EQ(h.tensor("blk.0.attn_norm.weight").type, io::GgmlType::F32);  // norms stay f32
+  // Streamed: the tensors handed over in reverse order, each expert on its own (as an export by expert shares
+  // does), give the same file byte for byte.
+  io::export_gguf(
+      c,
+      [&](const std::function<void(const std::string&, const at::Tensor&)>& put) {
+        for (auto it = params.rbegin(); it != params.rend(); ++it) put(it->first, it->second);
+      },
+      v, dir / "r.gguf", "f16");
+  EXPECT_EQ(read_all(dir / "r.gguf"), read_all(dir / "h.gguf"));
+  // A tensor never handed over: a UserError naming it, and no file.
+  EXPECT_NE(test::user_error_of([&] {
+              io::export_gguf(
+                  c,
+                  [&](const std::function<void(const std::string&, const at::Tensor&)>& put) {
+                    for (const auto& [n, t] : params)
+                      if (n != "model.layers.1.block_sparse_moe.experts.2.w3.weight") put(n, t);
+                  },
+                  v, dir / "x.gguf", "f16");
+            }).find("'blk.1.ffn_up_exps.weight' was not written in full (row 2)"),
+            std::string::npos);
+  EXPECT_FALSE(fs::exists(dir / "x.gguf"));
+  for (const auto& e : fs::directory_iterator(dir.path))
+    EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+}
+
+// The sink writes rows of declared tensors in any order into the file write() makes from whole tensors.
+TEST(ExportGguf, SinkRowsInAnyOrderGiveTheWholeWrittenFile) {
+  test::TempDir dir("ggufsink");
+  auto a = torch::randn({5, 3}), b = torch::randn({4});
+  io::GgufWriter whole, pieces;
+  for (auto* w : {&whole, &pieces}) w->add_string("general.architecture", "llama");
+  whole.add_tensor("a", a, io::GgmlType::F16);
+  whole.add_tensor("b", b, io::GgmlType::F32);
+  whole.write(dir / "whole.gguf");
+  pieces.declare_tensor("a", {5, 3}, io::GgmlType::F16);
+  pieces.declare_tensor("b", {4}, io::GgmlType::F32);
+  {
+    auto sink = pieces.start(dir / "pieces.gguf");
+    sink.put("a", 3, a.narrow(0, 3, 2));
+    sink.put("b", 0, b);
+    sink.put("a", 0, a.narrow(0, 0, 3));
+    sink.close();
+  }
+  EXPECT_EQ(read_all(dir / "pieces.gguf"), read_all(dir / "whole.gguf"));
+  auto g = io::GgufFile::open(dir / "pieces.gguf");
+  EXPECT_TRUE(torch::equal(g.get("a"), a.to(torch::kHalf).to(torch::kFloat)));
+  // Rows missing: close names the tensor and the first missing row, and removes the file.
+  {
+    auto sink = pieces.start(dir / "partial.gguf");
+    sink.put("a", 0, a.narrow(0, 0, 4));
+    sink.put("b", 0, b);
+    EXPECT_NE(test::user_error_of([&] { sink.close(); }).find("partial.gguf: tensor 'a' was not written in full (row 4)"),
+              std::string::npos);
+  }
+  EXPECT_FALSE(fs::exists(dir / "partial.gguf"));
+  // An unclosed sink (an export that failed half-way) leaves no file.
+  { auto sink = pieces.start(dir / "dropped.gguf"); }
+  EXPECT_FALSE(fs::exists(dir / "dropped.gguf"));
 }
 
 // A few hundred random byte mutations and truncations of valid files: every one either opens or

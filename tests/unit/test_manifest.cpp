@@ -149,6 +149,30 @@ TEST(Manifest, VerifyFindsMissingTruncatedAndCorruptFiles) {
   EXPECT_NE(train::verify_checkpoint(d).problem.find("not a plain file name"), std::string::npos);
 }
 
+// A rank other than 0 of a job takes the hashes as rank 0 found them: it checks sizes only (a truncated or missing
+// file is still found, cheaply), and a directory it accepted counts as verified in this process.
+TEST(Manifest, AcceptedFromRankZeroChecksSizesOnly) {
+  test::TempDir tmp("manifest_accept");
+  const std::string d = manifested_dir(tmp);
+  fs::resize_file(d + "/model.safetensors", 4000);
+  auto t = train::accept_checkpoint_verified_by_main(d);
+  EXPECT_FALSE(t.ok);
+  EXPECT_NE(t.problem.find("truncated (4000 of 5000 bytes)"), std::string::npos) << t.problem;
+  // A flipped byte is rank 0's to find (it hashed the same file on the shared file system).
+  std::string flipped = pattern(5000);
+  flipped[2500] ^= 0x10;
+  write(d + "/model.safetensors", flipped);
+  EXPECT_FALSE(train::verify_checkpoint(d).ok);
+  EXPECT_TRUE(train::accept_checkpoint_verified_by_main(d).ok);
+  EXPECT_TRUE(test::user_error_of([&] { train::require_intact_checkpoint(d); }).empty());  // accepted: not hashed again
+  // One process: the job's check is require_intact_checkpoint itself (this directory is cached as accepted, so a
+  // fresh copy is checked).
+  fs::copy(d, d + "-copy", fs::copy_options::recursive);
+  EXPECT_NE(test::user_error_of([&] { train::require_intact_checkpoint_once_per_job(d + "-copy", true, {}); })
+                .find("model.safetensors: corrupt"),
+            std::string::npos);
+}
+
 TEST(Manifest, LegacyCheckpointWithoutManifestIsAccepted) {
   test::TempDir tmp("manifest_legacy");
   const std::string d = manifested_dir(tmp);
