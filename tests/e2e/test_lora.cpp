@@ -302,6 +302,35 @@ TEST(QloraE2e, TrainsOnAQuantisedBaseExportsMergedRefusesAChangedBaseAndDpoFollo
                       " --set train.max_steps=1 --set output_dir=" + (dir / "full_from_q")),
             0);
 
+  // The chained base under expert parallelism: each of 2 ranks merges its half of the experts of the QLoRA
+  // checkpoint into its share of the base (the base's fingerprint checked over both ranks). DPO with adapters on
+  // it trains as one process accumulating the same pairs in 2 micro-batches, and a full fine-tune from it starts
+  // from the same model (its held-out loss before any update).
+  const std::string dpo_same = " --set train.micro_batch_size=2 --set finetune.lora.dropout=0.0";
+  ASSERT_EQ(status_of(kBin + " train " + (dir / "dpo.yaml") + dpo_same + " --set train.grad_accum=2 --set output_dir=" +
+                      (dir / "dpo1")),
+            0);
+  ASSERT_EQ(status_of(kBin + " launch --nproc-per-node 2 --master-port " + std::to_string(test::free_port()) +
+                      " -- train " + (dir / "dpo.yaml") + dpo_same + " --set parallel.expert=2 --set output_dir=" +
+                      (dir / "dpo2")),
+            0);
+  auto d1 = test::metric_records(dir / "dpo1", "loss"), d2 = test::metric_records(dir / "dpo2", "loss");
+  ASSERT_EQ(d1.size(), 4u);
+  ASSERT_EQ(d2.size(), 4u);
+  for (size_t i = 0; i < 4; ++i)
+    EXPECT_NEAR(d2[i]["loss"].get<double>(), d1[i]["loss"].get<double>(), 1e-5 * d1[i]["loss"].get<double>()) << i;
+  const std::string full_same = " --set finetune.method=full --set init_from=" + ck +
+                                " --set train.max_steps=1 --set runtime.precision=fp32 --set train.micro_batch_size=2";
+  ASSERT_EQ(status_of(kBin + " train " + recipe + full_same + " --set train.grad_accum=2 --set output_dir=" + (dir / "full1")), 0);
+  ASSERT_EQ(status_of(kBin + " launch --nproc-per-node 2 --master-port " + std::to_string(test::free_port()) + " -- train " +
+                      recipe + full_same + " --set parallel.expert=2 --set output_dir=" + (dir / "full2")),
+            0);
+  auto f1 = test::metric_records(dir / "full1", "val_loss"), f2 = test::metric_records(dir / "full2", "val_loss");
+  ASSERT_FALSE(f1.empty());
+  ASSERT_FALSE(f2.empty());
+  EXPECT_EQ(f1[0]["step"], 0);
+  EXPECT_NEAR(f2[0]["val_loss"].get<double>(), f1[0]["val_loss"].get<double>(), 1e-5 * f1[0]["val_loss"].get<double>());
+
   // A base that changed under the adapters is refused with a one-line error naming base.json.
   const std::string other = pretrain(dir, data, "other", 3);
   fs::remove_all(pre);
