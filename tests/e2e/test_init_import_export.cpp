@@ -75,6 +75,18 @@ TEST(InitImportExport, InitBySharesEqualsOneProcessAndRoundTrips) {
   ASSERT_EQ(test::run_quiet(kBin + " import " + hf + " --out " + back), 0);
   auto m = train::load_checkpoint_model(back);
   expect_same_weights(m, expected, "init -> export -> import");
+  // --dtype bf16 stores bf16 (half the bytes) and loads as the weights rounded to bf16.
+  ASSERT_EQ(test::run_quiet(kBin + " import " + hf + " --dtype bf16 --out " + back + "16"), 0);
+  EXPECT_EQ(io::SafetensorsFile::open(back + "16/model.safetensors").entry("model.embed_tokens.weight").dtype, "BF16");
+  auto m16 = train::load_checkpoint_model(back + "16");
+  MixtralForCausalLM rounded(cfg);
+  {
+    torch::NoGradGuard ng;
+    auto pe = expected->named_parameters();
+    for (auto& p : rounded->named_parameters()) p.value().copy_(pe[p.key()].to(torch::kBFloat16).to(torch::kFloat));
+  }
+  expect_same_weights(m16, rounded, "import --dtype bf16");
+  EXPECT_EQ(test::run_quiet(kBin + " import " + hf + " --dtype fp16 --out " + back + "-bad"), 2);
 
   // A fresh pretraining run (no init_from) starts from the same weights: its step-0 loss equals the loss of
   // a run started from the init checkpoint (same seed, same data, same order).
