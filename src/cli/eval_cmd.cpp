@@ -53,6 +53,7 @@ static int eval_generate(const std::string& ckpt, const std::string& file, int64
     SamplingOptions o;
     o.max_new_tokens = max_new;
     o.eos_id = tok.eos_id();
+    o.vocab_limit = tok.vocab_size();
     if (job.world() > 1) o.agree = [&](int64_t t) { return job.agree(t); };
     std::vector<int64_t> prompt(ex.ids.begin(), ex.ids.end());
     auto out = generate(model, prompt, o);

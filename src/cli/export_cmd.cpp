@@ -2,7 +2,7 @@
 // A LoRA / QLoRA checkpoint exports its merged model (hf, gguf: base + scale * B A, a quantised base
 // dequantised first) or its adapter alone (peft, read from its files). hf and gguf stream: a full checkpoint
 // tensor by tensor, an adapter checkpoint one expert share at a time (--expert-shares, default shares of ~1 GB
-// of experts); no export builds the whole model.
+// of experts, so a model over ~1 GB of experts is never built whole).
 #include <torch/torch.h>
 
 #include <malloc.h>
@@ -55,7 +55,10 @@ int export_adapter(const std::string& ckpt, const ModelConfig& cfg, const std::o
       if (n.find(".lora_A.") != std::string::npos || n.find(".lora_B.") != std::string::npos)
         found[n] = files.back().get(n);
   }
-  // Pairs of the right ranks for every targeted module: a file that lost or altered one is refused.
+  // Pairs of the right shapes for every targeted module: A [r, in], B [out, r] for its weight [out, in] and the
+  // rank the recipe gives it. A file that lost or altered one is refused.
+  std::map<std::string, std::vector<int64_t>> weight_shape;
+  for (const auto& [n, shape] : parameter_shapes(cfg)) weight_shape[n] = shape;
   std::vector<std::pair<std::string, at::Tensor>> adapters;
   int64_t pairs = 0;
   for (const auto& [n, a] : found) {
@@ -66,9 +69,14 @@ int export_adapter(const std::string& ckpt, const ModelConfig& cfg, const std::o
     auto b = found.find(b_name);
     if (b == found.end()) throw UserError(ckpt + ": adapter '" + b_name + "' is missing");
     const int64_t r = l.targets_module(target) ? l.rank_of(target) : -1;
-    if (a.dim() != 2 || b->second.dim() != 2 || a.size(0) != r || b->second.size(1) != r)
-      throw UserError(ckpt + ": adapter '" + stem + "' does not have the rank its recipe gives '" + target + "' (" +
-                      std::to_string(r) + ")");
+    auto w = weight_shape.find(stem + ".weight");
+    if (w == weight_shape.end() || w->second.size() != 2)
+      throw UserError(ckpt + ": adapter '" + stem + "' is for no linear layer of its model");
+    const std::vector<int64_t> want_a{r, w->second[1]}, want_b{w->second[0], r};
+    if (a.sizes().vec() != want_a || b->second.sizes().vec() != want_b)
+      throw UserError(ckpt + ": adapter '" + stem + "' has A " + c10::str(a.sizes()) + " and B " +
+                      c10::str(b->second.sizes()) + "; its recipe and config give A " +
+                      c10::str(c10::IntArrayRef(want_a)) + " and B " + c10::str(c10::IntArrayRef(want_b)));
     adapters.emplace_back(n, a);
     adapters.emplace_back(b_name, b->second);
     ++pairs;
@@ -132,8 +140,14 @@ class CheckpointTensors {
     }
     for (const auto& [n, i] : file_of_)
       if (n.find("expert_bias") != std::string::npos && warn_if_expert_biases(n, files_[i].get(n))) break;
-    for (const auto& [n, shape] : parameter_shapes(cfg))
-      if (!file_of_.count(n)) throw UserError(ckpt + ": tensor '" + n + "' is missing from its weight files");
+    for (const auto& [n, shape] : parameter_shapes(cfg)) {
+      auto it = file_of_.find(n);
+      if (it == file_of_.end()) throw UserError(ckpt + ": tensor '" + n + "' is missing from its weight files");
+      const auto& e = files_[it->second].entry(n);
+      if (e.shape != shape)
+        throw UserError(files_[it->second].path() + ": tensor '" + n + "' has shape " + c10::str(c10::IntArrayRef(e.shape)) +
+                        ", its config.yaml gives " + c10::str(c10::IntArrayRef(shape)));
+    }
   }
   at::Tensor get(const std::string& n) const { return files_[file_of_.at(n)].get(n); }
 

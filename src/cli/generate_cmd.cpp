@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 
 #include "cli/cli.h"
@@ -40,11 +41,14 @@ int cmd_generate(const Args& in) {
   data::Tokenizer tok(train::require_checkpoint_tokenizer(ckpt, "generation"));
   MixtralForCausalLM model = job.load(ckpt, precision);
   if (job.world() > 1) o.agree = [&](int64_t t) { return job.agree(t); };
+  // Test hook: ranks other than 0 draw from other streams, so that only the agreement keeps them together.
+  if (std::getenv("MOEFORGE_TEST_RANK_SEEDS") && job.rank() > 0) o.seed += 7919ULL * static_cast<uint64_t>(job.rank());
   const bool print = job.is_main();
   // Mixtral-Instruct's format: <s>[INST] {prompt} [/INST]
   std::vector<int64_t> ids{tok.bos_id()};
   for (int t : tok.encode(chat ? "[INST] " + prompt + " [/INST]" : prompt)) ids.push_back(t);
   o.eos_id = tok.eos_id();
+  o.vocab_limit = tok.vocab_size();
   // Decode prompt + everything produced so far and print what is new: SentencePiece drops the
   // leading space of a text's first piece and pieces can merge, so tokens are not decoded alone.
   std::vector<int> produced(ids.begin() + 1, ids.end());

@@ -102,7 +102,7 @@ void GgufWriter::declare_tensor(const std::string& name, const std::vector<int64
 
 void GgufWriter::write(const std::string& path, uint32_t alignment) const { start(path, alignment).close(); }
 
-GgufSink GgufWriter::start(const std::string& path, uint32_t alignment) const {
+GgufSink GgufWriter::start(const std::string& path, uint32_t alignment, const std::string& shown) const {
   Out o;
   o.put<uint32_t>(kMagic);
   o.put<uint32_t>(3);
@@ -133,8 +133,9 @@ GgufSink GgufWriter::start(const std::string& path, uint32_t alignment) const {
   const uint64_t data_start = (o.buf.size() + alignment - 1) / alignment * alignment;
   GgufSink sink;
   sink.path_ = path;
+  sink.shown_ = shown.empty() ? path : shown;
   sink.fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (sink.fd_ < 0) throw UserError(path + ": cannot create: " + std::strerror(errno));
+  if (sink.fd_ < 0) throw UserError(sink.shown_ + ": cannot create: " + std::strerror(errno));
   for (size_t i = 0; i < tensors_.size(); ++i) {
     GgufSink::Slot slot{tensors_[i].shape, tensors_[i].type, data_start + offsets[i],
                         std::vector<bool>(static_cast<size_t>(tensors_[i].shape.empty() ? 1 : tensors_[i].shape[0]))};
@@ -144,13 +145,16 @@ GgufSink GgufWriter::start(const std::string& path, uint32_t alignment) const {
   o.buf.resize(data_start, '\0');
   sink.put_bytes(0, o.buf.data(), o.buf.size());
   if (::ftruncate(sink.fd_, static_cast<off_t>(data_start + offset)) != 0)
-    throw UserError(path + ": cannot size the file: " + std::strerror(errno));
+    throw UserError(sink.shown_ + ": cannot size the file: " + std::strerror(errno));
   for (const auto& t : tensors_)
     if (t.data.defined()) sink.put(t.name, 0, t.shape.empty() ? t.data.reshape({1}) : t.data);
   return sink;
 }
 
-GgufSink::GgufSink(GgufSink&& o) noexcept : path_(std::move(o.path_)), fd_(o.fd_), slots_(std::move(o.slots_)) { o.fd_ = -1; }
+GgufSink::GgufSink(GgufSink&& o) noexcept
+    : path_(std::move(o.path_)), shown_(std::move(o.shown_)), fd_(o.fd_), slots_(std::move(o.slots_)) {
+  o.fd_ = -1;
+}
 
 GgufSink::~GgufSink() {
   if (fd_ < 0) return;
@@ -163,7 +167,7 @@ void GgufSink::put_bytes(uint64_t at, const void* data, uint64_t n) {
   while (n > 0) {
     const ssize_t w = ::pwrite(fd_, p, std::min<uint64_t>(n, 1ULL << 30), static_cast<off_t>(at));
     if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) throw UserError(path_ + ": write failed: " + std::strerror(w < 0 ? errno : EIO));
+    if (w <= 0) throw UserError(shown_ + ": write failed: " + std::strerror(w < 0 ? errno : EIO));
     p += w;
     at += static_cast<uint64_t>(w);
     n -= static_cast<uint64_t>(w);
@@ -194,14 +198,14 @@ void GgufSink::put(const std::string& name, int64_t first_row, const at::Tensor&
 void GgufSink::close() {
   for (const auto& [name, s] : slots_)
     for (size_t r = 0; r < s.written.size(); ++r)
-      if (!s.written[r]) throw UserError(path_ + ": tensor '" + name + "' was not written in full (row " + std::to_string(r) + ")");
+      if (!s.written[r]) throw UserError(shown_ + ": tensor '" + name + "' was not written in full (row " + std::to_string(r) + ")");
   const int fd = fd_;
   fd_ = -1;
-  const bool ok = ::fsync(fd) == 0;
-  const int err = errno;
-  if (::close(fd) != 0 || !ok) {
+  int err = ::fsync(fd) == 0 ? 0 : errno;
+  if (::close(fd) != 0 && err == 0) err = errno;
+  if (err != 0) {
     ::unlink(path_.c_str());
-    throw UserError(path_ + ": write failed: " + std::strerror(ok ? errno : err));
+    throw UserError(shown_ + ": write failed: " + std::strerror(err));
   }
 }
 

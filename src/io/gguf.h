@@ -53,7 +53,7 @@ class GgufSink {
   };
   GgufSink() = default;
   void put_bytes(uint64_t at, const void* data, uint64_t n);
-  std::string path_;
+  std::string path_, shown_;
   int fd_ = -1;
   std::map<std::string, Slot> slots_;
 };
@@ -76,7 +76,8 @@ class GgufWriter {
   void write(const std::string& path, uint32_t alignment = 32) const;
   // Creates `path` with the header (and the data of tensors added with it): the declared tensors' data go
   // through the returned sink.
-  GgufSink start(const std::string& path, uint32_t alignment = 32) const;
+  // `shown`: the name errors give the file (the final path of a file written under a temp name).
+  GgufSink start(const std::string& path, uint32_t alignment = 32, const std::string& shown = "") const;
 
  private:
   struct Tensor {

@@ -101,7 +101,7 @@ void export_gguf(const ModelConfig& c, const HfTensorFeed& feed, const GgufVocab
   if (!c.tie_word_embeddings) declare("output.weight", "lm_head.weight", t);
   const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
   {
-    GgufSink sink = g.start(tmp);  // removes the temp file unless closed
+    GgufSink sink = g.start(tmp, 32, path);  // removes the temp file unless closed
     feed([&](const std::string& name, const at::Tensor& w) {
       auto it = target.find(name);
       MF_CHECK(it != target.end(), "GGUF export: no place for " + name);
@@ -112,7 +112,12 @@ void export_gguf(const ModelConfig& c, const HfTensorFeed& feed, const GgufVocab
     });
     sink.close();
   }
-  fs::rename(tmp, path);
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) {
+    fs::remove(tmp);
+    throw UserError(path + ": cannot move the export into place: " + ec.message());
+  }
 }
 
 void export_gguf(const ModelConfig& c, const std::map<std::string, at::Tensor>& weights, const GgufVocab& vocab,

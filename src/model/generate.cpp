@@ -11,6 +11,8 @@ namespace {
 
 int64_t pick(const torch::Tensor& logits_V, const SamplingOptions& opt, at::Generator& gen) {
   auto l = logits_V.to(torch::kFloat).to(torch::kCPU);
+  // Rows past the tokenizer (an embedding padded beyond it) are never produced: no piece would decode them.
+  if (opt.vocab_limit > 0 && opt.vocab_limit < l.size(0)) l = l.narrow(0, 0, opt.vocab_limit);
   if (opt.temperature <= 0) return l.argmax().item<int64_t>();
   auto probs = torch::softmax(l / opt.temperature, -1);
   if (opt.top_p < 1.0) {

@@ -14,6 +14,7 @@ struct SamplingOptions {
   double top_p = 1.0;
   uint64_t seed = 0;
   int64_t eos_id = 2;        // stops generation (not returned); < 0 = never stop early
+  int64_t vocab_limit = 0;   // > 0: only ids below it are produced (the tokenizer's size); 0 = every row
   // Under expert parallelism every rank generates: each picked token is replaced by agree(token) (rank 0's), so
   // the ranks never diverge on a logit that differs in its last bit. Empty: one process.
   std::function<int64_t(int64_t)> agree;

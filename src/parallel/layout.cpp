@@ -111,9 +111,11 @@ void Layout::share_updated_parameters() {
 
 void Layout::all_reduce_sum(std::vector<at::Tensor>& tensors) { dist_->all_reduce_sum(tensors); }
 
-int64_t Layout::from_main(int64_t v) {
+int64_t Layout::from_main(int64_t v) { return sum(is_main() ? v : 0); }
+
+int64_t Layout::sum(int64_t v) {
   if (world_ == 1) return v;
-  std::vector<at::Tensor> t{torch::full({1}, is_main() ? v : 0, torch::kLong)};
+  std::vector<at::Tensor> t{torch::full({1}, v, torch::kLong)};
   dist_->all_reduce_sum(t);
   return t[0].item<int64_t>();
 }

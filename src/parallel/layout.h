@@ -74,8 +74,9 @@ class Layout {
   void share_updated_parameters();
   // In-place sums over the world (logged numbers).
   void all_reduce_sum(std::vector<at::Tensor>& tensors);
-  // Rank 0's `v` on every rank (a collective).
+  // Rank 0's `v` on every rank, and the sum of `v` over the ranks (collectives).
   int64_t from_main(int64_t v);
+  int64_t sum(int64_t v);
   void barrier();
 
   ShardPlacement shard_placement() const;

@@ -39,7 +39,9 @@ class WeightSource {
     }
     if (auto base = read_base_pointer(src.dir)) {  // adapters on adapters: this base is a merged model
       MF_INFO(src.dir << " is an adapter checkpoint: its adapters are merged into its base to form this base");
-      auto m = load_adapter_checkpoint_model(src.dir, *base, held, over_group);
+      // A share without a group is an export going share by share in one process: its caller checks the base it
+      // loads here (whose fingerprint covers these merged values) over all shares, so this one is not checked.
+      auto m = load_adapter_checkpoint_model(src.dir, *base, held, over_group, held.all() || over_group);
       for (auto& [n, t] : merged_weights(m)) merged_[n] = t;
       for (auto& b : m->named_buffers()) merged_[b.key()] = b.value().detach();
       return;
@@ -170,20 +172,21 @@ std::optional<BasePointer> read_base_pointer(const std::string& ckpt_dir) {
 }
 
 MixtralForCausalLM load_adapter_checkpoint_model(const std::string& ckpt_dir, const BasePointer& base, ExpertRange held,
-                                                 const GroupXor& over_group) {
+                                                 const GroupXor& over_group, bool check_base) {
   auto recipe = checkpoint_recipe(ckpt_dir);
   if (!recipe) throw UserError(ckpt_dir + ": an adapter checkpoint needs its recipe.yaml (the adapters' settings)");
   if (recipe->finetune.method != base.method)
     throw UserError(ckpt_dir + "/base.json: method " + base.method + " but recipe.yaml says " + recipe->finetune.method);
   const ModelConfig cfg = read_checkpoint_config(ckpt_dir);
-  MF_CHECK(held.all() || over_group, "a share of an adapter checkpoint's experts needs the group to check its base");
+  MF_CHECK(!check_base || held.all() || over_group, "a share of an adapter checkpoint's experts needs the group to check its base");
   // The base in fp32 storage (a QLoRA base quantised, as trained): bf16 storage is a training-time saving,
   // and eval --precision fp32, export and a chained base want the weights as they are.
   BaseModel b = load_base_model(base.init_from, cfg, recipe->finetune, "fp32", held, over_group);
   // A share's fingerprint covers the dense part and its experts: the other ranks' experts complete it.
-  const uint64_t fingerprint =
-      held.all() ? b.fingerprint : (b.fingerprint ^ b.experts_fingerprint) ^ over_group(b.experts_fingerprint);
-  if (fingerprint != base.fingerprint)
+  const uint64_t fingerprint = held.all() || !check_base
+                                   ? b.fingerprint
+                                   : (b.fingerprint ^ b.experts_fingerprint) ^ over_group(b.experts_fingerprint);
+  if (check_base && fingerprint != base.fingerprint)
     throw UserError(ckpt_dir + "/base.json: the base at " + base.init_from + " is not the one these adapters were trained on " +
                     "(fingerprint " + hex(fingerprint) + ", expected " + hex(base.fingerprint) + ")");
   attach_lora(b.model, recipe->finetune.lora, recipe->train.seed);

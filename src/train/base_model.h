@@ -43,7 +43,9 @@ std::optional<BasePointer> read_base_pointer(const std::string& ckpt_dir);
 // A LoRA / QLoRA checkpoint's model (base from its pointer, checked by fingerprint, plus its adapters), on
 // the CPU. The fine-tuning settings come from the checkpoint's recipe.yaml. `held`: only this share of the experts
 // (and their adapters) is built and read; the base's fingerprint is then combined over the ranks by `over_group`.
+// `check_base` false: the caller checks what these values become (a chained base inside an export by shares).
 MixtralForCausalLM load_adapter_checkpoint_model(const std::string& ckpt_dir, const BasePointer& base,
-                                                 ExpertRange held = {}, const GroupXor& over_group = {});
+                                                 ExpertRange held = {}, const GroupXor& over_group = {},
+                                                 bool check_base = true);
 
 }  // namespace moeforge::train

@@ -10,6 +10,7 @@
 #include "train/base_model.h"
 #include "train/checkpoint.h"
 #include "train/manifest.h"
+#include "train/model_setup.h"
 
 namespace moeforge::train {
 
@@ -35,10 +36,10 @@ bool InferenceJob::is_main() const { return layout_->is_main(); }
 MixtralForCausalLM InferenceJob::load(const std::string& ckpt, const std::string& precision) {
   // Before its base, its config or its recipe is read: rank 0 hashes it, the others check sizes (and so for a
   // base that is a moeforge checkpoint).
-  const auto from_main = [&](int64_t v) { return layout_->from_main(v); };
-  require_intact_checkpoint_once_per_job(ckpt, is_main(), from_main);
+  const JobRanks ranks = job_ranks(*layout_);
+  require_intact_checkpoint_once_per_job(ckpt, ranks);
   if (auto base = read_base_pointer(ckpt); base && !io::parse_init_source(base->init_from).hf)
-    require_intact_checkpoint_once_per_job(io::parse_init_source(base->init_from).dir, is_main(), from_main);
+    require_intact_checkpoint_once_per_job(io::parse_init_source(base->init_from).dir, ranks);
   const ModelConfig cfg = read_checkpoint_config(ckpt);
   if (cfg.moe.num_experts % layout_->world() != 0)
     throw UserError(ckpt + ": its " + std::to_string(cfg.moe.num_experts) + " experts do not split evenly over " +

@@ -307,19 +307,23 @@ CheckpointCheck verify_checkpoint_once(const std::string& dir) { return check_on
 
 CheckpointCheck accept_checkpoint_verified_by_main(const std::string& dir) { return check_once(dir, false); }
 
-void require_intact_checkpoint_once_per_job(const std::string& dir, bool main,
-                                            const std::function<int64_t(int64_t)>& from_main) {
-  if (!from_main) return require_intact_checkpoint(dir);
+void require_intact_checkpoint_once_per_job(const std::string& dir, const JobRanks& job) {
+  if (!job.from_main || !job.sum) return require_intact_checkpoint(dir);
   std::string problem;
-  if (main) {
+  if (job.main) {
     const CheckpointCheck c = verify_checkpoint_once(dir);
     if (!c.ok) problem = c.message(dir);
   }
-  if (from_main(problem.empty() ? 0 : 1) != 0)
-    throw UserError(main ? problem + "; the checkpoint is damaged" : dir + ": rank 0 found the checkpoint damaged");
-  if (main) return;
-  const CheckpointCheck c = accept_checkpoint_verified_by_main(dir);
-  if (!c.ok) throw UserError(c.message(dir) + "; the checkpoint is damaged");
+  if (job.from_main(problem.empty() ? 0 : 1) != 0)
+    throw UserError(job.main ? problem + "; the checkpoint is damaged" : dir + ": rank 0 found the checkpoint damaged");
+  if (!job.main) {
+    const CheckpointCheck c = accept_checkpoint_verified_by_main(dir);
+    if (!c.ok) problem = c.message(dir);
+  }
+  // Every rank learns whether any found damage (a rank stopping alone would leave the others waiting).
+  if (job.sum(problem.empty() ? 0 : 1) != 0)
+    throw UserError(problem.empty() ? dir + ": another rank found the checkpoint damaged"
+                                    : problem + "; the checkpoint is damaged");
 }
 
 void require_intact_checkpoint(const std::string& dir) {

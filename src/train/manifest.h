@@ -85,10 +85,16 @@ void require_intact_checkpoint(const std::string& dir);
 // and takes the hashes as rank 0 found them; the directory then counts as verified in this process, so the
 // job reads a checkpoint for its hash once, not once per rank.
 CheckpointCheck accept_checkpoint_verified_by_main(const std::string& dir);
-// require_intact_checkpoint for such a job: rank 0 (`main`) verifies, `from_main(v)` is rank 0's v on every rank
-// (a collective: every rank calls this), the others accept. Damaged: a UserError on every rank (rank 0's names
-// the file). Without `from_main`: require_intact_checkpoint.
-void require_intact_checkpoint_once_per_job(const std::string& dir, bool main,
-                                            const std::function<int64_t(int64_t)>& from_main);
+// The ranks of a job as these checks see them (train/model_setup.h: job_ranks of a layout). Both functions are
+// collectives: every rank calls them, in the same order.
+struct JobRanks {
+  bool main = true;
+  std::function<int64_t(int64_t)> from_main;  // rank 0's value on every rank
+  std::function<int64_t(int64_t)> sum;        // the sum over the ranks
+};
+// require_intact_checkpoint for such a job: rank 0 verifies, the others accept; a damaged checkpoint (found by any
+// rank) is a UserError on every rank, rank 0's or the finder's naming the file. Without collectives (one
+// process): require_intact_checkpoint.
+void require_intact_checkpoint_once_per_job(const std::string& dir, const JobRanks& job);
 
 }  // namespace moeforge::train

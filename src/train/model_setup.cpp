@@ -15,24 +15,48 @@ namespace moeforge::train {
 
 namespace fs = std::filesystem;
 
+JobRanks job_ranks(parallel::Layout& layout) {
+  JobRanks j;
+  j.main = layout.is_main();
+  if (layout.world() > 1) {
+    j.from_main = [&layout](int64_t v) { return layout.from_main(v); };
+    j.sum = [&layout](int64_t v) { return layout.sum(v); };
+  }
+  return j;
+}
+
 std::optional<std::string> latest_checkpoint_of_job(const std::string& run_dir, parallel::Layout& layout) {
   if (layout.world() == 1) return latest_checkpoint(run_dir);
   std::optional<std::string> latest;
-  int64_t step = -1;
+  std::string problem;
+  int64_t step = -1;  // none
   if (layout.is_main()) {
-    latest = latest_checkpoint(run_dir);
-    if (latest) {
-      auto st = checkpoint_trainer_state(*latest);
-      if (!st) throw UserError(*latest + ": has no trainer_state.json; not a checkpoint to resume");
-      step = st->step;
+    try {
+      latest = latest_checkpoint(run_dir);
+      if (latest) {
+        auto st = checkpoint_trainer_state(*latest);
+        if (!st) throw UserError(*latest + ": has no trainer_state.json; not a checkpoint to resume");
+        if (checkpoint_dir(run_dir, st->step) != *latest)
+          throw UserError(*latest + ": its trainer_state.json says step " + std::to_string(st->step) +
+                          "; a resumed checkpoint keeps its step_N name");
+        step = st->step;
+      }
+    } catch (const UserError& e) {
+      problem = e.what();
+      step = -2;  // every rank stops, rank 0 saying why
     }
   }
   step = layout.from_main(step);
-  if (layout.is_main() || step < 0) return latest;
+  if (step == -2) throw UserError(layout.is_main() ? problem : run_dir + ": rank 0 could not choose a checkpoint to resume");
+  if (step < 0) return latest;
   const std::string dir = checkpoint_dir(run_dir, step);
-  const CheckpointCheck c = accept_checkpoint_verified_by_main(dir);
-  if (!c.ok) throw UserError(c.message(dir) + "; the checkpoint is damaged (rank 0 found it intact: is " + run_dir +
-                             " on a file system every rank shares?)");
+  if (!layout.is_main()) {
+    const CheckpointCheck c = accept_checkpoint_verified_by_main(dir);
+    if (!c.ok) problem = c.message(dir) + "; the checkpoint is damaged (rank 0 found it intact: is " + run_dir +
+                         " on a file system every rank shares?)";
+  }
+  if (layout.sum(problem.empty() ? 0 : 1) != 0)
+    throw UserError(problem.empty() ? dir + ": another rank found the checkpoint damaged" : problem);
   return dir;
 }
 
@@ -44,7 +68,7 @@ TrainingModel build_training_model(const Recipe& r, parallel::Layout& layout, co
   // A moeforge checkpoint to start from (or to adapt) is hashed by rank 0 only; the others check its sizes.
   if (!r.init_from.empty() && (!latest || ft.adapters()))
     if (const auto src = io::parse_init_source(r.init_from); !src.hf)
-      require_intact_checkpoint_once_per_job(src.dir, layout.is_main(), [&](int64_t v) { return layout.from_main(v); });
+      require_intact_checkpoint_once_per_job(src.dir, job_ranks(layout));
   TrainingModel out;
   if (ft.adapters()) {
     // A frozen base, loaded (and for QLoRA quantised) layer by layer; adapters come after the expert split.

@@ -9,6 +9,7 @@
 
 #include "model/decoder.h"
 #include "train/base_model.h"
+#include "train/manifest.h"
 #include "train/recipe.h"
 
 namespace moeforge::parallel {
@@ -21,6 +22,9 @@ struct TrainingModel {
   MixtralForCausalLM model{nullptr};
   BasePointer base;  // adapter runs: the frozen base (its fingerprint over every rank's experts)
 };
+
+// The layout's ranks for the once-per-job checkpoint checks (train/manifest.h).
+JobRanks job_ranks(parallel::Layout& layout);
 
 // The checkpoint of `run_dir` a job resumes: rank 0 finds the newest intact one (latest_checkpoint: verified,
 // falling back past damaged ones with a warning) and tells the others, which check its sizes only; the job

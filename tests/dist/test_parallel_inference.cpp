@@ -40,8 +40,15 @@ std::vector<std::string> rank_lines(const std::string& text, int r, const std::s
   return out;
 }
 
-std::string launched(int ranks, const std::string& command) {
-  return kBin + " launch --nproc-per-node " + std::to_string(ranks) + " --master-port " +
+// `command` may start with VAR=value words: they go in front, into every rank's environment.
+std::string launched(int ranks, std::string command) {
+  std::string env;
+  while (!command.empty() && command[0] != ' ' && command.find('=') < command.find(' ')) {
+    const auto sp = command.find(' ');
+    env += command.substr(0, sp) + " ";
+    command = command.substr(sp);
+  }
+  return env + kBin + " launch --nproc-per-node " + std::to_string(ranks) + " --master-port " +
          std::to_string(test::free_port()) + " -- " + command;
 }
 }  // namespace
@@ -64,8 +71,8 @@ TEST(ParallelInference, EvalGenerateRoutingUnderExpertParallelismEqualOneProcess
   const std::string greedy = " generate " + ck + " --prompt 'the cat' --max-new-tokens 12 --threads 1";
   const std::string sampled = greedy + " --temperature 0.9 --top-p 0.9 --seed 5";
   const std::string routing = " routing " + ck + " --data " + data + " --seq-len 32 --max-tokens 400 --json --threads 1";
-  auto one = [&](const std::string& c) {
-    auto out = output_of(kBin + c + " 2>/dev/null", dir / "one.txt", &rc);
+  auto one = [&](const std::string& c) {  // stdout only
+    auto out = output_of("(" + kBin + c + " 2>/dev/null)", dir / "one.txt", &rc);
     EXPECT_EQ(rc, 0) << c;
     return out;
   };
@@ -93,6 +100,8 @@ TEST(ParallelInference, EvalGenerateRoutingUnderExpertParallelismEqualOneProcess
     // Completions: the one-process text exactly (greedy: the same argmax; sampled: rank 0's draws, same seed).
     EXPECT_EQ(ep(greedy, "the cat") + "\n", g_one) << what;
     EXPECT_EQ(ep(sampled, "the cat") + "\n", s_one) << what;
+    // The same with every rank but 0 drawing from another stream: rank 0's tokens are what they all continue with.
+    EXPECT_EQ(ep("MOEFORGE_TEST_RANK_SEEDS=1" + sampled, "the cat") + "\n", s_one) << what;
     const std::string rl = ep(routing, "{");
     if (!rl.empty()) {
       const auto j = nlohmann::json::parse(rl);

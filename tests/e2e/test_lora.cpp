@@ -319,6 +319,11 @@ TEST(QloraE2e, TrainsOnAQuantisedBaseExportsMergedRefusesAChangedBaseAndDpoFollo
   ASSERT_EQ(d2.size(), 4u);
   for (size_t i = 0; i < 4; ++i)
     EXPECT_NEAR(d2[i]["loss"].get<double>(), d1[i]["loss"].get<double>(), 1e-5 * d1[i]["loss"].get<double>()) << i;
+  // Its merged export by expert shares (each share's chained base merged on its own, the whole base checked over
+  // the shares by the outer fingerprint) equals the one-piece export.
+  const std::string chained = *train::latest_checkpoint(dir / "dpo1");
+  ASSERT_EQ(status_of(kBin + " export " + chained + " --format hf --dtype fp32 --out " + (dir / "chained")), 0);
+  expect_same_merged_export_by_shares(chained, dir / "chained", dir / "chained2");
   const std::string full_same = " --set finetune.method=full --set init_from=" + ck +
                                 " --set train.max_steps=1 --set runtime.precision=fp32 --set train.micro_batch_size=2";
   ASSERT_EQ(status_of(kBin + " train " + recipe + full_same + " --set train.grad_accum=2 --set output_dir=" + (dir / "full1")), 0);

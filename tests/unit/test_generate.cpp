@@ -91,3 +91,30 @@ TEST(Generate, StopsAtEosAndChecksLength) {
   o.max_new_tokens = 1000;  // beyond max_position_embeddings (128) without a window
   EXPECT_THROW(generate(m, prompt, o), UserError);
 }
+
+// A tokenizer smaller than the embedding: ids from vocab_limit up are never produced, greedy or sampled; each
+// greedy token is the argmax over the allowed rows of the logits computed by hand (the uncached forward).
+TEST(Generate, VocabLimitNeverProducesRowsPastTheTokenizer) {
+  auto m = gen_model({});
+  std::vector<int64_t> prompt{1, 5, 6};
+  const auto free = generate_uncached_greedy(m, prompt, 16, -1);
+  const int64_t limit = *std::max_element(free.begin(), free.end());  // the largest id greedy picks is cut off
+  ASSERT_GT(limit, 3);
+  SamplingOptions o;
+  o.max_new_tokens = 16;
+  o.eos_id = -1;
+  o.vocab_limit = limit;
+  auto out = generate(m, prompt, o);
+  ASSERT_EQ(out.size(), 16u);
+  std::vector<int64_t> seq = prompt;
+  torch::NoGradGuard ng;
+  for (int64_t t : out) {
+    auto logits = m->forward(torch::tensor(seq, torch::kLong).view({1, -1})).logits[0][-1];
+    EXPECT_EQ(t, logits.narrow(0, 0, limit).argmax().item<int64_t>());
+    seq.push_back(t);
+  }
+  o.temperature = 2.0;  // flat: every row likely, yet none past the limit
+  o.seed = 9;
+  o.max_new_tokens = 60;
+  for (int64_t t : generate(m, prompt, o)) EXPECT_LT(t, limit);
+}

@@ -168,7 +168,7 @@ TEST(Manifest, AcceptedFromRankZeroChecksSizesOnly) {
   // One process: the job's check is require_intact_checkpoint itself (this directory is cached as accepted, so a
   // fresh copy is checked).
   fs::copy(d, d + "-copy", fs::copy_options::recursive);
-  EXPECT_NE(test::user_error_of([&] { train::require_intact_checkpoint_once_per_job(d + "-copy", true, {}); })
+  EXPECT_NE(test::user_error_of([&] { train::require_intact_checkpoint_once_per_job(d + "-copy", train::JobRanks{}); })
                 .find("model.safetensors: corrupt"),
             std::string::npos);
 }
