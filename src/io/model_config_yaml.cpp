@@ -42,7 +42,12 @@ const KeyTable<ModelConfig>& model_config_keys() {
                      std::vector<Balance>{Balance::AuxLoss, Balance::AuxFreeBias, Balance::None},
                      "load balancing: the auxiliary loss, DeepSeek-V3's selection bias, or none")
         .number("moe.bias_update_rate", [](auto& c) -> auto& { return c.moe.bias_update_rate; }, non_negative(),
-                "step of the aux-loss-free bias update");
+                "step of the aux-loss-free bias update")
+        .enumeration("moe.bias_update", [](auto& c) -> auto& { return c.moe.bias_update; }, {"sign", "proportional"},
+                     std::vector<BiasUpdate>{BiasUpdate::Sign, BiasUpdate::Proportional},
+                     "aux-loss-free bias step: rate * sign(mean - load), or rate * (mean - load) / mean")
+        .number("moe.seq_aux_loss_coef", [](auto& c) -> auto& { return c.moe.seq_aux_loss_coef; }, non_negative(),
+                "sequence-wise balancing loss coefficient (the balancing loss within each sequence, averaged), 0 = off");
     return k;
   }();
   return t;

@@ -9,6 +9,9 @@ namespace moeforge {
 
 enum class Balance { AuxLoss, AuxFreeBias, None };
 const char* balance_name(Balance b);
+// The aux-loss-free bias step: rate * sign(mean - load) (DeepSeek-V3, torchtitan), or proportional to the
+// relative error, rate * (mean - load) / mean.
+enum class BiasUpdate { Sign, Proportional };
 
 struct MoEConfig {
   int64_t num_experts = 8;
@@ -18,6 +21,8 @@ struct MoEConfig {
   double router_jitter = 0.0;       // multiplicative input noise U(1-j, 1+j) while training
   Balance balance = Balance::AuxLoss;
   double bias_update_rate = 1e-3;   // aux-loss-free bias step (DeepSeek-V3 gamma)
+  BiasUpdate bias_update = BiasUpdate::Sign;
+  double seq_aux_loss_coef = 0.0;   // sequence-wise balancing loss (DeepSeek-V3's complementary loss), 0 = off
 };
 
 struct ModelConfig {

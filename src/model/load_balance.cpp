@@ -36,6 +36,31 @@ at::Tensor load_balancing_loss(const std::vector<at::Tensor>& logits_per_layer_N
   return (f * P.unsqueeze(0)).sum() * static_cast<double>(E);
 }
 
+at::Tensor sequence_balancing_loss(const std::vector<at::Tensor>& logits_per_layer_NE,
+                                   const std::vector<at::Tensor>& topk_idx_per_layer_NK, int64_t seq_len,
+                                   const at::Tensor& token_mask_N) {
+  MF_CHECK(!logits_per_layer_NE.empty(), "at least one layer");
+  MF_CHECK(logits_per_layer_NE.size() == topk_idx_per_layer_NK.size(), "logits and choices per layer");
+  const int64_t L = static_cast<int64_t>(logits_per_layer_NE.size());
+  const int64_t N = logits_per_layer_NE[0].size(0);
+  const int64_t E = logits_per_layer_NE[0].size(1);
+  const int64_t K = topk_idx_per_layer_NK[0].size(1);
+  MF_CHECK(seq_len > 0 && N % seq_len == 0, "rows are whole sequences");
+  const int64_t B = N / seq_len, T = seq_len;
+  // [L, B, T, E] -> [B, L*T, E]: each sequence's rows of every layer together.
+  auto probs = at::softmax(at::stack(logits_per_layer_NE, 0), -1).view({L, B, T, E}).permute({1, 0, 2, 3}).reshape({B, L * T, E});
+  auto idx = at::stack(topk_idx_per_layer_NK, 0).view({L, B, T, K}).permute({1, 0, 2, 3}).reshape({B, L * T, K});
+  at::Tensor m = token_mask_N.defined() ? token_mask_N.reshape({B, 1, T}).to(probs.options()).expand({B, L, T}).reshape({B, L * T})
+                                        : at::ones({B, L * T}, probs.options());
+  auto denom = m.sum(1);                                                           // [B]
+  auto onehot = at::one_hot(idx, E).to(probs.scalar_type());                      // [B, L*T, K, E]
+  auto f = (onehot * m.view({B, L * T, 1, 1})).sum(1) / denom.clamp_min(1.0).view({B, 1, 1});  // [B, K, E]
+  auto P = (probs * m.view({B, L * T, 1})).sum(1) / denom.clamp_min(1.0).view({B, 1});        // [B, E]
+  auto per_seq = (f * P.unsqueeze(1)).sum({1, 2}) * static_cast<double>(E);      // [B]
+  auto has = denom.gt(0).to(per_seq.scalar_type());
+  return (per_seq * has).sum() / has.sum().clamp_min(1.0);
+}
+
 at::Tensor router_z_loss(const std::vector<at::Tensor>& logits_per_layer_NE, const at::Tensor& token_mask_N) {
   MF_CHECK(!logits_per_layer_NE.empty(), "at least one layer");
   const int64_t L = static_cast<int64_t>(logits_per_layer_NE.size());

@@ -14,6 +14,14 @@ namespace moeforge {
 at::Tensor load_balancing_loss(const std::vector<at::Tensor>& logits_per_layer_NE,
                                const std::vector<at::Tensor>& topk_idx_per_layer_NK, const at::Tensor& token_mask_N = {});
 
+// The sequence-wise form (DeepSeek-V3's complementary balance loss, Megatron's seq_aux_loss): the same loss over the
+// tokens of each sequence alone (rows b*T .. b*T+T-1 of every layer, T = seq_len, layers pooled, padding excluded),
+// averaged over the sequences that have a real token. Same scale as the batch form: balance within every
+// sequence gives k (DeepSeek-V3 writes it divided by k).
+at::Tensor sequence_balancing_loss(const std::vector<at::Tensor>& logits_per_layer_NE,
+                                   const std::vector<at::Tensor>& topk_idx_per_layer_NK, int64_t seq_len,
+                                   const at::Tensor& token_mask_N = {});
+
 // Router z-loss (ST-MoE): mean over (layer, token) of logsumexp(logits)^2, padding excluded.
 at::Tensor router_z_loss(const std::vector<at::Tensor>& logits_per_layer_NE, const at::Tensor& token_mask_N = {});
 

@@ -69,10 +69,12 @@ RouterOutput RouterImpl::forward(const torch::Tensor& x_NH) {
   return r;
 }
 
-void RouterImpl::update_expert_bias(const torch::Tensor& load_E, double rate) {
+void RouterImpl::update_expert_bias(const torch::Tensor& load_E, double rate, BiasUpdate form) {
   torch::NoGradGuard ng;
   auto load = load_E.to(expert_bias.device()).to(torch::kFloat);
-  auto step = torch::sign(load.mean() - load) * rate;
+  const auto mean = load.mean();
+  auto step = form == BiasUpdate::Sign ? torch::sign(mean - load) * rate
+                                       : (mean - load) / mean.clamp_min(1e-12) * rate;
   expert_bias.add_(step.to(expert_bias.scalar_type()));
   expert_bias.sub_(expert_bias.mean());
 }

@@ -25,9 +25,10 @@ class RouterImpl : public torch::nn::Module {
   RouterImpl(int64_t hidden, const MoEConfig& cfg);
   RouterOutput forward(const torch::Tensor& x_NH);
 
-  // Aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean_load - load), then
-  // re-centred to zero mean. `load_E` are token counts per expert since the last update.
-  void update_expert_bias(const torch::Tensor& load_E, double rate);
+  // Aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean_load - load) (or, proportional,
+  // rate * (mean_load - load) / mean_load), then re-centred to zero mean. `load_E` are token counts per expert
+  // since the last update.
+  void update_expert_bias(const torch::Tensor& load_E, double rate, BiasUpdate form = BiasUpdate::Sign);
 
   // The jitter noise comes from this router's own CPU generator (moved to the input's device), so no other
   // use of randomness shifts it and it is the same on every device: seeded by the trainer from the run seed,

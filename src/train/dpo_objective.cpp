@@ -84,7 +84,7 @@ BatchLoss dpo_batch(MixtralForCausalLM& model, const std::vector<data::Preferenc
   BatchLoss o;
   o.total = d.loss;
   if (opt.rpo_alpha > 0) o.total = o.total + opt.rpo_alpha * nll;
-  const MoeTerms t = add_moe_terms(o.total, s.out.router, moe, opt.aux_loss_coef, s.valid);
+  const MoeTerms t = add_moe_terms(o.total, s.out.router, moe, opt.aux_loss_coef, s.out.logits.size(1), s.valid);
   // One host transfer for every logged number (and one for the loads).
   const auto st = fetch_logged(o, {d.loss, t.aux, t.z, d.chosen_rewards.mean(), d.rejected_rewards.mean(),
                                    pc.mean(), pr.mean(), s.tokens.sum(), s.valid.sum(), nll},

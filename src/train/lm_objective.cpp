@@ -16,7 +16,7 @@ BatchLoss lm_loss(MixtralForCausalLM& model, const data::LmBatch& batch, const t
   auto ce = torch::nn::functional::cross_entropy(out.logits.reshape({-1, V}).to(torch::kFloat), targets.reshape({-1}));
   BatchLoss l;
   l.total = ce;
-  const MoeTerms t = add_moe_terms(l.total, out.router, moe, aux_loss_coef);
+  const MoeTerms t = add_moe_terms(l.total, out.router, moe, aux_loss_coef, inputs.size(1));
   const auto v = fetch_logged(l, {ce, t.aux, t.z}, out.router);
   l.loss = v[0];
   l.aux = v[1];

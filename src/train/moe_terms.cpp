@@ -7,7 +7,7 @@
 namespace moeforge::train {
 
 MoeTerms add_moe_terms(torch::Tensor& total, const std::vector<RouterOutput>& router, const MoEConfig& moe,
-                       double aux_coef, const torch::Tensor& valid_N) {
+                       double aux_coef, int64_t seq_len, const torch::Tensor& valid_N) {
   std::vector<torch::Tensor> logits, idx;
   for (const auto& r : router) {
     logits.push_back(r.logits_NE);
@@ -25,6 +25,10 @@ MoeTerms add_moe_terms(torch::Tensor& total, const std::vector<RouterOutput>& ro
   if (use_aux) {
     t.aux = load_balancing_loss(logits, idx, valid_N);
     total = total + coef * t.aux;
+  }
+  if (moe.seq_aux_loss_coef > 0) {
+    t.seq = sequence_balancing_loss(logits, idx, seq_len, valid_N);
+    total = total + moe.seq_aux_loss_coef * t.seq;
   }
   if (use_z) {
     t.z = router_z_loss(logits, valid_N);

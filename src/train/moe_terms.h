@@ -14,12 +14,15 @@ namespace moeforge::train {
 
 struct MoeTerms {
   torch::Tensor aux, z;  // scalars; with a gradient only when they are part of the objective
+  torch::Tensor seq;     // the sequence-wise balancing loss, defined when seq_aux_loss_coef > 0
 };
 
-// Adds aux_coef * aux (balance aux_loss, aux_coef > 0; aux_coef < 0 = the config's coefficient) and then
-// z_loss_coef * z (> 0) to `total`. `valid_N` (optional, 0/1 per token of a layer) excludes padding.
+// Adds aux_coef * aux (balance aux_loss, aux_coef > 0; aux_coef < 0 = the config's coefficient), then
+// seq_aux_loss_coef * the sequence-wise balancing loss over sequences of `seq_len` rows (> 0; with any balance
+// mode, as DeepSeek-V3 pairs it with the bias) and z_loss_coef * z (> 0) to `total`. `valid_N` (optional, 0/1 per
+// token of a layer) excludes padding.
 MoeTerms add_moe_terms(torch::Tensor& total, const std::vector<RouterOutput>& router, const MoEConfig& moe,
-                       double aux_coef, const torch::Tensor& valid_N = {});
+                       double aux_coef, int64_t seq_len, const torch::Tensor& valid_N = {});
 
 // The logged numbers of a micro-batch in two host transfers: `scalars` followed by each layer's router
 // entropy (the entropies go into l.entropy_per_layer), then the loads (l.load_per_layer). Returns the

@@ -22,7 +22,7 @@ BatchLoss sft_loss(MixtralForCausalLM& model, const data::PackedBatch& b, const 
   auto valid = b.valid.to(device).reshape({-1});
   BatchLoss l;
   l.total = loss;
-  const MoeTerms t = add_moe_terms(l.total, out.router, moe, aux_loss_coef, valid);
+  const MoeTerms t = add_moe_terms(l.total, out.router, moe, aux_loss_coef, in.input_ids.size(1), valid);
   std::vector<torch::Tensor> scalars{loss, t.aux, t.z};
   {
     torch::NoGradGuard ng;

@@ -251,7 +251,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     layout.share_updated_parameters();
     if (cfg.moe.balance == Balance::AuxFreeBias && !ft.adapters()) {  // with adapters the routers' biases are base, frozen
       auto blocks = model->moe_blocks();
-      for (int i = 0; i < L; ++i) blocks[i]->gate->update_expert_bias(step.loads[i], cfg.moe.bias_update_rate);
+      for (int i = 0; i < L; ++i) blocks[i]->gate->update_expert_bias(step.loads[i], cfg.moe.bias_update_rate, cfg.moe.bias_update);
     }
     state.step += 1;
     state.tokens_seen += step.tokens;

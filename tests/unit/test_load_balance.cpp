@@ -137,3 +137,71 @@ TEST(LoadBalance, LoadCv) {
   // load (2, 0): mean 1, population std 1 -> cv 1.
   EXPECT_NEAR(load_cv(torch::tensor({2, 0})), 1.0, 1e-12);
 }
+
+// The sequence-wise loss by hand: 2 sequences of 2 tokens, E = 2, k = 1, one layer, logits (a, 0) for every token.
+// Sequence 0 routes its tokens to experts 0 and 1 (balanced within it): f = (1/2, 1/2), P = (s, 1 - s) with
+// s = sigmoid(a), loss E * (s + 1 - s) / 2 = 1. Sequence 1 sends both to expert 0: f = (1, 0), loss E * s = 2s.
+// The mean: (1 + 2s) / 2. The batch form sees f = (3/4, 1/4) over all four: E * (3s/4 + (1 - s)/4) = (1 + 2s) / 2
+// too here, so a second case where they differ: sequence 0 all to expert 0, sequence 1 all to expert 1: the batch
+// form is balanced, E * (s/2 + (1 - s)/2) = 1; the sequence-wise mean is (2s + 2(1 - s)) / 2 = 1 ... with
+// P per sequence: both sequences have P = (s, 1 - s); sequence 0: E * 1 * s = 2s, sequence 1: E * (1 - s); mean
+// (2s + 2 - 2s) / 2 = 1. With per-sequence logits that differ (sequence 1: (0, a)), sequence 1's P = (1 - s, s) and
+// its loss E * s: the mean is 2s, while the batch form (P = (1/2, 1/2)) stays 1. Balance across sequences is not
+// balance within them.
+TEST(LoadBalance, SequenceWiseByHand) {
+  const double a = 1.3, s = 1.0 / (1.0 + std::exp(-a));
+  auto row = [](double x, double y) { return torch::tensor({x, y}, torch::kDouble).view({1, 2}); };
+  auto idx = [](std::vector<int64_t> v) { return torch::tensor(v, torch::kLong).view({-1, 1}); };
+  auto same = torch::cat({row(a, 0), row(a, 0), row(a, 0), row(a, 0)});
+  EXPECT_NEAR(sequence_balancing_loss({same}, {idx({0, 1, 0, 0})}, 2).item<double>(), (1 + 2 * s) / 2, 1e-12);
+  auto split = torch::cat({row(a, 0), row(a, 0), row(0, a), row(0, a)});
+  const auto choice = idx({0, 0, 1, 1});
+  EXPECT_NEAR(sequence_balancing_loss({split}, {choice}, 2).item<double>(), 2 * s, 1e-12);
+  EXPECT_NEAR(load_balancing_loss({split}, {choice}).item<double>(), 1.0, 1e-12);
+  // One sequence of four: the batch form exactly.
+  EXPECT_NEAR(sequence_balancing_loss({split}, {choice}, 4).item<double>(), 1.0, 1e-12);
+  // Padding: sequence 1's second token masked out, and a sequence wholly padded does not count.
+  auto mask = torch::tensor({1, 1, 1, 0}, torch::kDouble);
+  EXPECT_NEAR(sequence_balancing_loss({split}, {choice}, 2, mask).item<double>(), 2 * s, 1e-12);
+  auto none = torch::tensor({1, 1, 0, 0}, torch::kDouble);
+  EXPECT_NEAR(sequence_balancing_loss({split}, {choice}, 2, none).item<double>(), 2 * s, 1e-12);
+}
+
+// Against an independent reference: the batch form over each sequence's rows (every layer's) alone, averaged;
+// and its gradient against central finite differences in fp64.
+TEST(LoadBalance, SequenceWiseIsTheBatchFormPerSequenceWithItsGradient) {
+  at::Generator gen = at::detail::createCPUGenerator(21);
+  const int64_t B = 3, T = 5, E = 6, K = 2;
+  std::vector<torch::Tensor> logits, idx;
+  for (int l = 0; l < 2; ++l) {
+    logits.push_back(torch::randn({B * T, E}, gen, torch::kDouble).requires_grad_(true));
+    idx.push_back(topk_of(logits.back().detach(), K));
+  }
+  auto loss = sequence_balancing_loss(logits, idx, T);
+  double ref = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<torch::Tensor> lb, ib;
+    for (int l = 0; l < 2; ++l) {
+      lb.push_back(logits[l].detach().narrow(0, b * T, T));
+      ib.push_back(idx[l].narrow(0, b * T, T));
+    }
+    ref += load_balancing_loss(lb, ib).item<double>() / B;
+  }
+  EXPECT_NEAR(loss.item<double>(), ref, 1e-12);
+  loss.backward();
+  const double h = 1e-6;
+  for (int l = 0; l < 2; ++l)
+    for (int64_t i : {0L, 7L, 14L}) {
+      for (int64_t e : {0L, 3L}) {
+        auto bump = [&](double d) {
+          std::vector<torch::Tensor> x;
+          for (int m = 0; m < 2; ++m) x.push_back(logits[m].detach().clone());
+          x[l][i][e] += d;
+          return sequence_balancing_loss(x, idx, T).item<double>();
+        };
+        const double fd = (bump(h) - bump(-h)) / (2 * h);
+        EXPECT_NEAR(logits[l].grad()[i][e].item<double>(), fd, 1e-7) << l << " " << i << " " << e;
+        EXPECT_GT(std::abs(fd), 1e-6) << "a gradient that could be zero proves nothing";
+      }
+    }
+}

@@ -117,6 +117,18 @@ TEST(Router, AuxFreeBiasChangesSelectionOnly) {
   expected -= expected.mean();
   EXPECT_LT(max_abs_diff(r->expert_bias, expected), 1e-7);
   EXPECT_NEAR(r->expert_bias.sum().item<double>(), 0.0, 1e-7);
+  // Proportional: rate * (mean - load) / mean = 0.1 * (5 - {10, 0, 5, 5}) / 5, already centred; applied twice
+  // from the state above, the sign step stays and the proportional one adds.
+  r->update_expert_bias(torch::tensor({10, 0, 5, 5}, torch::kLong), 0.1, BiasUpdate::Proportional);
+  auto prop = torch::tensor({-0.1, 0.1, 0.0, 0.0}, torch::kFloat);
+  EXPECT_LT(max_abs_diff(r->expert_bias, expected + prop), 1e-7);
+  r->expert_bias.zero_();
+  r->update_expert_bias(torch::tensor({6, 2, 0, 0}, torch::kLong), 0.5, BiasUpdate::Proportional);
+  // mean 2: 0.5 * (2 - {6, 2, 0, 0}) / 2 = {-1, 0, 0.5, 0.5}, mean 0 already.
+  EXPECT_LT(max_abs_diff(r->expert_bias, torch::tensor({-1.0, 0.0, 0.5, 0.5}, torch::kFloat)), 1e-7);
+  r->expert_bias.zero_();
+  r->update_expert_bias(torch::tensor({6, 2, 0, 0}, torch::kLong), 0.5);  // sign: {-0.5, 0, 0.5, 0.5} - 0.125
+  EXPECT_LT(max_abs_diff(r->expert_bias, torch::tensor({-0.625, -0.125, 0.375, 0.375}, torch::kFloat)), 1e-7);
 }
 
 TEST(MoEBlock, MatchesNaivePerTokenLoopForwardAndBackward) {
