@@ -1,6 +1,8 @@
 #!/usr/bin/python3
 """Plots of a `moeforge sweep` report (OUTPUT_DIR/report.json), written as PNG next to it:
   val_curves.png        validation loss against step, one line per point
+  balance_curves.png    the worst layer's max/mean expert load against step, one line per point (runs of a
+                        row in one colour), the 1.5 line that the report's settling step refers to
   final_val_<key>.png   final validation loss against each swept value (seeds as separate dots, mean as line)
   load_<point>.png      per-layer expert-load heat map of each point (last logged training step)
 Usage: scripts/plot_sweep.py OUTPUT_DIR   (Debian: python3-matplotlib; scripts/setup.sh installs it)"""
@@ -19,6 +21,11 @@ def as_number(v):
         return float(v)
     except ValueError:
         return None
+
+
+def row_of(p, axes):
+    """A point's row: its values on the axes other than the seed."""
+    return " ".join(f"{k.split('.')[-1]}={p['values'][k]}" for k in axes if k not in ("train.seed", "seed")) or "all"
 
 
 def main():
@@ -48,6 +55,29 @@ def main():
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "val_curves.png"), dpi=110)
+    plt.close(fig)
+
+    rows = sorted({row_of(p, report["axes"]) for p in points})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    labelled = set()
+    for p in points:
+        curve = p.get("balance_curve", [])
+        if not curve:
+            continue
+        row = row_of(p, report["axes"])
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], color=colours[rows.index(row) % len(colours)], alpha=0.7,
+                linewidth=1, label=None if row in labelled else row)
+        labelled.add(row)
+    if labelled:
+        ax.axhline(1.5, color="black", linestyle=":", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("max/mean expert load (worst layer)")
+        ax.set_title("balance over training (one line per run)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "balance_curves.png"), dpi=110)
     plt.close(fig)
 
     for key in report["axes"]:

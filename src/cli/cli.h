@@ -16,6 +16,7 @@ int cmd_train(const Args& args);
 int cmd_eval(const Args& args);
 int cmd_export(const Args& args);
 int cmd_import(const Args& args);
+int cmd_upcycle(const Args& args);
 int cmd_init(const Args& args);
 int cmd_plan(const Args& args);
 int cmd_generate(const Args& args);

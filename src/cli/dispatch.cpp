@@ -33,7 +33,11 @@ const char* kUsage =
     "  export CHECKPOINT --format hf|gguf|peft --out PATH [--dtype bf16|fp16|fp32] [--max-shard-size 5GB]\n"
     "                                               Hugging Face safetensors directory, llama.cpp GGUF file,\n"
     "                                               or (LoRA/QLoRA checkpoints) a PEFT adapter; hf/gguf merge adapters\n"
-    "  import HF_DIR --out CHECKPOINT                a Hugging Face MixtralForCausalLM directory (streamed)\n"
+    "  import HF_DIR --out CHECKPOINT [--dtype fp32|bf16]\n"
+    "                                               a Hugging Face Mixtral (or dense Mistral / Llama) directory\n"
+    "  upcycle DENSE --experts E [--top-k K] [--noise S] [--seed N] [--dtype fp32|bf16] --out CHECKPOINT\n"
+    "                                               a dense checkpoint or HF directory as an MoE: every expert a\n"
+    "                                               copy of its MLP, a fresh router (sparse upcycling)\n"
     "  init CONFIG --out CHECKPOINT [--seed S] [--shards N] [--tokenizer FILE]\n"
     "                                               a freshly initialised model, written one expert share at a time\n"
     "  generate CHECKPOINT --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]\n"
@@ -66,6 +70,7 @@ int run(const Args& argv) {
   if (cmd == "eval") return cmd_eval(rest);
   if (cmd == "export") return cmd_export(rest);
   if (cmd == "import") return cmd_import(rest);
+  if (cmd == "upcycle") return cmd_upcycle(rest);
   if (cmd == "init") return cmd_init(rest);
   if (cmd == "plan") return cmd_plan(rest);
   if (cmd == "generate") return cmd_generate(rest);
@@ -76,7 +81,7 @@ int run(const Args& argv) {
     std::cout << "moeforge " << MOEFORGE_VERSION << " (LibTorch " << compat::torch_version() << ")\n";
     return 0;
   }
-  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version", "tokenizer", "prepare", "train", "eval", "export", "import", "init", "plan", "generate", "launch", "routing", "sweep"}) +
+  throw UserError("unknown command '" + cmd + "'" + did_you_mean(cmd, {"info", "bench", "version", "tokenizer", "prepare", "train", "eval", "export", "import", "upcycle", "init", "plan", "generate", "launch", "routing", "sweep"}) +
                   "; run 'moeforge --help'");
 }
 

@@ -88,10 +88,22 @@ int export_adapter(const std::string& ckpt, const ModelConfig& cfg, const std::o
   c.r = l.rank;
   c.lora_alpha = l.alpha;
   c.lora_dropout = l.dropout;
-  c.target_modules = l.targets;
   c.use_rslora = l.rslora;
-  for (const auto& t : l.targets)
-    if (l.rank_of(t) != l.rank) c.rank_pattern[t] = l.rank_of(t);
+  // A dense model is exported as MistralForCausalLM: its one expert's adapters sit on mlp.gate_proj / up_proj /
+  // down_proj there.
+  auto module = [&](const std::string& t) -> std::string {
+    if (!cfg.dense()) return t;
+    const std::string hf = io::dense_hf_name("model.layers.0.block_sparse_moe.experts.0." + t + ".weight");
+    if (hf.empty() || t == "gate")
+      throw UserError(ckpt + ": adapters on the router of a dense model have no place in a Mistral model");
+    return hf.rfind("model.layers.0.mlp.", 0) == 0 ? hf.substr(19, hf.size() - 19 - 7) : t;
+  };
+  for (const auto& t : l.targets) {
+    c.target_modules.push_back(module(t));
+    if (l.rank_of(t) != l.rank) c.rank_pattern[module(t)] = l.rank_of(t);
+  }
+  if (cfg.dense())
+    for (auto& [n, a] : adapters) n = io::dense_hf_name(n);
   // PEFT loads the adapter onto a Hugging Face model: name the base only when it is one.
   const auto src = io::parse_init_source(base->init_from);
   if (src.hf) c.base_model_name_or_path = src.dir;
@@ -116,6 +128,11 @@ bool warn_if_expert_biases(const std::string& name, const at::Tensor& t) {
   return true;
 }
 
+void warn_if_checkpoint_has_expert_biases(const train::CheckpointTensors& files) {
+  for (const auto& [n, i] : files.names())
+    if (n.find("expert_bias") != std::string::npos && warn_if_expert_biases(n, files.get(n))) break;
+}
+
 // --format hf: the streamed HF export of `ws` with the checkpoint's tokenizer, and its one-line report.
 void write_hf(const std::string& ckpt, const ModelConfig& cfg, const io::WeightStream& ws, const std::string& out,
               const std::string& dtype, const std::string& shard, const std::string& what) {
@@ -126,41 +143,16 @@ void write_hf(const std::string& ckpt, const ModelConfig& cfg, const io::WeightS
   o.tokenizer_path = train::checkpoint_tokenizer(ckpt);
   if (o.tokenizer_path.empty()) MF_WARN(ckpt << " has no tokenizer.model; the export has weights and config only");
   io::export_hf(cfg, ws, o);
-  std::printf("exported %s -> %s (Hugging Face MixtralForCausalLM, %s%s)\n", ckpt.c_str(), out.c_str(), o.dtype.c_str(),
-              what.c_str());
+  std::printf("exported %s -> %s (Hugging Face %s, %s%s)\n", ckpt.c_str(), out.c_str(),
+              cfg.dense() ? "MistralForCausalLM" : "MixtralForCausalLM", o.dtype.c_str(), what.c_str());
 }
-
-// A full checkpoint's tensors (any layout), read one by one from its memory-mapped, verified files.
-class CheckpointTensors {
- public:
-  CheckpointTensors(const std::string& ckpt, const ModelConfig& cfg) {
-    for (const auto& path : train::checkpoint_weight_files(ckpt)) {
-      files_.push_back(io::SafetensorsFile::open(path));
-      for (const auto& n : files_.back().names()) file_of_.emplace(n, files_.size() - 1);
-    }
-    for (const auto& [n, i] : file_of_)
-      if (n.find("expert_bias") != std::string::npos && warn_if_expert_biases(n, files_[i].get(n))) break;
-    for (const auto& [n, shape] : parameter_shapes(cfg)) {
-      auto it = file_of_.find(n);
-      if (it == file_of_.end()) throw UserError(ckpt + ": tensor '" + n + "' is missing from its weight files");
-      const auto& e = files_[it->second].entry(n);
-      if (e.shape != shape)
-        throw UserError(files_[it->second].path() + ": tensor '" + n + "' has shape " + c10::str(c10::IntArrayRef(e.shape)) +
-                        ", its config.yaml gives " + c10::str(c10::IntArrayRef(shape)));
-    }
-  }
-  at::Tensor get(const std::string& n) const { return files_[file_of_.at(n)].get(n); }
-
- private:
-  std::vector<io::SafetensorsFile> files_;
-  std::map<std::string, size_t> file_of_;
-};
 
 // --format hf of a full checkpoint (any layout): tensor by tensor from its memory-mapped files into the HF
 // shards, one shard held at a time; the model is never built.
 int export_streamed(const std::string& ckpt, const ModelConfig& cfg, const std::string& out, const std::string& dtype,
                     const std::string& shard) {
-  CheckpointTensors files(ckpt, cfg);
+  train::CheckpointTensors files(ckpt, cfg);
+  warn_if_checkpoint_has_expert_biases(files);
   io::WeightStream ws;
   ws.shapes = parameter_shapes(cfg);
   ws.get = [&](const std::string& n) { return files.get(n); };
@@ -285,7 +277,8 @@ int export_gguf_streamed(const std::string& ckpt, const ModelConfig& cfg, const 
   const std::string d = dtype.empty() ? "f16" : dtype == "fp16" ? "f16" : dtype == "fp32" ? "f32" : dtype;
   using Put = std::function<void(const std::string&, const at::Tensor&)>;
   if (!base) {
-    CheckpointTensors files(ckpt, cfg);
+    train::CheckpointTensors files(ckpt, cfg);
+    warn_if_checkpoint_has_expert_biases(files);
     io::export_gguf(
         cfg, [&](const Put& put) {
           for (const auto& [n, shape] : parameter_shapes(cfg)) put(n, files.get(n));
@@ -302,8 +295,9 @@ int export_gguf_streamed(const std::string& ckpt, const ModelConfig& cfg, const 
         },
         v, out, d);
   }
-  std::printf("exported %s -> %s (GGUF v3, llama architecture with %ld experts, %s)\n", ckpt.c_str(), out.c_str(),
-              (long)cfg.moe.num_experts, d.c_str());
+  const std::string arch = cfg.dense() ? "dense" : "with " + std::to_string(cfg.moe.num_experts) + " experts";
+  std::printf("exported %s -> %s (GGUF v3, llama architecture %s, %s)\n", ckpt.c_str(), out.c_str(), arch.c_str(),
+              d.c_str());
   return 0;
 }
 

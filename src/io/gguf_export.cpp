@@ -50,8 +50,10 @@ void export_gguf(const ModelConfig& c, const HfTensorFeed& feed, const GgufVocab
   g.add_u32("llama.rope.dimension_count", static_cast<uint32_t>(c.resolved_head_dim()));
   g.add_f32("llama.rope.freq_base", static_cast<float>(c.rope_theta));
   g.add_f32("llama.attention.layer_norm_rms_epsilon", static_cast<float>(c.rms_norm_eps));
-  g.add_u32("llama.expert_count", static_cast<uint32_t>(c.moe.num_experts));
-  g.add_u32("llama.expert_used_count", static_cast<uint32_t>(c.moe.num_experts_per_tok));
+  if (!c.dense()) {  // a dense config is a plain llama model
+    g.add_u32("llama.expert_count", static_cast<uint32_t>(c.moe.num_experts));
+    g.add_u32("llama.expert_used_count", static_cast<uint32_t>(c.moe.num_experts_per_tok));
+  }
   g.add_string("tokenizer.ggml.model", "llama");
   g.add_string_array("tokenizer.ggml.tokens", vocab.pieces);
   g.add_f32_array("tokenizer.ggml.scores", vocab.scores);
@@ -68,6 +70,7 @@ void export_gguf(const ModelConfig& c, const HfTensorFeed& feed, const GgufVocab
     std::string name;
     int64_t expert = -1;
     int64_t rope_heads = 0;
+    bool skip = false;  // a dense config's router: no place in the file
   };
   std::map<std::string, Target> target;
   auto declare = [&](const std::string& gg, const std::string& hf, GgmlType type, int64_t rope_heads = 0) {
@@ -85,6 +88,13 @@ void export_gguf(const ModelConfig& c, const HfTensorFeed& feed, const GgufVocab
     declare(gg + "attn_v.weight", hf + "self_attn.v_proj.weight", t);
     declare(gg + "attn_output.weight", hf + "self_attn.o_proj.weight", t);
     declare(gg + "ffn_norm.weight", hf + "post_attention_layernorm.weight", GgmlType::F32);
+    if (c.dense()) {  // the one expert is the layer's MLP: ffn_gate / ffn_down / ffn_up
+      target[hf + "block_sparse_moe.gate.weight"].skip = true;
+      declare(gg + "ffn_gate.weight", hf + "block_sparse_moe.experts.0.w1.weight", t);
+      declare(gg + "ffn_down.weight", hf + "block_sparse_moe.experts.0.w2.weight", t);
+      declare(gg + "ffn_up.weight", hf + "block_sparse_moe.experts.0.w3.weight", t);
+      continue;
+    }
     declare(gg + "ffn_gate_inp.weight", hf + "block_sparse_moe.gate.weight", GgmlType::F32);
     // Experts stacked per layer: [E, I, H] (w1 as gate, w3 as up), [E, H, I] (w2 as down).
     static const std::pair<const char*, const char*> kStacked[] = {
@@ -106,6 +116,7 @@ void export_gguf(const ModelConfig& c, const HfTensorFeed& feed, const GgufVocab
       auto it = target.find(name);
       MF_CHECK(it != target.end(), "GGUF export: no place for " + name);
       const Target& x = it->second;
+      if (x.skip) return;
       MF_CHECK(w.sizes().vec() == shape_of(name), "GGUF export: " + name + " has its shape");
       if (x.expert >= 0) sink.put(x.name, x.expert, w.unsqueeze(0));
       else sink.put(x.name, 0, x.rope_heads ? permute_rope_rows(w, x.rope_heads) : w);

@@ -46,6 +46,18 @@ const char* mistral_chat_template() {
          "{% endfor %}";
 }
 
+std::string dense_hf_name(const std::string& ours) {
+  static const std::pair<const char*, const char*> kMlp[] = {{".block_sparse_moe.experts.0.w1.", ".mlp.gate_proj."},
+                                                             {".block_sparse_moe.experts.0.w3.", ".mlp.up_proj."},
+                                                             {".block_sparse_moe.experts.0.w2.", ".mlp.down_proj."}};
+  for (const auto& [from, to] : kMlp) {
+    const auto p = ours.find(from);
+    if (p != std::string::npos) return ours.substr(0, p) + to + ours.substr(p + std::string(from).size());
+  }
+  if (ours.find(".block_sparse_moe.gate.") != std::string::npos) return "";
+  return ours;
+}
+
 namespace {
 
 void write_json(const std::string& path, const nlohmann::json& j) {
@@ -75,7 +87,30 @@ void export_hf(const ModelConfig& c, const std::vector<std::pair<std::string, at
   export_hf(c, ws, opt);
 }
 
+namespace {
+void write_hf_dir(const ModelConfig& c, const WeightStream& weights, const HfExportOptions& opt);
+}  // namespace
+
 void export_hf(const ModelConfig& c, const WeightStream& weights, const HfExportOptions& opt) {
+  if (c.dense()) {  // MistralForCausalLM: the MLP under its own names, no router
+    WeightStream renamed;
+    auto ours = std::make_shared<std::map<std::string, std::string>>();
+    for (const auto& [n, shape] : weights.shapes) {
+      const std::string hf = dense_hf_name(n);
+      if (hf.empty()) continue;
+      renamed.shapes.push_back({hf, shape});
+      (*ours)[hf] = n;
+    }
+    renamed.get = [ours, get = weights.get](const std::string& hf) { return get(ours->at(hf)); };
+    write_hf_dir(c, renamed, opt);
+    return;
+  }
+  write_hf_dir(c, weights, opt);
+}
+
+namespace {
+// The directory, with every tensor under the name it has in `weights`.
+void write_hf_dir(const ModelConfig& c, const WeightStream& weights, const HfExportOptions& opt) {
   const auto dtype = export_dtype(opt.dtype);
   std::string out = opt.out_dir;
   while (out.size() > 1 && out.back() == '/') out.pop_back();
@@ -142,6 +177,7 @@ void export_hf(const ModelConfig& c, const WeightStream& weights, const HfExport
   if (fs::path(out).has_parent_path()) fs::create_directories(fs::path(out).parent_path());
   fs::rename(tmp, out);
 }
+}  // namespace
 
 HfCheckpoint::HfCheckpoint(const std::string& dir) : dir_(dir) {
   if (!fs::is_directory(dir)) throw UserError(dir + ": not a directory (expected a Hugging Face model directory)");
@@ -182,7 +218,11 @@ HfCheckpoint::HfCheckpoint(const std::string& dir) : dir_(dir) {
       where_[n] = files_.size() - 1;
     }
   }
-  if (where_.count("model.layers.0.block_sparse_moe.gate.weight")) layout_ = "per-expert";
+  if (config_.dense()) {
+    if (!where_.count("model.layers.0.mlp.gate_proj.weight"))
+      throw UserError(dir + ": a dense model without its MLP weights (model.layers.0.mlp.gate_proj.weight)");
+    layout_ = "dense";
+  } else if (where_.count("model.layers.0.block_sparse_moe.gate.weight")) layout_ = "per-expert";
   else if (where_.count("model.layers.0.mlp.experts.gate_up_proj")) layout_ = "fused";
   else throw UserError(dir + ": neither the per-expert (block_sparse_moe.experts.E.w1) nor the fused "
                              "(mlp.experts.gate_up_proj) Mixtral layout found");
@@ -216,6 +256,12 @@ at::Tensor HfCheckpoint::stored_expert(const std::string& n, int64_t e, int64_t 
 }
 
 namespace {
+// "model.layers.3.block_sparse_moe.gate.weight": a layer's router.
+bool is_dense_router(const std::string& n) {
+  const std::string key = ".block_sparse_moe.gate.weight";
+  return n.rfind("model.layers.", 0) == 0 && n.size() > key.size() && n.compare(n.size() - key.size(), key.size(), key) == 0;
+}
+
 // "model.layers.3.block_sparse_moe.experts.5.w1.weight" -> layer 3, expert 5, "w1"
 bool parse_expert_name(const std::string& n, std::string* layer_prefix, int64_t* expert, std::string* w) {
   const std::string key = ".block_sparse_moe.experts.";
@@ -233,6 +279,10 @@ bool parse_expert_name(const std::string& n, std::string* layer_prefix, int64_t*
 
 bool HfCheckpoint::has(const std::string& name) const {
   if (layout_ == "per-expert") return where_.count(name) > 0;
+  if (layout_ == "dense") {
+    const std::string hf = dense_hf_name(name);
+    return hf.empty() ? is_dense_router(name) : where_.count(hf) > 0;
+  }
   std::string prefix, w;
   int64_t e;
   if (parse_expert_name(name, &prefix, &e, &w))
@@ -245,6 +295,12 @@ bool HfCheckpoint::has(const std::string& name) const {
 
 at::Tensor HfCheckpoint::get(const std::string& name) const {
   if (layout_ == "per-expert") return stored(name);
+  if (layout_ == "dense") {
+    const std::string hf = dense_hf_name(name);
+    if (!hf.empty()) return stored(hf);
+    if (!is_dense_router(name)) throw UserError(dir_ + ": tensor '" + name + "' is missing");
+    return at::zeros({1, config_.hidden_size}, at::kFloat);  // one expert: its weight is 1 whatever the logit
+  }
   std::string prefix, w;
   int64_t e;
   if (parse_expert_name(name, &prefix, &e, &w)) {
@@ -267,6 +323,10 @@ std::vector<std::string> HfCheckpoint::unexplained(const std::vector<std::string
     int64_t e;
     if (layout_ == "fused" && parse_expert_name(name, &prefix, &e, &w)) {
       used.insert(prefix + (w == "w2" ? ".mlp.experts.down_proj" : ".mlp.experts.gate_up_proj"));
+      continue;
+    }
+    if (layout_ == "dense") {
+      used.insert(dense_hf_name(name));
       continue;
     }
     std::string n = name;

@@ -21,12 +21,17 @@ struct HfExportOptions {
   std::string tokenizer_path;            // copied as tokenizer.model when set
 };
 
+// A dense config's Hugging Face (MistralForCausalLM) name for our parameter `ours`: expert 0's w1 / w3 / w2 are
+// mlp.gate_proj / up_proj / down_proj, the router (block_sparse_moe.gate) has none (""); other names are the same.
+std::string dense_hf_name(const std::string& ours);
+
 // Parses "5GB", "500MB", "100KB", "123" (bytes); UserError otherwise.
 uint64_t parse_size(const std::string& s, const std::string& what);
 
 // Writes config.json, generation_config.json, the weights (per-expert layout, sharded with
 // model.safetensors.index.json when above the shard size), tokenizer.model, tokenizer_config.json
-// (with the Mistral chat template) and special_tokens_map.json. `weights` are HF-named parameters.
+// (with the Mistral chat template) and special_tokens_map.json. `weights` are our parameters (named as
+// MixtralForCausalLM's; a dense config's are written under MistralForCausalLM's names, see dense_hf_name).
 // Written into a temp directory and renamed into place; an existing out_dir is an error.
 void export_hf(const ModelConfig& c, const std::vector<std::pair<std::string, at::Tensor>>& weights,
                const HfExportOptions& opt);
@@ -43,13 +48,14 @@ const char* mistral_chat_template();
 
 // Reads a Hugging Face Mixtral directory: config.json, single-file or sharded safetensors, the
 // per-expert layout or transformers v5's fused one (mlp.experts.gate_up_proj [E, 2I, H] with the w1
-// rows first, mlp.experts.down_proj [E, H, I]), any float dtype. Tensors are served under our
-// (per-expert, HF v4) names, converted to fp32.
+// rows first, mlp.experts.down_proj [E, H, I]), any float dtype; or a dense Mistral / Llama one (layout
+// "dense": its MLP is expert 0, its router, which a single expert does not use, reads as zeros). Tensors are
+// served under our (per-expert, HF v4) names, converted to fp32.
 class HfCheckpoint {
  public:
   explicit HfCheckpoint(const std::string& dir);
   const ModelConfig& config() const { return config_; }
-  const std::string& layout() const { return layout_; }  // "per-expert" | "fused"
+  const std::string& layout() const { return layout_; }  // "per-expert" | "fused" | "dense"
   bool has(const std::string& name) const;
   at::Tensor get(const std::string& name) const;  // UserError naming the directory when missing
   // Tensors in the files that no parameter of `expected` explains (e.g. a different architecture).

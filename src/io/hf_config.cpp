@@ -9,8 +9,8 @@ namespace moeforge::io {
 
 nlohmann::json to_hf_config(const ModelConfig& c, const std::string& torch_dtype) {
   nlohmann::json j;
-  j["architectures"] = {"MixtralForCausalLM"};
-  j["model_type"] = "mixtral";
+  j["architectures"] = {c.dense() ? "MistralForCausalLM" : "MixtralForCausalLM"};
+  j["model_type"] = c.dense() ? "mistral" : "mixtral";
   j["vocab_size"] = c.vocab_size;
   j["hidden_size"] = c.hidden_size;
   j["intermediate_size"] = c.intermediate_size;
@@ -24,11 +24,13 @@ nlohmann::json to_hf_config(const ModelConfig& c, const std::string& torch_dtype
   j["rope_theta"] = c.rope_theta;
   j["rms_norm_eps"] = c.rms_norm_eps;
   j["initializer_range"] = c.init_std;
-  j["num_local_experts"] = c.moe.num_experts;
-  j["num_experts_per_tok"] = c.moe.num_experts_per_tok;
-  j["router_aux_loss_coef"] = c.moe.aux_loss_coef;
-  j["router_jitter_noise"] = c.moe.router_jitter;
-  j["output_router_logits"] = false;
+  if (!c.dense()) {
+    j["num_local_experts"] = c.moe.num_experts;
+    j["num_experts_per_tok"] = c.moe.num_experts_per_tok;
+    j["router_aux_loss_coef"] = c.moe.aux_loss_coef;
+    j["router_jitter_noise"] = c.moe.router_jitter;
+    j["output_router_logits"] = false;
+  }
   j["tie_word_embeddings"] = c.tie_word_embeddings;
   j["attention_dropout"] = 0.0;
   j["use_cache"] = true;
@@ -57,9 +59,14 @@ double get_num(const nlohmann::json& j, const std::string& key, const std::strin
 
 ModelConfig from_hf_config(const nlohmann::json& j, const std::string& path) {
   if (!j.is_object()) throw UserError(path + ": expected a JSON object");
+  if (j.contains("model_type") && !j["model_type"].is_string()) throw UserError(path + ": key 'model_type' must be a string");
   const std::string type = j.value("model_type", "");
-  if (type != "mixtral")
-    throw UserError(path + ": key 'model_type' is '" + type + "'; only Mixtral checkpoints (mixtral) can be imported");
+  if (type != "mixtral" && type != "mistral" && type != "llama")
+    throw UserError(path + ": key 'model_type' is '" + type +
+                    "'; Mixtral checkpoints (mixtral) and dense Mistral or Llama ones (mistral, llama) can be imported");
+  const bool dense = type != "mixtral";
+  for (const char* k : {"attention_bias", "mlp_bias"})
+    if (j.contains(k) && j[k] != false) throw UserError(path + ": key '" + k + "' is set; biases are not supported");
   if (j.contains("rope_scaling") && !j["rope_scaling"].is_null())
     throw UserError(path + ": key 'rope_scaling' is set; RoPE scaling is not supported");
   if (j.contains("hidden_act") && j["hidden_act"] != "silu")
@@ -74,14 +81,21 @@ ModelConfig from_hf_config(const nlohmann::json& j, const std::string& path) {
   if (j.contains("head_dim") && !j["head_dim"].is_null()) c.head_dim = get_int(j, "head_dim", path);
   c.max_position_embeddings = get_int(j, "max_position_embeddings", path, 32768);
   if (j.contains("sliding_window") && !j["sliding_window"].is_null()) c.sliding_window = get_int(j, "sliding_window", path);
-  c.rope_theta = get_num(j, "rope_theta", path, 1e6);
+  c.rope_theta = get_num(j, "rope_theta", path, dense ? 1e4 : 1e6);  // transformers' defaults per model type
   c.rms_norm_eps = get_num(j, "rms_norm_eps", path, 1e-5);
   c.init_std = get_num(j, "initializer_range", path, 0.02);
   c.tie_word_embeddings = j.value("tie_word_embeddings", false);
-  c.moe.num_experts = get_int(j, "num_local_experts", path, 8);
-  c.moe.num_experts_per_tok = get_int(j, "num_experts_per_tok", path, 2);
-  c.moe.aux_loss_coef = get_num(j, "router_aux_loss_coef", path, 0.001);
-  c.moe.router_jitter = get_num(j, "router_jitter_noise", path, 0.0);
+  if (dense) {  // one expert (the MLP) for every token; nothing to balance
+    c.moe.num_experts = 1;
+    c.moe.num_experts_per_tok = 1;
+    c.moe.balance = Balance::None;
+    c.moe.aux_loss_coef = 0;
+  } else {
+    c.moe.num_experts = get_int(j, "num_local_experts", path, 8);
+    c.moe.num_experts_per_tok = get_int(j, "num_experts_per_tok", path, 2);
+    c.moe.aux_loss_coef = get_num(j, "router_aux_loss_coef", path, 0.001);
+    c.moe.router_jitter = get_num(j, "router_jitter_noise", path, 0.0);
+  }
   // Same checks as a YAML config, reported against config.json.
   try {
     io::validate_model_config(c, path);

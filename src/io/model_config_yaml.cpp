@@ -47,7 +47,12 @@ const KeyTable<ModelConfig>& model_config_keys() {
                      std::vector<BiasUpdate>{BiasUpdate::Sign, BiasUpdate::Proportional},
                      "aux-loss-free bias step: rate * sign(mean - load), or rate * (mean - load) / mean")
         .number("moe.seq_aux_loss_coef", [](auto& c) -> auto& { return c.moe.seq_aux_loss_coef; }, non_negative(),
-                "sequence-wise balancing loss coefficient (the balancing loss within each sequence, averaged), 0 = off");
+                "sequence-wise balancing loss coefficient (the balancing loss within each sequence, averaged), 0 = off")
+        .enumeration("moe.balance_scope", [](auto& c) -> auto& { return c.moe.balance_scope; },
+                     {"micro_batch", "global_batch"},
+                     std::vector<BalanceScope>{BalanceScope::MicroBatch, BalanceScope::GlobalBatch},
+                     "tokens the aux loss counts its expert fractions over: each micro-batch, or the whole step "
+                     "(every micro-batch of every rank)");
     return k;
   }();
   return t;

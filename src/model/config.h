@@ -12,6 +12,9 @@ const char* balance_name(Balance b);
 // The aux-loss-free bias step: rate * sign(mean - load) (DeepSeek-V3, torchtitan), or proportional to the
 // relative error, rate * (mean - load) / mean.
 enum class BiasUpdate { Sign, Proportional };
+// Over which tokens the aux loss counts its top-k fractions f: each micro-batch alone (HF Mixtral, Switch), or
+// the whole optimizer step, every micro-batch of every rank (Qwen's global-batch balance, Megatron global_aux_loss).
+enum class BalanceScope { MicroBatch, GlobalBatch };
 
 struct MoEConfig {
   int64_t num_experts = 8;
@@ -23,6 +26,7 @@ struct MoEConfig {
   double bias_update_rate = 1e-3;   // aux-loss-free bias step (DeepSeek-V3 gamma)
   BiasUpdate bias_update = BiasUpdate::Sign;
   double seq_aux_loss_coef = 0.0;   // sequence-wise balancing loss (DeepSeek-V3's complementary loss), 0 = off
+  BalanceScope balance_scope = BalanceScope::MicroBatch;
 };
 
 struct ModelConfig {
@@ -45,6 +49,9 @@ struct ModelConfig {
   int64_t resolved_head_dim() const { return head_dim ? *head_dim : hidden_size / num_attention_heads; }
   int64_t q_dim() const { return num_attention_heads * resolved_head_dim(); }
   int64_t kv_dim() const { return num_key_value_heads * resolved_head_dim(); }
+  // One expert, chosen for every token with weight 1: a dense (Mistral) model. Its FFN is expert 0; its
+  // router ([1, H], one logit) has no effect and no place in a Mistral checkpoint.
+  bool dense() const { return moe.num_experts == 1; }
 };
 
 // A constraint between keys that a config breaks, reported at the key that has to change.

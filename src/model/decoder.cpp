@@ -130,6 +130,27 @@ void MixtralForCausalLMImpl::seed_router_jitter(uint64_t seed) {
   for (auto& b : moe_blocks()) b->gate->seed_jitter(seed * 1000003ULL + 7919ULL * ++layer);
 }
 
+namespace {
+std::vector<at::Generator> random_streams(MixtralForCausalLMImpl& m) {
+  std::vector<at::Generator> g;
+  for (auto& b : m.moe_blocks()) g.push_back(b->gate->jitter_generator());
+  if (m.lora_rt && m.lora_rt->gen.defined()) g.push_back(m.lora_rt->gen);
+  return g;
+}
+}  // namespace
+
+std::vector<at::Tensor> MixtralForCausalLMImpl::random_state() {
+  std::vector<at::Tensor> s;
+  for (auto& g : random_streams(*this)) s.push_back(g.get_state());
+  return s;
+}
+
+void MixtralForCausalLMImpl::set_random_state(const std::vector<at::Tensor>& states) {
+  auto g = random_streams(*this);
+  MF_CHECK(g.size() == states.size(), "one state per random stream");
+  for (size_t i = 0; i < g.size(); ++i) g[i].set_state(states[i]);
+}
+
 ForwardOutput MixtralForCausalLMImpl::forward(const ForwardInputs& in) {
   MF_CHECK(in.input_ids.dim() == 2, "input_ids must be [B, T]");
   const auto B = in.input_ids.size(0), T = in.input_ids.size(1);

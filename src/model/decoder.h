@@ -94,6 +94,10 @@ class MixtralForCausalLMImpl : public torch::nn::Module {
   void set_recompute(Recompute r);
   // Seeds every layer's router-jitter generator from the run seed (a distinct stream per layer).
   void seed_router_jitter(uint64_t seed);
+  // The states of every random stream a training forward draws from (each layer's router jitter, the adapters'
+  // dropout), to run forwards again with the very same draws (set_random_state puts them back).
+  std::vector<at::Tensor> random_state();
+  void set_random_state(const std::vector<at::Tensor>& states);
 
   const ModelConfig& config() const { return cfg_; }
   // Fine-tuning with adapters (model/finetune.h): their shared switch and dropout stream; null without.

@@ -36,6 +36,34 @@ at::Tensor load_balancing_loss(const std::vector<at::Tensor>& logits_per_layer_N
   return (f * P.unsqueeze(0)).sum() * static_cast<double>(E);
 }
 
+at::Tensor topk_counts(const std::vector<at::Tensor>& topk_idx_per_layer_NK, int64_t num_experts,
+                       const at::Tensor& token_mask_N, double* rows) {
+  MF_CHECK(!topk_idx_per_layer_NK.empty(), "at least one layer");
+  const int64_t L = static_cast<int64_t>(topk_idx_per_layer_NK.size());
+  const int64_t N = topk_idx_per_layer_NK[0].size(0);
+  auto idx = at::cat(topk_idx_per_layer_NK, 0);  // [L*N, K]
+  auto m = pooled_mask(token_mask_N, L, N, idx.options().dtype(at::kDouble));
+  auto counts = (at::one_hot(idx, num_experts).to(at::kDouble) * m.view({-1, 1, 1})).sum(0);  // [K, E]
+  auto both = at::cat({counts.reshape({-1}), m.sum().reshape({1})}).cpu();
+  *rows = both[-1].item<double>();
+  return both.narrow(0, 0, counts.numel()).view(counts.sizes()).clone();
+}
+
+at::Tensor global_balancing_share(const std::vector<at::Tensor>& logits_per_layer_NE, const at::Tensor& counts_KE,
+                                  double rows, const at::Tensor& token_mask_N) {
+  MF_CHECK(!logits_per_layer_NE.empty(), "at least one layer");
+  const int64_t L = static_cast<int64_t>(logits_per_layer_NE.size());
+  const int64_t N = logits_per_layer_NE[0].size(0);
+  const int64_t E = logits_per_layer_NE[0].size(1);
+  MF_CHECK(counts_KE.dim() == 2 && counts_KE.size(1) == E, "counts per (choice, expert)");
+  auto probs = at::softmax(at::cat(logits_per_layer_NE, 0), -1);  // [L*N, E]
+  auto m = pooled_mask(token_mask_N, L, N, probs.options());
+  auto S = (probs * m.view({-1, 1})).sum(0);                      // [E]
+  const double denom = std::max(rows, 1.0);
+  auto f = (counts_KE / denom).to(probs.device(), probs.scalar_type());  // [K, E], no gradient
+  return (f * S.unsqueeze(0)).sum() * (static_cast<double>(E) / denom);
+}
+
 at::Tensor sequence_balancing_loss(const std::vector<at::Tensor>& logits_per_layer_NE,
                                    const std::vector<at::Tensor>& topk_idx_per_layer_NK, int64_t seq_len,
                                    const at::Tensor& token_mask_N) {

@@ -14,6 +14,18 @@ namespace moeforge {
 at::Tensor load_balancing_loss(const std::vector<at::Tensor>& logits_per_layer_NE,
                                const std::vector<at::Tensor>& topk_idx_per_layer_NK, const at::Tensor& token_mask_N = {});
 
+// Global-batch balance (Qwen, arXiv 2501.11873; Megatron's global_aux_loss) in two parts, so that f can be counted
+// over a whole optimizer step (every micro-batch of every rank) while each micro-batch keeps its own gradient.
+// topk_counts: the top-k choices of the real rows counted per (choice j, expert e), layers pooled: [K, E] double on
+// the CPU; `rows` receives the number of real rows counted (real tokens x layers).
+at::Tensor topk_counts(const std::vector<at::Tensor>& topk_idx_per_layer_NK, int64_t num_experts,
+                       const at::Tensor& token_mask_N, double* rows);
+// One micro-batch's share of the step's loss: E * sum_{j,e} f[j, e] * S[e] / rows, with f = counts_KE / rows the
+// step's fractions and S[e] this micro-batch's router probabilities summed over its real rows (layers pooled).
+// The shares of the step's micro-batches add up to load_balancing_loss over all of them at once, value and gradient.
+at::Tensor global_balancing_share(const std::vector<at::Tensor>& logits_per_layer_NE, const at::Tensor& counts_KE,
+                                  double rows, const at::Tensor& token_mask_N = {});
+
 // The sequence-wise form (DeepSeek-V3's complementary balance loss, Megatron's seq_aux_loss): the same loss over the
 // tokens of each sequence alone (rows b*T .. b*T+T-1 of every layer, T = seq_len, layers pooled, padding excluded),
 // averaged over the sequences that have a real token. Same scale as the batch form: balance within every

@@ -18,6 +18,7 @@
 #include "io/init_source.h"
 #include "model/finetune.h"
 #include "model/mixed.h"
+#include "model/param_count.h"
 #include "model/param_names.h"
 #include "parallel/layout.h"
 #include "io/hf_checkpoint.h"
@@ -358,6 +359,27 @@ std::optional<std::string> latest_checkpoint(const std::string& run_dir) {
     MF_WARN(check.message(dir) << "; the checkpoint is damaged, falling back to the one before it");
   }
   return std::nullopt;
+}
+
+CheckpointTensors::CheckpointTensors(const std::string& ckpt, const ModelConfig& cfg) {
+  for (const auto& path : checkpoint_weight_files(ckpt)) {
+    files_.push_back(io::SafetensorsFile::open(path));
+    for (const auto& n : files_.back().names()) file_of_.emplace(n, files_.size() - 1);
+  }
+  for (const auto& [n, shape] : parameter_shapes(cfg)) {
+    auto it = file_of_.find(n);
+    if (it == file_of_.end()) throw UserError(ckpt + ": tensor '" + n + "' is missing from its weight files");
+    const auto& e = files_[it->second].entry(n);
+    if (e.shape != shape)
+      throw UserError(files_[it->second].path() + ": tensor '" + n + "' has shape " + c10::str(c10::IntArrayRef(e.shape)) +
+                      ", its config.yaml gives " + c10::str(c10::IntArrayRef(shape)));
+  }
+}
+
+at::Tensor CheckpointTensors::get(const std::string& n) const {
+  auto it = file_of_.find(n);
+  MF_CHECK(it != file_of_.end(), "a tensor of the checkpoint: " + n);
+  return files_[it->second].get(n);
 }
 
 ModelConfig read_checkpoint_config(const std::string& ckpt_dir) {

@@ -32,6 +32,7 @@
 #include <string>
 
 #include "model/config.h"
+#include "io/safetensors.h"
 #include "model/decoder.h"
 #include "parallel/shard_placement.h"
 #include "train/recipe.h"
@@ -93,6 +94,20 @@ std::string checkpoint_dir(const std::string& run_dir, int64_t step);
 ModelConfig read_checkpoint_config(const std::string& ckpt_dir);
 // The weight files of a checkpoint: model.safetensors plus the shards its layout.json names.
 std::vector<std::string> checkpoint_weight_files(const std::string& ckpt_dir);
+// A full checkpoint's tensors (any layout), read one by one from its memory-mapped, verified files: every
+// parameter of its config must be there with its shape (UserError naming the file otherwise). The model is
+// never built.
+class CheckpointTensors {
+ public:
+  CheckpointTensors(const std::string& ckpt_dir, const ModelConfig& cfg);
+  bool has(const std::string& name) const { return file_of_.count(name) > 0; }
+  at::Tensor get(const std::string& name) const;  // as stored
+  const std::map<std::string, size_t>& names() const { return file_of_; }  // every tensor -> its file's index
+
+ private:
+  std::vector<io::SafetensorsFile> files_;
+  std::map<std::string, size_t> file_of_;
+};
 // The weights a checkpoint of `model` holds: every parameter, or, with adapters attached, the adapters
 // under their per-expert names (model/finetune.h).
 std::vector<std::pair<std::string, torch::Tensor>> saved_parameters(MixtralForCausalLM& model);

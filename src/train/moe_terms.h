@@ -4,6 +4,7 @@
 #pragma once
 #include <torch/types.h>
 
+#include <functional>
 #include <vector>
 
 #include "model/config.h"
@@ -17,9 +18,40 @@ struct MoeTerms {
   torch::Tensor seq;     // the sequence-wise balancing loss, defined when seq_aux_loss_coef > 0
 };
 
+// Global-batch balance (moe.balance_scope: global_batch) for one optimizer step: the aux loss's fractions f counted
+// over the step's real tokens of every micro-batch and rank, each micro-batch contributing its probabilities'
+// share (global_balancing_share, times `parts` because the objective is averaged over the step's micro-batches and
+// ranks): the step's mean objective carries exactly the balancing loss of the whole step at once.
+// Count: add_moe_terms adds each micro-batch's top-k counts to `counts`/`rows` (the trainer runs the step's
+// micro-batches once without gradient first, then sums over the ranks); Apply: use them; ReduceAndApply (one
+// micro-batch per rank): sum this micro-batch's counts over the ranks in the objective, then use them.
+struct GlobalBalance {
+  enum class Phase { Count, Apply, ReduceAndApply };
+  Phase phase = Phase::Count;
+  torch::Tensor counts;  // [K, E] double, CPU
+  double rows = 0;       // real tokens x layers
+  double parts = 1;      // micro-batches per rank x ranks
+  std::function<void(std::vector<torch::Tensor>&)> all_reduce_sum;  // over the ranks (ReduceAndApply)
+};
+// Makes `g` the step's global-batch balance for add_moe_terms on this thread while alive.
+class GlobalBalanceScope {
+ public:
+  explicit GlobalBalanceScope(GlobalBalance& g);
+  ~GlobalBalanceScope();
+  GlobalBalanceScope(const GlobalBalanceScope&) = delete;
+  GlobalBalanceScope& operator=(const GlobalBalanceScope&) = delete;
+
+ private:
+  GlobalBalance* prev_;
+};
+// Sums a Count phase's totals over the ranks and switches to Apply.
+void finish_counting(GlobalBalance& g);
+
 // Adds aux_coef * aux (balance aux_loss, aux_coef > 0; aux_coef < 0 = the config's coefficient), then
 // seq_aux_loss_coef * the sequence-wise balancing loss over sequences of `seq_len` rows (> 0; with any balance
-// mode, as DeepSeek-V3 pairs it with the bias) and z_loss_coef * z (> 0) to `total`. `valid_N` (optional, 0/1 per
+// mode, as DeepSeek-V3 pairs it with the bias) and z_loss_coef * z (> 0) to `total`. Under a GlobalBalanceScope the
+// aux term is the micro-batch's share of the step's global-batch loss (see GlobalBalance); elsewhere (evaluation)
+// it is the micro-batch's own. `valid_N` (optional, 0/1 per
 // token of a layer) excludes padding.
 MoeTerms add_moe_terms(torch::Tensor& total, const std::vector<RouterOutput>& router, const MoEConfig& moe,
                        double aux_coef, int64_t seq_len, const torch::Tensor& valid_N = {});

@@ -58,12 +58,12 @@ SweepSpec load_sweep(const std::string& path) {
   if (!root.IsMap()) throw UserError(path + ": a sweep file is a mapping (recipe, output_dir, grid, ...)");
   SweepSpec s;
   s.path = path;
-  const std::set<std::string> known{"recipe", "output_dir", "set", "grid", "match_active_params"};
+  const std::set<std::string> known{"recipe", "output_dir", "set", "variants", "grid", "match_active_params"};
   for (const auto& kv : root) {
     const std::string k = kv.first.as<std::string>();
     if (!known.count(k))
       throw UserError(where(path, kv.first) + ": unknown key '" + k +
-                      "' (a sweep file has recipe, output_dir, set, grid, match_active_params)");
+                      "' (a sweep file has recipe, output_dir, set, variants, grid, match_active_params)");
   }
   if (!root["recipe"]) throw UserError(path + ": key 'recipe' (the base recipe) is required");
   s.recipe = scalar_text(root["recipe"], path, "recipe");
@@ -80,16 +80,38 @@ SweepSpec load_sweep(const std::string& path) {
     if (v != "true" && v != "false") throw UserError(where(path, m) + ": 'match_active_params' must be true or false");
     s.match_active_params = v == "true";
   }
+  if (auto vs = root["variants"]) {
+    if (!vs.IsMap() || vs.size() == 0)
+      throw UserError(where(path, vs) + ": 'variants' maps each arm's name to a mapping of recipe keys to values");
+    SweepAxis names;
+    names.key = "variant";
+    for (const auto& kv : vs) {
+      const std::string name = kv.first.as<std::string>();
+      if (!kv.second.IsMap())
+        throw UserError(where(path, kv.second) + ": variant '" + name + "' must be a mapping of recipe keys to values");
+      std::vector<std::string> sets;
+      for (const auto& o : kv.second)
+        sets.push_back(o.first.as<std::string>() + "=" +
+                       scalar_text(o.second, path, "variants." + name + "." + o.first.as<std::string>()));
+      s.variants.emplace_back(name, sets);
+      names.values.push_back(name);
+    }
+    s.grid.push_back(names);
+  }
   auto grid = root["grid"];
-  if (!grid || !grid.IsMap() || grid.size() == 0)
-    throw UserError(path + ": key 'grid' must map at least one recipe key to a list of values");
-  for (const auto& kv : grid) {
-    SweepAxis a;
-    a.key = kv.first.as<std::string>();
-    if (!kv.second.IsSequence() || kv.second.size() == 0)
-      throw UserError(where(path, kv.second) + ": grid key '" + a.key + "' needs a non-empty list of values");
-    for (const auto& v : kv.second) a.values.push_back(scalar_text(v, path, "grid." + a.key));
-    s.grid.push_back(a);
+  if (grid && (!grid.IsMap() || grid.size() == 0))
+    throw UserError(where(path, grid) + ": key 'grid' must map at least one recipe key to a list of values");
+  if (!grid && s.variants.empty())
+    throw UserError(path + ": key 'grid' (recipe keys to lists of values) or 'variants' (named arms) is required");
+  if (grid) {
+    for (const auto& kv : grid) {
+      SweepAxis a;
+      a.key = kv.first.as<std::string>();
+      if (!kv.second.IsSequence() || kv.second.size() == 0)
+        throw UserError(where(path, kv.second) + ": grid key '" + a.key + "' needs a non-empty list of values");
+      for (const auto& v : kv.second) a.values.push_back(scalar_text(v, path, "grid." + a.key));
+      s.grid.push_back(a);
+    }
   }
   return s;
 }
@@ -105,7 +127,14 @@ std::vector<SweepPoint> expand_sweep(const SweepSpec& spec) {
     p.name = point_name(p.values);
     p.run_dir = spec.output_dir + "/" + p.name;
     p.overrides = spec.fixed;
-    for (const auto& [k, v] : p.values) p.overrides.push_back(k + "=" + v);
+    for (const auto& [k, v] : p.values) {
+      if (k != "variant") {
+        p.overrides.push_back(k + "=" + v);
+        continue;
+      }
+      for (const auto& [name, sets] : spec.variants)
+        if (name == v) p.overrides.insert(p.overrides.end(), sets.begin(), sets.end());
+    }
     p.overrides.push_back("output_dir=" + p.run_dir);
     try {
       p.recipe = load_recipe(spec.recipe, p.overrides);
@@ -147,8 +176,19 @@ struct PointResult {
   nlohmann::json summary;
   double load_max_over_mean = NAN, load_cv = NAN, router_entropy = NAN, z_loss = NAN;
   int64_t dead_experts = -1;
+  // Over training: means over the logged steps, and the first logged step from which the worst layer's
+  // max/mean stays under kSettled (NAN: it does not).
+  double mean_max_over_mean = NAN, mean_cv = NAN, settled_step = NAN;
   nlohmann::json val_curve = nlohmann::json::array(), layer_load = nlohmann::json::array();
+  nlohmann::json balance_curve = nlohmann::json::array();  // [step, worst max/mean, mean CV]
 };
+constexpr double kSettled = 1.5;
+
+double mean_of(const nlohmann::json& a) {
+  double s = 0;
+  for (const auto& x : a) s += x.get<double>();
+  return a.empty() ? NAN : s / static_cast<double>(a.size());
+}
 
 PointResult read_point(const SweepPoint& p) {
   PointResult r;
@@ -162,17 +202,28 @@ PointResult read_point(const SweepPoint& p) {
     for (std::string line; std::getline(m, line);) {
       auto j = nlohmann::json::parse(line);
       if (j.contains("val_loss")) r.val_curve.push_back({j["step"], j["val_loss"]});
-      if (j.contains("expert_load")) last = j;
+      if (j.contains("expert_load")) {
+        last = j;
+        r.balance_curve.push_back({j["step"], j["load_max_over_mean"], mean_of(j["layer_load_cv"])});
+      }
+    }
+    if (!r.balance_curve.empty()) {
+      double mm = 0, cv = 0;
+      for (const auto& b : r.balance_curve) {
+        mm += b[1].get<double>();
+        cv += b[2].get<double>();
+      }
+      r.mean_max_over_mean = mm / static_cast<double>(r.balance_curve.size());
+      r.mean_cv = cv / static_cast<double>(r.balance_curve.size());
+      for (size_t i = r.balance_curve.size(); i > 0 && r.balance_curve[i - 1][1].get<double>() < kSettled; --i)
+        r.settled_step = r.balance_curve[i - 1][0].get<double>();
     }
     if (!last.is_null()) {
       r.layer_load = last["expert_load"];
       r.load_max_over_mean = last["load_max_over_mean"].get<double>();
       r.z_loss = last["z_loss"].get<double>();
-      double cv = 0, ent = 0;
-      for (const auto& x : last["layer_load_cv"]) cv += x.get<double>();
-      for (const auto& x : last["layer_router_entropy"]) ent += x.get<double>();
-      r.load_cv = cv / static_cast<double>(last["layer_load_cv"].size());
-      r.router_entropy = ent / static_cast<double>(last["layer_router_entropy"].size());
+      r.load_cv = mean_of(last["layer_load_cv"]);
+      r.router_entropy = mean_of(last["layer_router_entropy"]);
       r.dead_experts = 0;
       for (const auto& layer : last["expert_load"]) r.dead_experts += balance_stats(layer.get<std::vector<int64_t>>()).dead_experts;
     }
@@ -236,6 +287,7 @@ void write_sweep_report(const SweepSpec& spec, const std::vector<SweepPoint>& po
       pj["final_val_loss"] = res[i].summary["final_val_loss"];
       pj["val_curve"] = res[i].val_curve;
       pj["layer_load"] = res[i].layer_load;
+      pj["balance_curve"] = res[i].balance_curve;
     }
     report["points"].push_back(pj);
   }
@@ -243,17 +295,18 @@ void write_sweep_report(const SweepSpec& spec, const std::vector<SweepPoint>& po
   csv << "";
   for (const auto& k : shown) csv << k << ",";
   csv << "runs,finished,total_params,active_params,final_train_loss_mean,final_train_loss_sd,final_val_loss_mean,"
-         "final_val_loss_sd,tokens_per_second,load_max_over_mean,load_cv,dead_experts,router_entropy,z_loss\n";
+         "final_val_loss_sd,tokens_per_second,load_max_over_mean,load_cv,dead_experts,router_entropy,z_loss,"
+         "training_load_max_over_mean,training_load_cv,settled_step_mean,settled_runs\n";
   md << "| ";
   for (const auto& k : shown) md << "`" << k << "` | ";
   md << "runs | total params | active params | train loss | val loss | tokens/s | max/mean load | load CV | dead "
-        "experts | router entropy | z-loss |\n|";
-  for (size_t i = 0; i < shown.size() + 11; ++i) md << "---|";
+        "experts | router entropy | z-loss | max/mean over training | CV over training | max/mean < 1.5 from step |\n|";
+  for (size_t i = 0; i < shown.size() + 14; ++i) md << "---|";
   md << "\n";
   for (const auto& key : order) {
     const auto& idx = rows[key];
     const SweepPoint& first = points[idx.front()];
-    std::vector<double> tr, va, tps, mm, cv, dead, ent, z;
+    std::vector<double> tr, va, tps, mm, cv, dead, ent, z, tmm, tcv, settled;
     int finished = 0;
     for (size_t i : idx) {
       if (!res[i].done) continue;
@@ -267,7 +320,14 @@ void write_sweep_report(const SweepSpec& spec, const std::vector<SweepPoint>& po
       dead.push_back(static_cast<double>(res[i].dead_experts));
       ent.push_back(res[i].router_entropy);
       z.push_back(res[i].z_loss);
+      tmm.push_back(res[i].mean_max_over_mean);
+      tcv.push_back(res[i].mean_cv);
+      if (!std::isnan(res[i].settled_step)) settled.push_back(res[i].settled_step);
     }
+    // The settling step: its mean over the runs that settle, and how many of the row's runs do.
+    const std::string settled_md =
+        (settled.empty() ? std::string("never") : fmt(mean_sd(settled).mean, 0)) + " (" + std::to_string(settled.size()) +
+        "/" + std::to_string(finished) + ")";
     const ParamCounts pc = count_params(first.recipe.model);
     const MeanSd T = mean_sd(tr), V = mean_sd(va);
     std::vector<std::string> vals;
@@ -277,18 +337,22 @@ void write_sweep_report(const SweepSpec& spec, const std::vector<SweepPoint>& po
     csv << idx.size() << "," << finished << "," << pc.total << "," << pc.active << "," << fmt(T.mean) << ","
         << fmt(T.sd) << "," << fmt(V.mean) << "," << fmt(V.sd) << "," << fmt(mean_sd(tps).mean, 0) << ","
         << fmt(mean_sd(mm).mean, 3) << "," << fmt(mean_sd(cv).mean, 3) << "," << fmt(mean_sd(dead).mean, 1) << ","
-        << fmt(mean_sd(ent).mean, 3) << "," << fmt(mean_sd(z).mean, 3) << "\n";
+        << fmt(mean_sd(ent).mean, 3) << "," << fmt(mean_sd(z).mean, 3) << "," << fmt(mean_sd(tmm).mean, 3) << ","
+        << fmt(mean_sd(tcv).mean, 3) << "," << fmt(mean_sd(settled).mean, 0) << "," << settled.size() << "\n";
     md << "| ";
     for (const auto& v : vals) md << v << " | ";
     auto pm = [&](const MeanSd& m) { return fmt(m.mean) + (std::isnan(m.sd) ? "" : " ± " + fmt(m.sd)); };
     md << finished << "/" << idx.size() << " | " << pc.total << " | " << pc.active << " | " << pm(T) << " | " << pm(V)
        << " | " << fmt(mean_sd(tps).mean, 0) << " | " << fmt(mean_sd(mm).mean, 2) << " | " << fmt(mean_sd(cv).mean, 3)
        << " | " << fmt(mean_sd(dead).mean, 1) << " | " << fmt(mean_sd(ent).mean, 3) << " | " << fmt(mean_sd(z).mean, 3)
-       << " |\n";
+       << " | " << fmt(mean_sd(tmm).mean, 2) << " | " << fmt(mean_sd(tcv).mean, 3) << " | " << settled_md << " |\n";
   }
   md << "\nLosses: mean ± sample standard deviation over the seeds of a row. Balance columns: the last logged\n"
         "training step's expert loads (max/mean: worst layer; CV, router entropy: mean over layers; dead experts:\n"
-        "(layer, expert) pairs under 10% of the fair share, summed over layers).\n";
+        "(layer, expert) pairs under 10% of the fair share, summed over layers). Over training: the mean over every\n"
+        "logged training step of the worst layer's max/mean and of the layers' mean CV; the first logged step from\n"
+        "which the worst layer's max/mean stays under 1.5 to the end (mean over the runs that get there; in\n"
+        "brackets how many of the row's runs do).\n";
   write_file_atomic(spec.output_dir + "/summary.csv", csv.str());
   write_file_atomic(spec.output_dir + "/summary.md", md.str());
   write_file_atomic(spec.output_dir + "/report.json", report.dump(1) + "\n");

@@ -19,6 +19,9 @@ struct SweepSpec {
   std::string output_dir;                 // root of the point directories
   std::vector<std::string> fixed;         // overrides applied to every point ("key=value")
   std::vector<SweepAxis> grid;            // cartesian product, first axis slowest
+  // Named arms, each a set of overrides ("key=value"): the first axis of the grid, called "variant", when given
+  // (arms that differ in several keys at once, e.g. a balancing method and its coefficient).
+  std::vector<std::pair<std::string, std::vector<std::string>>> variants;
   bool match_active_params = false;       // scale model.intermediate_size to the base's active parameters
 };
 
@@ -30,7 +33,8 @@ struct SweepPoint {
   Recipe recipe;                                         // the point's resolved recipe (validated)
 };
 
-// Reads a sweep file (strict: unknown keys, an empty grid or an empty axis are UserErrors naming it).
+// Reads a sweep file (strict: unknown keys, neither a grid nor variants, or an empty axis are UserErrors naming
+// it).
 SweepSpec load_sweep(const std::string& path);
 
 // Expands the grid and resolves every point's recipe, so a key that does not exist or a value of the
@@ -41,7 +45,9 @@ enum class PointStatus { Fresh, Interrupted, Finished };
 PointStatus point_status(const SweepPoint& p);
 
 // Writes output_dir/summary.csv and summary.md (one row per point; seeds folded into mean and spread)
-// and output_dir/report.json (per point: the values, the curves and the per-layer loads the plots need).
+// and output_dir/report.json (per point: the values, the curves and the per-layer loads the plots need). Balance
+// is reported at the last logged step and over training: the mean of the worst layer's max/mean load and of the
+// layers' mean CV over every logged step, and the first logged step from which max/mean stays under 1.5.
 void write_sweep_report(const SweepSpec& spec, const std::vector<SweepPoint>& points);
 
 }  // namespace moeforge::train

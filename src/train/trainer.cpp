@@ -24,6 +24,7 @@
 #include "train/checkpoint.h"
 #include "train/metrics.h"
 #include "train/model_setup.h"
+#include "train/moe_terms.h"
 #include "train/optimizer.h"
 #include "train/run_log.h"
 #include "train/schedule.h"
@@ -212,6 +213,12 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
                       << (W > 1 ? "layout " + layout.describe() + "; " : std::string()) << stage->describe());
 
   const int L = static_cast<int>(cfg.num_layers);
+  // moe.balance_scope global_batch matters only where a step has more than one micro-batch.
+  const bool global_balance = cfg.moe.balance == Balance::AuxLoss && cfg.moe.balance_scope == BalanceScope::GlobalBatch &&
+                              stage->aux_loss_coef() > 0 && tc.grad_accum * W > 1;
+  if (global_balance && tc.grad_accum > 1)
+    MF_INFO("global-batch balance over " << tc.grad_accum << " micro-batches: each step first routes them without "
+                                            "gradient (one extra forward per micro-batch)");
   RunLog log(std::move(metrics), main_rank, total_steps, flops_per_token, peak);
   EvalResult last_eval;
   auto log_eval = [&](const EvalResult& ev) {
@@ -234,12 +241,36 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
                             r.optim.schedule, r.optim.decay_fraction);
     opt.zero_grad();
     StepTotals step(L);
+    // Global-batch balance: the aux loss's fractions over the whole step. With several micro-batches per rank
+    // they are counted first by a forward of each without gradient, from the same random draws (router
+    // jitter, adapter dropout) the step's passes then make, and summed over the ranks.
+    GlobalBalance gb;
+    std::optional<GlobalBalanceScope> gb_scope;
+    if (global_balance) {
+      gb.parts = static_cast<double>(tc.grad_accum * W);
+      gb.all_reduce_sum = [&](std::vector<torch::Tensor>& v) { layout.all_reduce_sum(v); };
+      gb_scope.emplace(gb);
+      if (tc.grad_accum > 1) {
+        const std::vector<torch::Tensor> draws = model->random_state();
+        {
+          torch::NoGradGuard ng;
+          for (int64_t a = 0; a < tc.grad_accum; ++a)
+            (void)stage->train_batch(model, state.samples_seen + layout.global_micro_batch(a) * tc.micro_batch_size,
+                                     tc.micro_batch_size, device);
+        }
+        model->set_random_state(draws);
+        finish_counting(gb);
+      } else {
+        gb.phase = GlobalBalance::Phase::ReduceAndApply;
+      }
+    }
     for (int64_t a = 0; a < tc.grad_accum; ++a) {
       BatchLoss l = stage->train_batch(model, state.samples_seen + layout.global_micro_batch(a) * tc.micro_batch_size,
                                        tc.micro_batch_size, device);
       (l.total / static_cast<double>(tc.grad_accum)).backward();
       step.add(l, tc.grad_accum);
     }
+    gb_scope.reset();  // evaluation below scores each batch alone
     state.samples_seen += tc.micro_batch_size * tc.grad_accum * W;
     layout.sync_gradients();
     step.reduce(layout);

@@ -1,7 +1,7 @@
 // Expert parallelism in training, over c10d Gloo on loopback: every layout of 2 and 4 ranks (EP=2 x DP=1,
 // EP=2 x DP=2, EP=4 x DP=1, DP=4) trains the same 5 steps as one process with the same global batch
 // (gradient accumulation), for pretraining and DPO; a sharded checkpoint resumes exactly and loads into
-// one process with the same logits.
+// one process with the same logits; global-batch balance cut any way equals one process holding the whole batch.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -305,4 +305,81 @@ TEST(ExpertParallelTraining, Bf16WithRecomputationTracksOneProcess) {
   ASSERT_FALSE(va.empty());
   EXPECT_LT(rel(va.back()["val_loss"].get<double>(), vb.back()["val_loss"].get<double>()), 1.0 / 128);
   EXPECT_EQ(read_json(dir / "ep2/summary.json")["precision"], "bf16");
+}
+
+// Global-batch balance (moe.balance_scope: global_batch): the aux loss counts its expert fractions over the whole
+// step, so every way of cutting a step of 8 sequences trains what one process holding all 8 in one micro-batch
+// trains: 4 micro-batches in one process (counted by a forward without gradient first), 2 ranks x 2 micro-batches
+// under expert parallelism (counted, then summed over the ranks), 2 ranks x 1 (summed over the ranks inside the
+// step). A large coefficient (0.5) makes the term matter; the micro-batch scope cut into 4 is the control: it does
+// not match.
+TEST(ExpertParallelTraining, GlobalBatchBalanceEqualsOneProcessHoldingTheWholeBatch) {
+  test::TempDir dir("epglobal");
+  std::string data = test::make_prepared(dir, 80);
+  const std::string recipe = dir / "r.yaml";
+  std::ofstream(recipe) << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+                        << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 4, log_interval: 1, "
+                           "eval_interval: 4, eval_batches: 1, checkpoint_interval: 4}\n"
+                        << "optim: {warmup_steps: 1, grad_clip: 0.5}\nruntime: {threads: 1}\n";
+  const std::string coef = " --set model.moe.aux_loss_coef=0.5";
+  const std::string global = coef + " --set model.moe.balance_scope=global_batch";
+  auto train = [&](const std::string& name, const std::string& extra) {
+    return test::run_quiet(kBin + " train " + recipe + " --set output_dir=" + (dir / name) + extra);
+  };
+  // Evaluation runs eval_batches batches of micro_batch_size sequences: 8 held-out sequences in every run.
+  ASSERT_EQ(train("whole", global + " --set train.micro_batch_size=8 --set train.eval_batches=1"), 0);
+  ASSERT_EQ(train("accum4", global + " --set train.grad_accum=4 --set train.eval_batches=4"), 0);
+  expect_same_run(dir / "whole", dir / "accum4", 4, "one process, 4 micro-batches");
+  ASSERT_EQ(launch(recipe, Layout{2, 2, 2}, dir / "ep2", global + " --set train.eval_batches=4"), 0);
+  expect_same_run(dir / "whole", dir / "ep2", 4, "EP 2 x 2 micro-batches");
+  ASSERT_EQ(launch(recipe, Layout{2, 1, 1}, dir / "dp2", global + " --set train.micro_batch_size=4 --set train.eval_batches=2"), 0);
+  expect_same_run(dir / "whole", dir / "dp2", 4, "DP 2 x 1 micro-batch");
+  // The logged aux loss is the whole step's.
+  auto w = test::metric_records(dir / "whole", "aux_loss"), e = test::metric_records(dir / "ep2", "aux_loss");
+  ASSERT_EQ(w.size(), 4u);
+  ASSERT_EQ(e.size(), 4u);
+  for (size_t i = 0; i < 4; ++i)
+    EXPECT_LT(rel(w[i]["aux_loss"].get<double>(), e[i]["aux_loss"].get<double>()), 1e-5) << "step " << i + 1;
+  // Control: the same cut with the micro-batch scope. The first step starts from the same weights, so its
+  // language-model loss and loads agree, but the balancing term and so the gradient do not: each differs by more
+  // than the 1e-5 the equalities above allow (at initialisation the router is nearly uniform, so the two forms of
+  // the loss are both close to k = 2 and differ by little; the gradients differ more), and so do the final weights.
+  ASSERT_EQ(train("micro4", coef + " --set train.grad_accum=4 --set train.eval_batches=4"), 0);
+  auto m = test::metric_records(dir / "micro4", "loss");
+  ASSERT_EQ(m.size(), 4u);
+  EXPECT_LT(rel(w[0]["loss"].get<double>(), m[0]["loss"].get<double>()), 1e-5);
+  EXPECT_EQ(w[0]["expert_load"], m[0]["expert_load"]);
+  EXPECT_GT(rel(w[0]["aux_loss"].get<double>(), m[0]["aux_loss"].get<double>()), 1e-4);
+  EXPECT_GT(rel(w[0]["grad_norm"].get<double>(), m[0]["grad_norm"].get<double>()), 1e-4);
+  auto ma = train::load_checkpoint_model(*train::latest_checkpoint(dir / "whole"));
+  auto mb = train::load_checkpoint_model(*train::latest_checkpoint(dir / "micro4"));
+  auto pb = mb->named_parameters();
+  double worst = 0;
+  for (auto& p : ma->named_parameters())
+    worst = std::max(worst, (p.value() - pb[p.key()]).abs().max().item<double>() / std::max(1.0, p.value().abs().max().item<double>()));
+  EXPECT_GT(worst, 1e-4);
+}
+
+// With router jitter the counting forwards draw noise before the step's passes do; the generators are put back
+// after them, so the passes route with the very draws they would have made without counting: from the same
+// weights (the first step) the loads and the language-model loss equal the micro-batch scope's, to the bit.
+TEST(ExpertParallelTraining, GlobalBatchCountingRepeatsTheStepsRandomDraws) {
+  test::TempDir dir("epglobaljit");
+  std::string data = test::make_prepared(dir, 40);
+  const std::string recipe = dir / "r.yaml";
+  std::ofstream(recipe) << "stage: pretrain\n"
+                        << test::small_model_yaml("ep-jitter", ", router_jitter: 0.3") << "data: {dir: " << data << "}\n"
+                        << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 1, grad_accum: 3, log_interval: 1, "
+                           "eval_interval: 1, eval_batches: 1, checkpoint_interval: 1}\n"
+                        << "optim: {warmup_steps: 1}\nruntime: {threads: 1}\n";
+  for (const char* scope : {"micro_batch", "global_batch"})
+    ASSERT_EQ(test::run_quiet(kBin + " train " + recipe + " --set output_dir=" + (dir / scope) +
+                              " --set model.moe.balance_scope=" + scope),
+              0);
+  auto a = test::metric_records(dir / "micro_batch", "loss"), b = test::metric_records(dir / "global_batch", "loss");
+  ASSERT_EQ(a.size(), 1u);
+  ASSERT_EQ(b.size(), 1u);
+  EXPECT_EQ(a[0]["loss"].get<double>(), b[0]["loss"].get<double>());
+  EXPECT_EQ(a[0]["expert_load"], b[0]["expert_load"]);
+  EXPECT_NE(a[0]["aux_loss"].get<double>(), b[0]["aux_loss"].get<double>());
 }

@@ -2,7 +2,7 @@
 // expert share at a time equals the one-process initialisation bit for bit and loads into any layout;
 // `export --format hf` (streamed, shard by shard) and `import` (streamed, share by share) round-trip it exactly
 // in fp32, through the per-expert and the fused layout; a training run started from the seed starts from the
-// same weights `init` writes.
+// same weights `init` writes. `upcycle` turns a dense model into an MoE whose first forward is the dense model's.
 #include <gtest/gtest.h>
 
 #include <torch/torch.h>
@@ -102,4 +102,114 @@ TEST(InitImportExport, InitBySharesEqualsOneProcessAndRoundTrips) {
   ASSERT_EQ(a.size(), 1u);
   ASSERT_EQ(b.size(), 1u);
   EXPECT_EQ(a[0]["loss"], b[0]["loss"]);
+}
+
+namespace {
+// small_model_yaml's keys as a config file (unindented), with `moe` replaced.
+std::string config_file(const std::string& name, const std::string& moe) {
+  std::string y = test::small_model_yaml(name), out;
+  std::istringstream in(y);
+  for (std::string line; std::getline(in, line);) {
+    if (line == "model:") continue;
+    if (line.find("moe:") != std::string::npos) line = "  moe: " + moe;
+    out += (line.rfind("  ", 0) == 0 ? line.substr(2) : line) + "\n";
+  }
+  return out;
+}
+
+torch::Tensor logits(MixtralForCausalLM& m, const torch::Tensor& ids) {
+  torch::NoGradGuard ng;
+  m->eval();
+  return m->forward(ids).logits;
+}
+}  // namespace
+
+// Sparse upcycling (issue 16): a dense model (one expert) becomes 4 experts, top-2, each a copy of its MLP, and
+// a fresh router (the one `init` draws from the seed). Identical experts with weights renormalised to 1 give the
+// dense output whatever the router: the first forward's logits are the dense model's. From the dense model's
+// Mistral export the same checkpoint results; --noise perturbs each expert by its own draw of the asked size;
+// a source with experts, a top-k above the experts and an existing output are refused; training starts from it.
+TEST(Upcycle, FirstForwardIsTheDenseModelsAndItTrains) {
+  test::TempDir dir("upcycle");
+  std::ofstream(dir / "dense.yaml") << config_file("dense", "{num_experts: 1, num_experts_per_tok: 1, balance: none}");
+  const std::string dense_ck = dir / "dense";
+  ASSERT_EQ(test::run_quiet(kBin + " init " + (dir / "dense.yaml") + " --out " + dense_ck + " --seed 5"), 0);
+  auto dense = train::load_checkpoint_model(dense_ck);
+  ASSERT_TRUE(dense->config().dense());
+
+  const std::string up = dir / "up";
+  ASSERT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts 4 --top-k 2 --seed 9 --out " + up), 0);
+  EXPECT_TRUE(train::verify_checkpoint(up).ok);
+  auto m = train::load_checkpoint_model(up);
+  const ModelConfig& c = m->config();
+  EXPECT_EQ(c.moe.num_experts, 4);
+  EXPECT_EQ(c.moe.num_experts_per_tok, 2);
+  EXPECT_EQ(c.moe.balance, Balance::AuxLoss);
+  // Weights: every expert the dense MLP, the rest copied, the router the seed's fresh one.
+  ModelConfig fresh_cfg = c;
+  MixtralForCausalLM fresh(fresh_cfg);
+  init_weights(*fresh, c.init_std, 9);
+  auto pd = dense->named_parameters(), pf = fresh->named_parameters();
+  for (auto& p : m->named_parameters()) {
+    const std::string& n = p.key();
+    const auto at = n.find(".block_sparse_moe.experts.");
+    if (n.find(".block_sparse_moe.gate.") != std::string::npos) {
+      EXPECT_TRUE(torch::equal(p.value(), pf[n])) << n;
+    } else if (at != std::string::npos) {
+      const std::string src = n.substr(0, at) + ".block_sparse_moe.experts.0" + n.substr(n.find('.', at + 26));
+      EXPECT_TRUE(torch::equal(p.value(), pd[src])) << n << " vs " << src;
+    } else {
+      EXPECT_TRUE(torch::equal(p.value(), pd[n])) << n;
+    }
+  }
+  torch::manual_seed(3);
+  auto ids = torch::randint(0, c.vocab_size, {2, 16}, torch::kLong);
+  auto ld = logits(dense, ids), lu = logits(m, ids);
+  EXPECT_LE((ld - lu).abs().max().item<double>(), 1e-5 * ld.abs().max().item<double>());
+  // The router does route: the tokens do not all go to the same pair.
+  {
+    torch::NoGradGuard ng;
+    auto out = m->forward(ids);
+    auto load = out.router[0].tokens_per_expert;
+    EXPECT_GT((load > 0).sum().item<int64_t>(), 2) << load;
+  }
+
+  // From the Mistral export: the same checkpoint.
+  ASSERT_EQ(test::run_quiet(kBin + " export " + dense_ck + " --format hf --dtype fp32 --out " + (dir / "hf")), 0);
+  ASSERT_EQ(test::run_quiet(kBin + " upcycle " + (dir / "hf") + " --experts 4 --top-k 2 --seed 9 --out " + (dir / "up_hf")), 0);
+  auto mh = train::load_checkpoint_model(dir / "up_hf");
+  expect_same_weights(mh, m, "upcycled from the HF export");
+
+  // --noise 0.05: each expert its own perturbation of about 5% of the weights' spread; close, not equal.
+  ASSERT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts 4 --seed 9 --noise 0.05 --out " + (dir / "noisy")), 0);
+  auto mn = train::load_checkpoint_model(dir / "noisy");
+  auto pn = mn->named_parameters();
+  const std::string x = "model.layers.1.block_sparse_moe.experts.";
+  auto w = pd["model.layers.1.block_sparse_moe.experts.0.w1.weight"];
+  for (int e = 0; e < 4; ++e) {
+    auto d = pn[x + std::to_string(e) + ".w1.weight"] - w;
+    const double rel_std = (d.std() / w.std()).item<double>();
+    EXPECT_GT(rel_std, 0.045) << e;
+    EXPECT_LT(rel_std, 0.055) << e;
+  }
+  EXPECT_FALSE(torch::equal(pn[x + "1.w1.weight"], pn[x + "2.w1.weight"]));
+  auto ln = logits(mn, ids);
+  const double dn = (ld - ln).abs().max().item<double>();
+  EXPECT_GT(dn, 0.0);
+  EXPECT_LT(dn, 0.1 * ld.abs().max().item<double>());
+
+  // Refusals, nothing written.
+  EXPECT_EQ(test::run_quiet(kBin + " upcycle " + up + " --experts 8 --out " + (dir / "bad1")), 2);  // has experts
+  EXPECT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts 4 --top-k 5 --out " + (dir / "bad2")), 2);
+  EXPECT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts 4 --out " + up), 2);  // exists
+  EXPECT_FALSE(fs::exists(dir / "bad1"));
+  EXPECT_FALSE(fs::exists(dir / "bad2"));
+
+  // Training starts from it: a recipe without a model (the checkpoint's config), init_from the checkpoint.
+  const std::string data = test::make_prepared(dir, 40);
+  std::ofstream(dir / "r.yaml") << "stage: pretrain\ninit_from: " << up << "\ndata: {dir: " << data << "}\n"
+                                << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 2, log_interval: 1, eval_interval: 100, "
+                                   "eval_batches: 1}\nruntime: {threads: 1}\n";
+  EXPECT_EQ(test::run_quiet(kBin + " train " + (dir / "r.yaml") + " --set output_dir=" + (dir / "run")), 0);
+  EXPECT_EQ(test::metric_records(dir / "run", "loss").size(), 2u);
 }

@@ -161,8 +161,66 @@ TEST(Sweep, ReportBalanceColumnsFromHandWrittenRuns) {
   const std::string csv = slurp(dir / "out/summary.csv");
   // No non-seed axis: one row, 2 runs. sd of {2, 3} = sqrt(0.5).
   EXPECT_NE(csv.find("\n2,2,"), std::string::npos) << csv;
-  EXPECT_NE(csv.find(",2.0000,0.7071,2.5000,0.7071,150,3.000,0.600,2.0,1.000,0.250\n"), std::string::npos) << csv;
+  // Last step: max/mean 3, CV 0.6, 2 dead, entropy 1, z 0.25; over training: max/mean (1 + 3) / 2, CV (0 + 0.6) / 2,
+  // never under 1.5 at the end (no settling step, 0 runs).
+  EXPECT_NE(csv.find(",2.0000,0.7071,2.5000,0.7071,150,3.000,0.600,2.0,1.000,0.250,2.000,0.300,,0\n"), std::string::npos) << csv;
   auto report = nlohmann::json::parse(std::ifstream(dir / "out/report.json"));
   EXPECT_EQ(report["points"][1]["val_curve"], nlohmann::json::parse("[[2, 3.0]]"));
   EXPECT_EQ(report["points"][0]["layer_load"], nlohmann::json::parse("[[6, 2, 0, 0], [2, 2, 2, 2]]"));
+}
+
+// Variants: named arms that set several keys at once form the first axis ("variant"), crossed with the grid;
+// the report has a row per arm, with the step from which each run's worst max/mean stays under 1.5, by hand.
+TEST(Sweep, VariantsAndBalanceOverTraining) {
+  test::TempDir dir("sweepvar");
+  std::ofstream(dir / "base.yaml") << "stage: pretrain\n" << test::small_model_yaml("sweep")
+                                   << "data: {dir: /nonexistent}\ntrain: {seq_len: 32}\n";
+  std::ofstream(dir / "s.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out")
+                                << "\nvariants:\n  none: {model.moe.balance: none}\n"
+                                   "  global: {model.moe.balance_scope: global_batch, model.moe.aux_loss_coef: 0.1}\n"
+                                   "grid:\n  train.seed: [1, 2]\n";
+  auto spec = train::load_sweep(dir / "s.yaml");
+  auto pts = train::expand_sweep(spec);
+  ASSERT_EQ(pts.size(), 4u);
+  EXPECT_EQ(pts[0].name, "variant=none_seed=1");
+  EXPECT_EQ(pts[3].name, "variant=global_seed=2");
+  EXPECT_EQ(pts[0].recipe.model.moe.balance, Balance::None);
+  EXPECT_EQ(pts[0].recipe.model.moe.balance_scope, BalanceScope::MicroBatch);
+  EXPECT_EQ(pts[3].recipe.model.moe.balance, Balance::AuxLoss);
+  EXPECT_EQ(pts[3].recipe.model.moe.balance_scope, BalanceScope::GlobalBatch);
+  EXPECT_DOUBLE_EQ(pts[3].recipe.model.moe.aux_loss_coef, 0.1);
+  EXPECT_EQ(pts[3].recipe.train.seed, 2u);
+  // Worst-layer max/mean per logged step (steps 10, 20, ...): none/1 never settles, none/2 from step 10,
+  // global/1 from step 40 (1.6 at 30 breaks the first run under 1.5), global/2 from step 20.
+  const std::vector<std::vector<double>> curves{{2.0, 1.8, 1.7}, {1.4, 1.3, 1.2}, {2.0, 1.4, 1.6, 1.3, 1.2}, {1.9, 1.1, 1.0}};
+  for (size_t i = 0; i < 4; ++i) {
+    fs::create_directories(pts[i].run_dir);
+    std::ofstream(pts[i].run_dir + "/summary.json")
+        << nlohmann::json{{"final_val_loss", 2.0}, {"final_train_loss", 2.0}, {"tokens_per_second", 100.0}}.dump();
+    std::ofstream m(pts[i].run_dir + "/metrics.jsonl");
+    for (size_t k = 0; k < curves[i].size(); ++k)
+      m << nlohmann::json{{"step", 10 * (k + 1)}, {"loss", 1.0}, {"expert_load", {{1, 1, 1, 1}}},
+                          {"load_max_over_mean", curves[i][k]}, {"layer_load_cv", {0.1 * static_cast<double>(k)}},
+                          {"layer_router_entropy", {1.0}}, {"z_loss", 0.0}}.dump()
+        << "\n";
+  }
+  train::write_sweep_report(spec, pts);
+  const std::string csv = slurp(dir / "out/summary.csv");
+  // none: max/mean over training (2.0+1.8+1.7)/3 = 1.833 and (1.4+1.3+1.2)/3 = 1.3 -> 1.567; CV (0.1, 0.1) -> 0.1;
+  // settled: 10 (1 of 2). global: (7.5/5 = 1.5, 4.0/3 = 1.333) -> 1.417; CV (0.2, 0.1) -> 0.15; settled (40 + 20) / 2.
+  EXPECT_NE(csv.find("\nnone,2,2,"), std::string::npos) << csv;
+  EXPECT_NE(csv.find(",1.567,0.100,10,1\n"), std::string::npos) << csv;
+  EXPECT_NE(csv.find("\nglobal,2,2,"), std::string::npos) << csv;
+  EXPECT_NE(csv.find(",1.417,0.150,30,2\n"), std::string::npos) << csv;
+  const std::string md = slurp(dir / "out/summary.md");
+  EXPECT_NE(md.find("| 10 (1/2) |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| 30 (2/2) |"), std::string::npos) << md;
+  auto report = nlohmann::json::parse(std::ifstream(dir / "out/report.json"));
+  EXPECT_EQ(report["points"][2]["balance_curve"].size(), 5u);
+  // A variant that is not a mapping, and a sweep with neither grid nor variants, are refused.
+  std::ofstream(dir / "bad.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "o")
+                                  << "\nvariants:\n  a: 3\n";
+  EXPECT_THROW(train::load_sweep(dir / "bad.yaml"), UserError);
+  std::ofstream(dir / "bad2.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "o") << "\n";
+  EXPECT_THROW(train::load_sweep(dir / "bad2.yaml"), UserError);
 }

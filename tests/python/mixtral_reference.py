@@ -47,7 +47,9 @@ def forward(cfg, W, tokens):
     B, T = tokens.shape
     H, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     D = cfg.get("head_dim") or H // nh
-    E, K, eps = cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["rms_norm_eps"]
+    dense = cfg["model_type"] == "mistral"  # MistralForCausalLM: one MLP per layer, no router
+    E, K = (1, 1) if dense else (cfg["num_local_experts"], cfg["num_experts_per_tok"])
+    eps = cfg["rms_norm_eps"]
     window = cfg.get("sliding_window")
     x = W["model.embed_tokens.weight"][tokens]
     inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
@@ -77,6 +79,11 @@ def forward(cfg, W, tokens):
         a = torch.softmax(s, -1) @ v
         x = x + a.transpose(1, 2).reshape(B, T, nh * D) @ W[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, W[p + "post_attention_layernorm.weight"], eps)
+        if dense:
+            m = p + "mlp."
+            x = x + (torch.nn.functional.silu(h @ W[m + "gate_proj.weight"].T) * (h @ W[m + "up_proj.weight"].T)) \
+                @ W[m + "down_proj.weight"].T
+            continue
         logits = h @ W[p + "block_sparse_moe.gate.weight"].T
         probs = torch.softmax(logits, -1)
         top_p, top_i = probs.topk(K, -1)

@@ -7,12 +7,14 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <set>
 
 #include "core/error.h"
 #include "corpus.h"
 #include "io/gguf.h"
 #include "io/gguf_export.h"
 #include "io/hf_checkpoint.h"
+#include "io/hf_config.h"
 #include "io/hf_import.h"
 #include "io/safetensors.h"
 #include "model/decoder.h"
@@ -485,15 +487,12 @@ TEST(HostileFiles, GgufStructuralCorruptions) {
   expect_bad(bad, "overlaps");
 }
 
-// transformers is not installable here; instead a small independent Mixtral forward in Python
-// (Debian's python3-torch + numpy, no project code) loads the exported directory.
-TEST(ExportHf, IndependentPythonReferenceReproducesLogits) {
-  if (std::system("/usr/bin/python3 -c 'import torch, numpy' >/dev/null 2>&1") != 0)
-    GTEST_SKIP() << "python3-torch / python3-numpy are not installed (scripts/setup.sh installs them)";
-  test::TempDir dir("pyref");
-  ModelConfig c = export_config();
-  c.sliding_window = 5;
-  auto m = trained_model(c);
+namespace {
+bool have_python_torch() { return std::system("/usr/bin/python3 -c 'import torch, numpy' >/dev/null 2>&1") == 0; }
+
+// Exports `m` (fp32, small shards) and has the independent Python forward reproduce its logits.
+void expect_python_reference_agrees(const ModelConfig& c, MixtralForCausalLM& m, const std::string& name) {
+  test::TempDir dir(name);
   io::HfExportOptions o;
   o.out_dir = dir / "hf";
   o.dtype = "fp32";
@@ -511,4 +510,134 @@ TEST(ExportHf, IndependentPythonReferenceReproducesLogits) {
   std::string cmd = "/usr/bin/python3 " + test::source_path("tests/python/mixtral_reference.py") + " " + (dir / "hf") +
                     " " + (dir / "blob.bin");
   EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+}
+}  // namespace
+
+// transformers is not installable here; instead a small independent Mixtral forward in Python
+// (Debian's python3-torch + numpy, no project code) loads the exported directory.
+TEST(ExportHf, IndependentPythonReferenceReproducesLogits) {
+  if (!have_python_torch()) GTEST_SKIP() << "python3-torch / python3-numpy are not installed (scripts/setup.sh installs them)";
+  ModelConfig c = export_config();
+  c.sliding_window = 5;
+  auto m = trained_model(c);
+  expect_python_reference_agrees(c, m, "pyref");
+}
+
+namespace {
+ModelConfig dense_config() {
+  ModelConfig c = export_config();
+  c.name = "dense-test";
+  c.moe.num_experts = 1;
+  c.moe.num_experts_per_tok = 1;
+  c.moe.balance = Balance::None;
+  return c;
+}
+}  // namespace
+
+// A dense config (one expert, top-1) is a Mistral: exported as MistralForCausalLM with the MLP under mlp.* and no
+// router (names and shapes enumerated by hand), the independent Python forward of a Mistral reproduces its
+// logits, and importing the directory gives back every weight but the router, which reads as zeros and changes
+// nothing (a single expert's weight is 1 whatever its logit): the same logits.
+TEST(ExportHf, DenseConfigIsAMistral) {
+  test::TempDir dir("dense");
+  const ModelConfig c = dense_config();
+  auto m = trained_model(c);
+  io::HfExportOptions o;
+  o.out_dir = dir / "hf";
+  o.dtype = "fp32";
+  io::export_hf(c, params_of(m), o);
+  std::ifstream cin(dir / "hf/config.json");
+  auto j = nlohmann::json::parse(cin);
+  EXPECT_EQ(j["architectures"][0], "MistralForCausalLM");
+  EXPECT_EQ(j["model_type"], "mistral");
+  EXPECT_FALSE(j.contains("num_local_experts"));
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  std::map<std::string, std::vector<int64_t>> want;
+  for (const auto& [n, shape] : expected_hf_tensors(c))
+    if (n.find("block_sparse_moe") == std::string::npos) want[n] = shape;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".mlp.";
+    want[p + "gate_proj.weight"] = {I, H};
+    want[p + "up_proj.weight"] = {I, H};
+    want[p + "down_proj.weight"] = {H, I};
+  }
+  std::map<std::string, std::vector<int64_t>> got;
+  const auto header = header_of(dir / "hf/model.safetensors");
+  for (auto it = header.begin(); it != header.end(); ++it)
+    if (it.key() != "__metadata__") got[it.key()] = it.value()["shape"].get<std::vector<int64_t>>();
+  EXPECT_EQ(got, want);
+  auto st = io::SafetensorsFile::open(dir / "hf/model.safetensors");
+  EXPECT_TRUE(torch::equal(st.get("model.layers.1.mlp.down_proj.weight"),
+                           m->named_parameters()["model.layers.1.block_sparse_moe.experts.0.w2.weight"]));
+
+  io::HfCheckpoint hf(dir / "hf");
+  EXPECT_EQ(hf.layout(), "dense");
+  EXPECT_TRUE(hf.config().dense());
+  EXPECT_EQ(hf.config().moe.num_experts_per_tok, 1);
+  MixtralForCausalLM back(hf.config());
+  io::load_hf_weights(dir / "hf", back);
+  auto pm = m->named_parameters();
+  for (auto& p : back->named_parameters()) {
+    if (p.key().find(".block_sparse_moe.gate.") != std::string::npos) {
+      EXPECT_EQ(p.value().abs().max().item<double>(), 0.0) << p.key();
+      EXPECT_GT(pm[p.key()].abs().max().item<double>(), 0.0) << p.key();  // the original's was not zero
+    } else {
+      EXPECT_TRUE(torch::equal(p.value(), pm[p.key()])) << p.key();
+    }
+  }
+  back->eval();
+  auto ids = torch::randint(0, c.vocab_size, {2, 7}, torch::kLong);
+  EXPECT_TRUE(torch::equal(logits_of(back, ids), logits_of(m, ids)));
+  if (have_python_torch()) expect_python_reference_agrees(c, m, "pyref-dense");
+}
+
+// GGUF of a dense config: llama.cpp's plain llama (no expert keys), the MLP as ffn_gate / ffn_down / ffn_up.
+TEST(ExportGguf, DenseConfigIsAPlainLlama) {
+  test::TempDir dir("gguf-dense");
+  const ModelConfig c = dense_config();
+  auto m = trained_model(c);
+  io::GgufVocab v;
+  for (int i = 0; i < c.vocab_size; ++i) {
+    v.pieces.push_back("p" + std::to_string(i));
+    v.scores.push_back(0.0f);
+    v.types.push_back(1);
+  }
+  auto params = params_of(m);
+  std::map<std::string, torch::Tensor> wm(params.begin(), params.end());
+  io::export_gguf(c, wm, v, dir / "m.gguf", "f32");
+  auto g = io::GgufFile::open(dir / "m.gguf");
+  EXPECT_FALSE(g.kv().count("llama.expert_count"));
+  EXPECT_FALSE(g.kv().count("llama.expert_used_count"));
+  EXPECT_EQ(g.tensors().size(), 1 + 2 * 9 + 2u);  // embd, 9 per layer, norm, output
+  std::set<std::string> names;
+  for (const auto& t : g.tensors()) names.insert(t.name);
+  for (const char* n : {"blk.0.ffn_gate.weight", "blk.0.ffn_down.weight", "blk.1.ffn_up.weight"}) EXPECT_TRUE(names.count(n)) << n;
+  EXPECT_FALSE(names.count("blk.0.ffn_gate_inp.weight"));
+  EXPECT_FALSE(names.count("blk.0.ffn_gate_exps.weight"));
+  EXPECT_TRUE(torch::equal(g.get("blk.1.ffn_down.weight"), wm.at("model.layers.1.block_sparse_moe.experts.0.w2.weight")));
+}
+
+// Dense Hugging Face configs: Mistral and Llama read as one expert with transformers' defaults (rope_theta 1e4),
+// biases and other model types refused with the key named.
+TEST(ImportHf, DenseConfigsAndTheirRefusals) {
+  nlohmann::json j = {{"model_type", "llama"}, {"vocab_size", 64}, {"hidden_size", 32}, {"intermediate_size", 48},
+                      {"num_hidden_layers", 2}, {"num_attention_heads", 4}, {"num_key_value_heads", 2}};
+  ModelConfig c = io::from_hf_config(j, "config.json");
+  EXPECT_TRUE(c.dense());
+  EXPECT_EQ(c.moe.num_experts_per_tok, 1);
+  EXPECT_EQ(c.rope_theta, 1e4);
+  EXPECT_FALSE(c.sliding_window.has_value());
+  j["model_type"] = "mistral";
+  j["sliding_window"] = 16;
+  EXPECT_EQ(io::from_hf_config(j, "config.json").sliding_window.value(), 16);
+  j["mlp_bias"] = true;
+  EXPECT_THROW(io::from_hf_config(j, "config.json"), UserError);
+  j.erase("mlp_bias");
+  j["model_type"] = "qwen2_moe";
+  try {
+    io::from_hf_config(j, "config.json");
+    ADD_FAILURE() << "qwen2_moe accepted";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("model_type"), std::string::npos) << e.what();
+  }
 }

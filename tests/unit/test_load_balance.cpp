@@ -205,3 +205,80 @@ TEST(LoadBalance, SequenceWiseIsTheBatchFormPerSequenceWithItsGradient) {
       }
     }
 }
+
+// topk_counts by hand: two layers, three tokens (the last padding), K = 2 of E = 3.
+TEST(LoadBalance, TopkCountsByHand) {
+  auto l0 = torch::tensor({0, 1, 2, 0, 1, 1}, torch::kLong).view({3, 2});
+  auto l1 = torch::tensor({1, 0, 2, 1, 0, 0}, torch::kLong).view({3, 2});
+  double rows = 0;
+  auto c = topk_counts({l0, l1}, 3, torch::tensor({1, 1, 0}, torch::kLong), &rows);
+  EXPECT_EQ(rows, 4.0);
+  // first choices of real rows: 0, 2 (layer 0), 1, 2 (layer 1); second: 1, 0, 0, 1.
+  auto want = torch::tensor({1.0, 1.0, 2.0, 2.0, 2.0, 0.0}, torch::kDouble).view({2, 3});
+  EXPECT_TRUE(torch::equal(c, want)) << c;
+  auto all = topk_counts({l0, l1}, 3, {}, &rows);
+  EXPECT_EQ(rows, 6.0);
+  EXPECT_EQ(all.sum().item<double>(), 12.0);
+}
+
+// The global-batch form: three micro-batches of different sizes (one with padding), two layers. The shares,
+// with the step's counts, add up to the batch loss over the three at once (the independent reference: the
+// micro-batches concatenated), and so do their gradients with respect to every micro-batch's logits. The
+// micro-batch form (the mean of each micro-batch's own loss) differs on the same data.
+TEST(LoadBalance, GlobalBatchSharesAddUpToTheWholeBatch) {
+  const int64_t E = 4, K = 2, L = 2;
+  const std::vector<int64_t> sizes{3, 5, 2};
+  auto gen = at::detail::createCPUGenerator(17);
+  std::vector<std::vector<torch::Tensor>> logits(sizes.size()), idx(sizes.size());
+  std::vector<torch::Tensor> masks;
+  for (size_t m = 0; m < sizes.size(); ++m) {
+    for (int64_t l = 0; l < L; ++l) {
+      // micro-batch m leans towards expert m: the fractions differ between micro-batches
+      auto x = at::randn({sizes[m], E}, gen, torch::kDouble);
+      x.select(1, static_cast<int64_t>(m)) += 1.5;
+      logits[m].push_back(x.requires_grad_());
+      idx[m].push_back(topk_of(x.detach(), K));
+    }
+    auto mask = torch::ones({sizes[m]}, torch::kLong);
+    if (m == 1) mask[4] = 0;
+    masks.push_back(mask);
+  }
+  // Counting pass, then each micro-batch's share.
+  torch::Tensor counts;
+  double rows = 0;
+  for (size_t m = 0; m < sizes.size(); ++m) {
+    double r = 0;
+    auto c = topk_counts(idx[m], E, masks[m], &r);
+    counts = counts.defined() ? counts + c : c;
+    rows += r;
+  }
+  EXPECT_EQ(rows, 2.0 * (3 + 4 + 2));
+  torch::Tensor shares = torch::zeros({}, torch::kDouble);
+  for (size_t m = 0; m < sizes.size(); ++m) shares = shares + global_balancing_share(logits[m], counts, rows, masks[m]);
+  // Reference: every layer's rows of the three micro-batches concatenated, one batch loss.
+  std::vector<torch::Tensor> cat_logits, cat_idx;
+  for (int64_t l = 0; l < L; ++l) {
+    std::vector<torch::Tensor> a, b;
+    for (size_t m = 0; m < sizes.size(); ++m) {
+      a.push_back(logits[m][static_cast<size_t>(l)]);
+      b.push_back(idx[m][static_cast<size_t>(l)]);
+    }
+    cat_logits.push_back(torch::cat(a));
+    cat_idx.push_back(torch::cat(b));
+  }
+  auto whole = load_balancing_loss(cat_logits, cat_idx, torch::cat(masks));
+  EXPECT_NEAR(shares.item<double>(), whole.item<double>(), 1e-12);
+  std::vector<torch::Tensor> leaves;
+  for (auto& v : logits)
+    for (auto& t : v) leaves.push_back(t);
+  auto g_shares = torch::autograd::grad({shares}, leaves);
+  auto g_whole = torch::autograd::grad({whole}, leaves);
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    EXPECT_LE((g_shares[i] - g_whole[i]).abs().max().item<double>(), 1e-12) << i;
+    EXPECT_GT(g_whole[i].abs().max().item<double>(), 1e-3) << i;  // a real gradient
+  }
+  EXPECT_EQ(g_shares[3][4].abs().max().item<double>(), 0.0);  // the padded row of micro-batch 1, layer 1
+  double per_micro = 0;
+  for (size_t m = 0; m < sizes.size(); ++m) per_micro += load_balancing_loss(logits[m], idx[m], masks[m]).item<double>();
+  EXPECT_GT(std::abs(per_micro / 3 - whole.item<double>()), 1e-2);
+}
