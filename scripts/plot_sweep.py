@@ -71,7 +71,6 @@ def main():
         labelled.add(row)
     if labelled:
         ax.axhline(1.5, color="black", linestyle=":", linewidth=1)
-        ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("max/mean expert load (worst layer)")
         ax.set_title("balance over training (one line per run)")
