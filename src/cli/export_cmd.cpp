@@ -7,6 +7,7 @@
 
 #include <malloc.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <map>
 #include <optional>
@@ -91,19 +92,28 @@ int export_adapter(const std::string& ckpt, const ModelConfig& cfg, const std::o
   c.use_rslora = l.rslora;
   // A dense model is exported as MistralForCausalLM: its one expert's adapters sit on mlp.gate_proj / up_proj /
   // down_proj there.
+  // down_proj there. Its router has no place there either, and an adapter on it changes nothing (one expert's weight
+  // is 1 whatever its logit): dropped, with a warning.
   auto module = [&](const std::string& t) -> std::string {
     if (!cfg.dense()) return t;
     const std::string hf = io::dense_hf_name("model.layers.0.block_sparse_moe.experts.0." + t + ".weight");
-    if (hf.empty() || t == "gate")
-      throw UserError(ckpt + ": adapters on the router of a dense model have no place in a Mistral model");
     return hf.rfind("model.layers.0.mlp.", 0) == 0 ? hf.substr(19, hf.size() - 19 - 7) : t;
   };
   for (const auto& t : l.targets) {
+    if (cfg.dense() && t == "gate") continue;
     c.target_modules.push_back(module(t));
     if (l.rank_of(t) != l.rank) c.rank_pattern[module(t)] = l.rank_of(t);
   }
-  if (cfg.dense())
+  if (cfg.dense()) {
+    const size_t before = adapters.size();
+    adapters.erase(std::remove_if(adapters.begin(), adapters.end(),
+                                  [](const auto& a) { return io::dense_hf_name(a.first).empty(); }),
+                   adapters.end());
+    if (adapters.size() != before)
+      MF_WARN("the router adapters of this dense model are left out: a Mistral model has no router, and with one "
+              "expert they changed nothing");
     for (auto& [n, a] : adapters) n = io::dense_hf_name(n);
+  }
   // PEFT loads the adapter onto a Hugging Face model: name the base only when it is one.
   const auto src = io::parse_init_source(base->init_from);
   if (src.hf) c.base_model_name_or_path = src.dir;

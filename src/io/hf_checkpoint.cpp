@@ -218,14 +218,15 @@ HfCheckpoint::HfCheckpoint(const std::string& dir) : dir_(dir) {
       where_[n] = files_.size() - 1;
     }
   }
-  if (config_.dense()) {
-    if (!where_.count("model.layers.0.mlp.gate_proj.weight"))
-      throw UserError(dir + ": a dense model without its MLP weights (model.layers.0.mlp.gate_proj.weight)");
+  // A Mistral / Llama directory has its MLP under mlp.*; a Mixtral of one expert (num_local_experts: 1) keeps the
+  // Mixtral layout and reads as such.
+  if (config_.dense() && where_.count("model.layers.0.mlp.gate_proj.weight")) {
     layout_ = "dense";
   } else if (where_.count("model.layers.0.block_sparse_moe.gate.weight")) layout_ = "per-expert";
   else if (where_.count("model.layers.0.mlp.experts.gate_up_proj")) layout_ = "fused";
   else throw UserError(dir + ": neither the per-expert (block_sparse_moe.experts.E.w1) nor the fused "
-                             "(mlp.experts.gate_up_proj) Mixtral layout found");
+                             "(mlp.experts.gate_up_proj) Mixtral layout found" +
+                       std::string(config_.dense() ? ", nor a dense model's MLP (mlp.gate_proj)" : ""));
 }
 
 const SafetensorsFile* HfCheckpoint::file_of(const std::string& n) const {

@@ -82,7 +82,7 @@ ModelConfig from_hf_config(const nlohmann::json& j, const std::string& path) {
   c.max_position_embeddings = get_int(j, "max_position_embeddings", path, 32768);
   if (j.contains("sliding_window") && !j["sliding_window"].is_null()) c.sliding_window = get_int(j, "sliding_window", path);
   c.rope_theta = get_num(j, "rope_theta", path, dense ? 1e4 : 1e6);  // transformers' defaults per model type
-  c.rms_norm_eps = get_num(j, "rms_norm_eps", path, 1e-5);
+  c.rms_norm_eps = get_num(j, "rms_norm_eps", path, dense ? 1e-6 : 1e-5);
   c.init_std = get_num(j, "initializer_range", path, 0.02);
   c.tie_word_embeddings = j.value("tie_word_embeddings", false);
   if (dense) {  // one expert (the MLP) for every token; nothing to balance

@@ -31,7 +31,7 @@ void load_hf_weights(const std::string& hf_dir, MixtralForCausalLM& model) {
   }
   auto extra = hf.unexplained(names);
   if (!extra.empty())
-    throw UserError(hf_dir + ": " + std::to_string(extra.size()) + " tensors do not belong to a Mixtral of this config, e.g. '" +
+    throw UserError(hf_dir + ": " + std::to_string(extra.size()) + " tensors do not belong to a model of this config, e.g. '" +
                     extra.front() + "'");
   for (auto& b : model->named_buffers())
     if (b.key().find("expert_bias") != std::string::npos) b.value().zero_();

@@ -31,8 +31,10 @@ struct GlobalBalance {
   torch::Tensor counts;  // [K, E] double, CPU
   double rows = 0;       // real tokens x layers
   double parts = 1;      // micro-batches per rank x ranks
-  std::function<void(std::vector<torch::Tensor>&)> all_reduce_sum;  // over the ranks (ReduceAndApply)
+  std::function<void(std::vector<torch::Tensor>&)> all_reduce_sum;  // over the ranks
 };
+// Exact where the counting forward routes as the step's passes do: always on the CPU (deterministic kernels); on
+// a GPU a nondeterministic kernel could flip a near-tie, moving f (which carries no gradient) by a token.
 // Makes `g` the step's global-batch balance for add_moe_terms on this thread while alive.
 class GlobalBalanceScope {
  public:

@@ -93,6 +93,10 @@ SweepSpec load_sweep(const std::string& path) {
       for (const auto& o : kv.second)
         sets.push_back(o.first.as<std::string>() + "=" +
                        scalar_text(o.second, path, "variants." + name + "." + o.first.as<std::string>()));
+      for (const auto& [other, unused] : s.variants)
+        if (point_name({{"variant", other}}) == point_name({{"variant", name}}))
+          throw UserError(where(path, kv.first) + ": variants '" + other + "' and '" + name +
+                          "' would share a run directory; name them apart (letters, digits, . - + _)");
       s.variants.emplace_back(name, sets);
       names.values.push_back(name);
     }
@@ -107,6 +111,8 @@ SweepSpec load_sweep(const std::string& path) {
     for (const auto& kv : grid) {
       SweepAxis a;
       a.key = kv.first.as<std::string>();
+      if (a.key == "variant")
+        throw UserError(where(path, kv.first) + ": 'variant' is not a recipe key; name the arms under 'variants:'");
       if (!kv.second.IsSequence() || kv.second.size() == 0)
         throw UserError(where(path, kv.second) + ": grid key '" + a.key + "' needs a non-empty list of values");
       for (const auto& v : kv.second) a.values.push_back(scalar_text(v, path, "grid." + a.key));

@@ -223,4 +223,17 @@ TEST(Sweep, VariantsAndBalanceOverTraining) {
   EXPECT_THROW(train::load_sweep(dir / "bad.yaml"), UserError);
   std::ofstream(dir / "bad2.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "o") << "\n";
   EXPECT_THROW(train::load_sweep(dir / "bad2.yaml"), UserError);
+  // Two arms whose names give one run directory, and a grid axis called "variant" (not a recipe key), too.
+  auto message = [&](const std::string& body) -> std::string {
+    std::ofstream(dir / "bad3.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "o") << "\n" << body;
+    try {
+      train::load_sweep(dir / "bad3.yaml");
+    } catch (const UserError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_NE(message("variants:\n  a b: {train.seed: 1}\n  a/b: {train.seed: 2}\n").find("share a run directory"),
+            std::string::npos);
+  EXPECT_NE(message("grid:\n  variant: [x]\n").find("'variant' is not a recipe key"), std::string::npos);
 }

@@ -589,6 +589,22 @@ TEST(ExportHf, DenseConfigIsAMistral) {
   auto ids = torch::randint(0, c.vocab_size, {2, 7}, torch::kLong);
   EXPECT_TRUE(torch::equal(logits_of(back, ids), logits_of(m, ids)));
   if (have_python_torch()) expect_python_reference_agrees(c, m, "pyref-dense");
+
+  // A Mixtral of one expert (model_type mixtral, num_local_experts 1, the block_sparse_moe names, as exports made
+  // before dense configs became Mistrals) still reads in the Mixtral layout, router included.
+  auto mj = io::to_hf_config(c, "float32");
+  mj["model_type"] = "mixtral";
+  mj["architectures"] = {"MixtralForCausalLM"};
+  mj["num_local_experts"] = 1;
+  mj["num_experts_per_tok"] = 1;
+  fs::create_directories(dir / "mixtral1");
+  std::ofstream(dir / "mixtral1/config.json") << mj.dump();
+  io::write_safetensors(dir / "mixtral1/model.safetensors", params_of(m), {{"format", "pt"}});
+  io::HfCheckpoint one(dir / "mixtral1");
+  EXPECT_EQ(one.layout(), "per-expert");
+  MixtralForCausalLM back1(one.config());
+  io::load_hf_weights(dir / "mixtral1", back1);
+  for (auto& p : back1->named_parameters()) EXPECT_TRUE(torch::equal(p.value(), pm[p.key()])) << p.key();
 }
 
 // GGUF of a dense config: llama.cpp's plain llama (no expert keys), the MLP as ffn_gate / ffn_down / ffn_up.
