@@ -5,7 +5,9 @@
                         row in one colour), the 1.5 line that the report's settling step refers to
   final_val_<key>.png   final validation loss against each swept value (seeds as separate dots, mean as line)
   load_<point>.png      per-layer expert-load heat map of each point (last logged training step)
-Usage: scripts/plot_sweep.py OUTPUT_DIR   (Debian: python3-matplotlib; scripts/setup.sh installs it)"""
+Usage: scripts/plot_sweep.py OUTPUT_DIR [--offset ROW=STEPS ...]   (Debian: python3-matplotlib; scripts/setup.sh
+installs it). --offset shifts the curves of a row (a variant's name, or e.g. aux_loss_coef=0.01) right by STEPS:
+arms that continue a model a prepare step trained (recipes/upcycling.yaml) are drawn at their total steps."""
 import json
 import os
 import sys
@@ -28,10 +30,30 @@ def row_of(p, axes):
     return " ".join(f"{k.split('.')[-1]}={p['values'][k]}" for k in axes if k not in ("train.seed", "seed")) or "all"
 
 
-def main():
-    if len(sys.argv) != 2:
+def parse_args(argv):
+    out, offsets = None, {}
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--offset" and i + 1 < len(argv):
+            # A row named by its variant alone, or by its full "key=value ..." text: the last '=' splits the steps.
+            row, _, steps = argv[i + 1].rpartition("=")
+            try:
+                offsets[row] = int(steps)
+            except ValueError:
+                sys.exit(f"plot_sweep: --offset {argv[i + 1]}: expected ROW=STEPS")
+            i += 2
+        elif out is None and not argv[i].startswith("--"):
+            out = argv[i]
+            i += 1
+        else:
+            sys.exit(__doc__)
+    if out is None:
         sys.exit(__doc__)
-    out = sys.argv[1]
+    return out, offsets
+
+
+def main():
+    out, offsets = parse_args(sys.argv[1:])
     path = os.path.join(out, "report.json")
     try:
         with open(path) as f:
@@ -44,21 +66,33 @@ def main():
         print(f"plot_sweep: {path}: no finished points", file=sys.stderr)
         sys.exit(2)
 
+    rows = sorted({row_of(p, report["axes"]) for p in points})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    unknown = [r for r in offsets if r not in rows and f"variant={r}" not in rows]
+    if unknown:
+        sys.exit(f"plot_sweep: --offset {unknown[0]}: no such row (rows: {', '.join(rows)})")
+
+    def shift(p):
+        row = row_of(p, report["axes"])
+        return offsets.get(row, offsets.get(row[len("variant="):] if row.startswith("variant=") else None, 0))
+
     fig, ax = plt.subplots(figsize=(8, 5))
+    labelled = set()
     for p in points:
         curve = p.get("val_curve", [])
         if curve:
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], marker=".", label=p["name"])
-    ax.set_xlabel("step")
+            row = row_of(p, report["axes"])
+            ax.plot([c[0] + shift(p) for c in curve], [c[1] for c in curve], marker=".", alpha=0.7, linewidth=1,
+                    color=colours[rows.index(row) % len(colours)], label=None if row in labelled else row)
+            labelled.add(row)
+    ax.set_xlabel("step" + (" (arms with an offset: counting the steps before them)" if offsets else ""))
     ax.set_ylabel("validation loss")
-    ax.set_title("validation loss per point")
+    ax.set_title("validation loss (one line per run)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "val_curves.png"), dpi=110)
     plt.close(fig)
 
-    rows = sorted({row_of(p, report["axes"]) for p in points})
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, ax = plt.subplots(figsize=(8, 5))
     labelled = set()
     for p in points:
@@ -66,7 +100,7 @@ def main():
         if not curve:
             continue
         row = row_of(p, report["axes"])
-        ax.plot([c[0] for c in curve], [c[1] for c in curve], color=colours[rows.index(row) % len(colours)], alpha=0.7,
+        ax.plot([c[0] + shift(p) for c in curve], [c[1] for c in curve], color=colours[rows.index(row) % len(colours)], alpha=0.7,
                 linewidth=1, label=None if row in labelled else row)
         labelled.add(row)
     if labelled:

@@ -14,6 +14,7 @@
 
 #include "cli/cli.h"
 #include "core/error.h"
+#include "model/param_names.h"
 #include "core/log.h"
 #include "data/tokenizer.h"
 #include "io/gguf_export.h"
@@ -154,7 +155,7 @@ void write_hf(const std::string& ckpt, const ModelConfig& cfg, const io::WeightS
   if (o.tokenizer_path.empty()) MF_WARN(ckpt << " has no tokenizer.model; the export has weights and config only");
   io::export_hf(cfg, ws, o);
   std::printf("exported %s -> %s (Hugging Face %s, %s%s)\n", ckpt.c_str(), out.c_str(),
-              cfg.dense() ? "MistralForCausalLM" : "MixtralForCausalLM", o.dtype.c_str(), what.c_str());
+              io::hf_architecture(cfg).c_str(), o.dtype.c_str(), what.c_str());
 }
 
 // --format hf of a full checkpoint (any layout): tensor by tensor from its memory-mapped files into the HF
@@ -172,10 +173,8 @@ int export_streamed(const std::string& ckpt, const ModelConfig& cfg, const std::
 
 // The expert id in a parameter name ("...block_sparse_moe.experts.5.w1.weight" -> 5), or -1 for a dense one.
 int64_t expert_of(const std::string& name) {
-  const std::string key = ".block_sparse_moe.experts.";
-  const auto p = name.find(key);
-  if (p == std::string::npos) return -1;
-  return std::stoll(name.substr(p + key.size()));
+  const auto p = parse_expert_param(name);
+  return p ? p->expert : -1;
 }
 
 // A LoRA / QLoRA checkpoint's merged model, one expert share at a time: share k is the base's dense part (k = 0)
@@ -328,6 +327,14 @@ int cmd_export(const Args& in) {
   const std::string ckpt = args[0];
   ModelConfig cfg = train::read_checkpoint_config(ckpt);
   const auto base = train::read_base_pointer(ckpt);
+  // What the format cannot hold is refused before anything is read or written.
+  if (format == "hf") (void)io::hf_architecture(cfg);
+  if (cfg.moe.num_shared_experts > 0 && format != "hf")
+    throw UserError("export: " + ckpt + " has shared experts (moe.num_shared_experts " +
+                    std::to_string(cfg.moe.num_shared_experts) + "); --format " + format +
+                    (format == "gguf" ? " writes llama.cpp's llama architecture, which has none"
+                                      : " writes adapters for a Mixtral or Mistral base") +
+                    " (--format hf writes Qwen2MoeForCausalLM)");
   if (format == "peft") return export_adapter(ckpt, cfg, base, out, dtype.empty() ? "fp32" : dtype);
   if (format == "hf" && !base) return export_streamed(ckpt, cfg, out, dtype, shard);
   int shares = train::default_expert_shares(cfg);

@@ -109,7 +109,7 @@ int cmd_info(const Args& in) {
     j["total_params"] = p.total;
     j["active_params"] = p.active;
     j["params"] = {{"embedding", p.embedding}, {"attention", p.attention}, {"router", p.router},
-                   {"experts", p.experts},     {"per_expert", p.per_expert}, {"norms", p.norms},
+                   {"experts", p.experts},     {"per_expert", p.per_expert}, {"shared", p.shared}, {"norms", p.norms},
                    {"lm_head", p.lm_head}};
     j["memory_bytes"] = {{"weights_bf16", m.weights_bf16}, {"weights_fp32", m.weights_fp32},
                          {"grads_bf16", m.grads_bf16},     {"grads_fp32", m.grads_fp32},
@@ -118,6 +118,7 @@ int cmd_info(const Args& in) {
     j["num_layers"] = c.num_layers;
     j["num_experts"] = c.moe.num_experts;
     j["num_experts_per_tok"] = c.moe.num_experts_per_tok;
+    j["num_shared_experts"] = c.moe.num_shared_experts;
     std::cout << j.dump() << "\n";
     return 0;
   }
@@ -125,15 +126,20 @@ int cmd_info(const Args& in) {
   std::printf("  layers %ld, hidden %ld, intermediate %ld, heads %ld/%ld kv, head_dim %ld, vocab %ld\n",
               (long)c.num_layers, (long)c.hidden_size, (long)c.intermediate_size, (long)c.num_attention_heads,
               (long)c.num_key_value_heads, (long)c.resolved_head_dim(), (long)c.vocab_size);
-  std::printf("  experts %ld, top-%ld, balance %s, sliding window %s\n", (long)c.moe.num_experts,
-              (long)c.moe.num_experts_per_tok, balance_name(c.moe.balance),
+  std::printf("  experts %ld, top-%ld%s, balance %s, sliding window %s\n", (long)c.moe.num_experts,
+              (long)c.moe.num_experts_per_tok,
+              c.moe.num_shared_experts > 0
+                  ? (", shared " + std::to_string(c.moe.num_shared_experts) + (c.moe.shared_expert_gate ? " (gated)" : "")).c_str()
+                  : "",
+              balance_name(c.moe.balance),
               c.sliding_window ? std::to_string(*c.sliding_window).c_str() : "off");
   std::printf("  total parameters   %20s  (%s)\n", with_commas(p.total).c_str(), human_count(p.total).c_str());
   std::printf("  active parameters  %20s  (%s per token)\n", with_commas(p.active).c_str(),
               human_count(p.active).c_str());
-  std::printf("    embedding %s, attention %s, router %s, experts %s, norms %s, lm_head %s\n",
+  std::printf("    embedding %s, attention %s, router %s, experts %s, %snorms %s, lm_head %s\n",
               human_count(p.embedding).c_str(), human_count(p.attention).c_str(), human_count(p.router).c_str(),
-              human_count(p.experts).c_str(), human_count(p.norms).c_str(), human_count(p.lm_head).c_str());
+              human_count(p.experts).c_str(), p.shared ? ("shared experts " + human_count(p.shared) + ", ").c_str() : "",
+              human_count(p.norms).c_str(), human_count(p.lm_head).c_str());
   std::printf("  memory: weights %s bf16 / %s fp32; gradients %s bf16 / %s fp32; AdamW state %s fp32\n",
               gib(m.weights_bf16).c_str(), gib(m.weights_fp32).c_str(), gib(m.grads_bf16).c_str(),
               gib(m.grads_fp32).c_str(), gib(m.adamw_fp32).c_str());

@@ -1,6 +1,7 @@
 // moeforge sweep SWEEP.yaml [--jobs N] [--report-only] [--dry-run]
-// Runs every point of a grid as `moeforge train` in its own directory (finished points skipped,
-// interrupted ones resumed), N at a time, then writes the report.
+// Runs the sweep's prepare commands (those whose `creates` path is missing), then every point of a grid as
+// `moeforge train` in its own directory (finished points skipped, interrupted ones resumed), N at a time, then
+// writes the report.
 #include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -29,21 +30,16 @@ std::string self_binary() {
   const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
   if (n <= 0) throw UserError("sweep: cannot find the moeforge binary (/proc/self/exe)");
   buf[n] = '\0';
-  return buf;
+  std::string path = buf;
+  const std::string deleted = " (deleted)";  // the binary was rebuilt while the sweep runs
+  if (path.size() > deleted.size() && path.compare(path.size() - deleted.size(), deleted.size(), deleted) == 0)
+    path.resize(path.size() - deleted.size());
+  return path;
 }
 
-// `moeforge train RECIPE --set ... --resume` with its output in run_dir/train.log.
-pid_t start_point(const std::string& bin, const train::SweepSpec& spec, const train::SweepPoint& p, int threads) {
-  fs::create_directories(p.run_dir);
-  std::vector<std::string> args{bin, "train", spec.recipe};
-  for (const auto& o : p.overrides) {
-    args.push_back("--set");
-    args.push_back(o);
-  }
-  args.push_back("--set");
-  args.push_back("runtime.threads=" + std::to_string(threads));
-  args.push_back("--resume");
-  const std::string log = p.run_dir + "/train.log";
+// `moeforge ARGS...` with its output appended to log.
+pid_t spawn(const std::string& bin, std::vector<std::string> args, const std::string& log) {
+  args.insert(args.begin(), bin);
   const pid_t pid = ::fork();
   if (pid < 0) throw UserError("sweep: fork failed");
   if (pid == 0) {
@@ -56,11 +52,31 @@ pid_t start_point(const std::string& bin, const train::SweepSpec& spec, const tr
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    ::execv(bin.c_str(), argv.data());
+    // The very binary this sweep runs (even if a rebuild has replaced the file since): every point of a sweep
+    // trains with the same code.
+    ::execv("/proc/self/exe", argv.data());
     std::fprintf(stderr, "sweep: exec %s failed: %s\n", bin.c_str(), std::strerror(errno));
     ::_exit(127);
   }
   return pid;
+}
+
+// `moeforge train RECIPE --set ... --resume` with its output in run_dir/train.log.
+pid_t start_point(const std::string& bin, const train::SweepSpec& spec, const train::SweepPoint& p, int threads) {
+  fs::create_directories(p.run_dir);
+  std::vector<std::string> args{"train", spec.recipe};
+  for (const auto& o : p.overrides) {
+    args.push_back("--set");
+    args.push_back(o);
+  }
+  args.push_back("--set");
+  args.push_back("runtime.threads=" + std::to_string(threads));
+  args.push_back("--resume");
+  return spawn(bin, args, p.run_dir + "/train.log");
+}
+
+std::string status_text(int st) {
+  return std::to_string(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
 }
 
 }  // namespace
@@ -78,6 +94,10 @@ int cmd_sweep(const Args& in) {
   // Everything is resolved before anything runs: a bad key or value fails here.
   const auto spec = train::load_sweep(args[0]);
   const auto points = train::expand_sweep(spec);
+  const auto prepare = train::expand_prepare(spec);
+  for (const auto& st : prepare)
+    std::fprintf(stderr, "sweep: %-50s %-20s (moeforge %s)\n", st.label.c_str(),
+                 fs::exists(st.creates) ? "done, skipped" : "to run", st.args[0].c_str());
   std::vector<const train::SweepPoint*> todo;
   for (const auto& p : points) {
     const auto st = train::point_status(p);
@@ -90,6 +110,28 @@ int cmd_sweep(const Args& in) {
   }
   if (dry_run) return 0;
   int failed = 0;
+  if (!report_only) {
+    // The prepare steps, one at a time with every core, before any point (the points may start from them).
+    const std::string log = spec.output_dir + "/prepare.log";
+    for (const auto& st : prepare) {
+      if (fs::exists(st.creates)) continue;
+      fs::create_directories(spec.output_dir);
+      std::fprintf(stderr, "sweep: started %s (log %s)\n", st.label.c_str(), log.c_str());
+      int status = 0;
+      const pid_t pid = spawn(self_binary(), st.args, log);
+      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      // A failed step is not bad input (exit 1, as a failed point): the points after it would start from nothing.
+      if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
+        std::fprintf(stderr, "sweep: %s FAILED (status %s; see %s)\n", st.label.c_str(), status_text(status).c_str(), log.c_str());
+        return 1;
+      }
+      if (!fs::exists(st.creates)) {
+        std::fprintf(stderr, "sweep: %s finished but did not create %s (see %s)\n", st.label.c_str(), st.creates.c_str(), log.c_str());
+        return 1;
+      }
+    }
+  }
   if (!report_only && !todo.empty()) {
     const std::string bin = self_binary();
     const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -110,7 +152,7 @@ int cmd_sweep(const Args& in) {
       const bool ok = WIFEXITED(st) && WEXITSTATUS(st) == 0;
       if (!ok) ++failed;
       std::fprintf(stderr, "sweep: %s %s\n", it->second->name.c_str(),
-                   ok ? "done" : ("FAILED (status " + std::to_string(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st)) +
+                   ok ? "done" : ("FAILED (status " + status_text(st) +
                                   "; see " + it->second->run_dir + "/train.log)").c_str());
       running.erase(it);
     }

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <map>
 
 #include "cli/cli.h"
 #include "core/error.h"
@@ -36,10 +37,8 @@ namespace {
 
 // "model.layers.3.block_sparse_moe.experts.5.w1.weight" -> "model.layers.3.block_sparse_moe.experts.0.w1.weight"
 std::string dense_source_of(const std::string& expert_param) {
-  const std::string key = ".block_sparse_moe.experts.";
-  const auto p = expert_param.find(key) + key.size();
-  const auto dot = expert_param.find('.', p);
-  return expert_param.substr(0, p) + "0" + expert_param.substr(dot);
+  const auto p = parse_expert_param(expert_param);
+  return expert_param_name(p->layer, 0, p->rest);
 }
 
 }  // namespace
@@ -104,6 +103,20 @@ int cmd_upcycle(const Args& in) {
       cfg, out, train::default_expert_shares(cfg),
       [&](MixtralForCausalLM& m, int k) {
         torch::NoGradGuard ng;
+        // The dense MLP's tensors of the layer at hand, read once for all of its experts in this share.
+        std::string cached_layer;
+        std::map<std::string, at::Tensor> cache;
+        auto dense_mlp = [&](const std::string& expert_param) -> at::Tensor {
+          const auto p = parse_expert_param(expert_param);
+          if (p->layer != cached_layer) {
+            cache.clear();
+            cached_layer = p->layer;
+          }
+          const std::string name = dense_source_of(expert_param);
+          auto it = cache.find(name);
+          if (it == cache.end()) it = cache.emplace(name, get(name)).first;
+          return it->second;
+        };
         // Share 0 writes the dense part; the others only their experts.
         init_weights(*m, cfg.init_std, seed,
                      [](const std::string& n) { return n.find(".block_sparse_moe.gate.") != std::string::npos; });
@@ -112,7 +125,7 @@ int cmd_upcycle(const Args& in) {
           if (n.find(".block_sparse_moe.gate.") != std::string::npos) continue;  // the fresh router
           const bool expert = is_expert_param(n);
           if (!expert && k != 0) continue;
-          at::Tensor w = get(expert ? dense_source_of(n) : n);
+          at::Tensor w = expert ? dense_mlp(n) : get(n);
           if (w.sizes() != p.value().sizes())
             throw UserError(src + ": tensor '" + (expert ? dense_source_of(n) : n) + "' has shape " +
                             c10::str(w.sizes()) + ", its config implies " + c10::str(p.value().sizes()));

@@ -27,6 +27,8 @@ void export_gguf(const ModelConfig& c, const HfTensorFeed& feed, const GgufVocab
                                                                                                   : GgmlType(999);
   if (static_cast<uint32_t>(t) == 999) throw UserError("--dtype for gguf must be f32, f16 or bf16, got '" + dtype + "'");
   if (fs::exists(path)) throw UserError(path + ": already exists; choose a new --out file");
+  if (c.moe.num_shared_experts > 0)
+    throw UserError(path + ": GGUF export writes llama.cpp's llama architecture, which has no shared experts");
   std::map<std::string, std::vector<int64_t>> shape;
   for (const auto& [n, s] : parameter_shapes(c)) shape[n] = s;
   auto shape_of = [&](const std::string& n) {

@@ -9,11 +9,13 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 #include <map>
 #include <set>
 
 #include "core/error.h"
+#include "model/param_names.h"
 #include "io/hf_config.h"
 
 namespace moeforge::io {
@@ -58,6 +60,39 @@ std::string dense_hf_name(const std::string& ours) {
   return ours;
 }
 
+std::string qwen2_moe_hf_name(const std::string& ours) {
+  static const std::string key = ".block_sparse_moe.";
+  const auto p = ours.find(key);
+  if (p == std::string::npos) return ours;
+  std::string out = ours.substr(0, p) + ".mlp.", part;
+  std::istringstream rest(ours.substr(p + key.size()));
+  bool first = true;
+  while (std::getline(rest, part, '.')) {
+    if (part == "w1") part = "gate_proj";
+    else if (part == "w3") part = "up_proj";
+    else if (part == "w2") part = "down_proj";
+    out += (first ? "" : ".") + part;
+    first = false;
+  }
+  return out;
+}
+
+std::string hf_architecture(const ModelConfig& c) {
+  if (c.dense()) return "MistralForCausalLM";
+  if (c.moe.num_shared_experts == 0) return "MixtralForCausalLM";
+  const std::string why = "a config with shared experts exports as Qwen2MoeForCausalLM, ";
+  if (!c.moe.shared_expert_gate)
+    throw UserError(why + "whose shared expert always has its sigmoid gate; this one has moe.shared_expert_gate: false "
+                          "(no Hugging Face architecture here holds an ungated shared expert)");
+  if (c.sliding_window)
+    throw UserError(why + "whose sliding window applies per layer range (use_sliding_window, max_window_layers); "
+                          "this config's sliding_window is not exported there");
+  if (c.resolved_head_dim() * c.num_attention_heads != c.hidden_size)
+    throw UserError(why + "which derives the head width from hidden_size / num_attention_heads; this config's "
+                          "head_dim is " + std::to_string(c.resolved_head_dim()));
+  return "Qwen2MoeForCausalLM";
+}
+
 namespace {
 
 void write_json(const std::string& path, const nlohmann::json& j) {
@@ -92,6 +127,31 @@ void write_hf_dir(const ModelConfig& c, const WeightStream& weights, const HfExp
 }  // namespace
 
 void export_hf(const ModelConfig& c, const WeightStream& weights, const HfExportOptions& opt) {
+  if (hf_architecture(c) == "Qwen2MoeForCausalLM") {
+    // Qwen2-MoE's names; its attention has q/k/v biases, written as zeros (ours has none).
+    WeightStream renamed;
+    auto ours = std::make_shared<std::map<std::string, std::string>>();
+    auto zeros = std::make_shared<std::map<std::string, int64_t>>();
+    for (const auto& [n, shape] : weights.shapes) {
+      const std::string hf = qwen2_moe_hf_name(n);
+      renamed.shapes.push_back({hf, shape});
+      (*ours)[hf] = n;
+      for (const char* proj : {".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight"}) {
+        const std::string tail(proj);
+        if (n.size() > tail.size() && n.compare(n.size() - tail.size(), tail.size(), tail) == 0) {
+          const std::string bias = n.substr(0, n.size() - 6) + "bias";
+          renamed.shapes.push_back({bias, {shape.at(0)}});
+          (*zeros)[bias] = shape.at(0);
+        }
+      }
+    }
+    renamed.get = [ours, zeros, get = weights.get](const std::string& hf) {
+      if (auto z = zeros->find(hf); z != zeros->end()) return at::zeros({z->second}, at::kFloat);
+      return get(ours->at(hf));
+    };
+    write_hf_dir(c, renamed, opt);
+    return;
+  }
   if (c.dense()) {  // MistralForCausalLM: the MLP under its own names, no router
     WeightStream renamed;
     auto ours = std::make_shared<std::map<std::string, std::string>>();
@@ -264,16 +324,13 @@ bool is_dense_router(const std::string& n) {
 }
 
 // "model.layers.3.block_sparse_moe.experts.5.w1.weight" -> layer 3, expert 5, "w1"
+// An expert parameter's layer prefix, expert id and matrix ("w1", "w2", "w3").
 bool parse_expert_name(const std::string& n, std::string* layer_prefix, int64_t* expert, std::string* w) {
-  const std::string key = ".block_sparse_moe.experts.";
-  auto p = n.find(key);
-  if (p == std::string::npos) return false;
-  *layer_prefix = n.substr(0, p);
-  auto rest = n.substr(p + key.size());  // "5.w1.weight"
-  auto dot = rest.find('.');
-  if (dot == std::string::npos) return false;
-  *expert = std::stoll(rest.substr(0, dot));
-  *w = rest.substr(dot + 1, 2);
+  const auto p = parse_expert_param(n);
+  if (!p) return false;
+  *layer_prefix = p->layer;
+  *expert = p->expert;
+  *w = p->rest.substr(0, 2);
   return true;
 }
 }  // namespace

@@ -25,13 +25,24 @@ struct HfExportOptions {
 // mlp.gate_proj / up_proj / down_proj, the router (block_sparse_moe.gate) has none (""); other names are the same.
 std::string dense_hf_name(const std::string& ours);
 
+// A config with shared experts (moe.num_shared_experts > 0) is Qwen2MoeForCausalLM's: our parameter `ours` under
+// its name (block_sparse_moe.* -> mlp.*, w1 / w3 / w2 -> gate_proj / up_proj / down_proj, shared_expert and
+// shared_expert_gate kept); other names are the same.
+std::string qwen2_moe_hf_name(const std::string& ours);
+
+// The Hugging Face architecture a config exports as: MixtralForCausalLM, MistralForCausalLM (dense) or
+// Qwen2MoeForCausalLM (shared experts); a UserError saying why when none holds it (e.g. shared experts without
+// their gate, which Qwen2-MoE always has).
+std::string hf_architecture(const ModelConfig& c);
+
 // Parses "5GB", "500MB", "100KB", "123" (bytes); UserError otherwise.
 uint64_t parse_size(const std::string& s, const std::string& what);
 
 // Writes config.json, generation_config.json, the weights (per-expert layout, sharded with
 // model.safetensors.index.json when above the shard size), tokenizer.model, tokenizer_config.json
 // (with the Mistral chat template) and special_tokens_map.json. `weights` are our parameters (named as
-// MixtralForCausalLM's; a dense config's are written under MistralForCausalLM's names, see dense_hf_name).
+// MixtralForCausalLM's; a dense config's are written under MistralForCausalLM's names, see dense_hf_name, and one
+// with shared experts under Qwen2MoeForCausalLM's, with zero q/k/v biases, see qwen2_moe_hf_name).
 // Written into a temp directory and renamed into place; an existing out_dir is an error.
 void export_hf(const ModelConfig& c, const std::vector<std::pair<std::string, at::Tensor>>& weights,
                const HfExportOptions& opt);

@@ -7,7 +7,49 @@
 
 namespace moeforge::io {
 
+namespace {
+// Qwen2MoeForCausalLM: every layer sparse, the top-k weights renormalised (as Mixtral's), one shared expert of
+// num_shared_experts x intermediate_size (S SwiGLU experts beside each other are one of S times the width).
+nlohmann::json to_qwen2_moe_config(const ModelConfig& c, const std::string& torch_dtype) {
+  const int64_t shared = c.moe.num_shared_experts * c.intermediate_size;
+  nlohmann::json j;
+  j["architectures"] = {"Qwen2MoeForCausalLM"};
+  j["model_type"] = "qwen2_moe";
+  j["vocab_size"] = c.vocab_size;
+  j["hidden_size"] = c.hidden_size;
+  j["intermediate_size"] = shared;  // the MLP of non-sparse layers (there are none)
+  j["moe_intermediate_size"] = c.intermediate_size;
+  j["shared_expert_intermediate_size"] = shared;
+  j["num_experts"] = c.moe.num_experts;
+  j["num_experts_per_tok"] = c.moe.num_experts_per_tok;
+  j["norm_topk_prob"] = true;
+  j["decoder_sparse_step"] = 1;
+  j["mlp_only_layers"] = nlohmann::json::array();
+  j["num_hidden_layers"] = c.num_layers;
+  j["num_attention_heads"] = c.num_attention_heads;
+  j["num_key_value_heads"] = c.num_key_value_heads;
+  j["hidden_act"] = "silu";
+  j["max_position_embeddings"] = c.max_position_embeddings;
+  j["use_sliding_window"] = false;
+  j["sliding_window"] = nullptr;
+  j["max_window_layers"] = c.num_layers;
+  j["rope_theta"] = c.rope_theta;
+  j["rms_norm_eps"] = c.rms_norm_eps;
+  j["initializer_range"] = c.init_std;
+  j["router_aux_loss_coef"] = c.moe.aux_loss_coef;
+  j["output_router_logits"] = false;
+  j["tie_word_embeddings"] = c.tie_word_embeddings;
+  j["attention_dropout"] = 0.0;
+  j["use_cache"] = true;
+  j["bos_token_id"] = 1;
+  j["eos_token_id"] = 2;
+  j["torch_dtype"] = torch_dtype;
+  return j;
+}
+}  // namespace
+
 nlohmann::json to_hf_config(const ModelConfig& c, const std::string& torch_dtype) {
+  if (c.moe.num_shared_experts > 0) return to_qwen2_moe_config(c, torch_dtype);
   nlohmann::json j;
   j["architectures"] = {c.dense() ? "MistralForCausalLM" : "MixtralForCausalLM"};
   j["model_type"] = c.dense() ? "mistral" : "mixtral";

@@ -7,8 +7,8 @@
 
 namespace moeforge::io {
 
-// config.json for MixtralForCausalLM (MistralForCausalLM for a dense config); `torch_dtype` is "float32" |
-// "bfloat16" | "float16".
+// config.json for MixtralForCausalLM (MistralForCausalLM for a dense config, Qwen2MoeForCausalLM for one with
+// shared experts: io::hf_architecture checks it can); `torch_dtype` is "float32" | "bfloat16" | "float16".
 nlohmann::json to_hf_config(const ModelConfig& c, const std::string& torch_dtype);
 
 // Reads config.json (path for messages). Unknown keys are ignored (HF configs carry many);

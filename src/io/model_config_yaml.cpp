@@ -52,7 +52,12 @@ const KeyTable<ModelConfig>& model_config_keys() {
                      {"micro_batch", "global_batch"},
                      std::vector<BalanceScope>{BalanceScope::MicroBatch, BalanceScope::GlobalBatch},
                      "tokens the aux loss counts its expert fractions over: each micro-batch, or the whole step "
-                     "(every micro-batch of every rank)");
+                     "(every micro-batch of every rank)")
+        .integer("moe.num_shared_experts", [](auto& c) -> auto& { return c.moe.num_shared_experts; }, non_negative(),
+                 "experts of intermediate_size every token passes through beside its routed ones (DeepSeekMoE, "
+                 "Qwen-MoE), 0 = none; exported as Qwen2MoeForCausalLM")
+        .boolean("moe.shared_expert_gate", [](auto& c) -> auto& { return c.moe.shared_expert_gate; },
+                 "scale the shared experts' output by sigmoid(g . x) per token (Qwen-MoE); false: add it as is");
     return k;
   }();
   return t;

@@ -24,6 +24,9 @@ std::optional<ConfigProblem> model_config_problem(const ModelConfig& c) {
     return ConfigProblem{"num_attention_heads", "hidden_size (" + std::to_string(c.hidden_size) +
                                                     ") is not divisible by num_attention_heads (" +
                                                     std::to_string(c.num_attention_heads) + "); set head_dim explicitly"};
+  if (c.moe.num_shared_experts > 0 && c.dense())
+    return ConfigProblem{"moe.num_shared_experts", "a dense config (moe.num_experts: 1) has no shared experts; widen "
+                                                   "intermediate_size instead"};
   if (c.num_attention_heads > 0 && c.resolved_head_dim() % 2 != 0)
     return ConfigProblem{c.head_dim ? "head_dim" : "num_attention_heads",
                          "head dimension " + std::to_string(c.resolved_head_dim()) + " must be even for RoPE"};

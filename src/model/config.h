@@ -27,6 +27,11 @@ struct MoEConfig {
   BiasUpdate bias_update = BiasUpdate::Sign;
   double seq_aux_loss_coef = 0.0;   // sequence-wise balancing loss (DeepSeek-V3's complementary loss), 0 = off
   BalanceScope balance_scope = BalanceScope::MicroBatch;
+  // Shared experts (DeepSeekMoE, Qwen-MoE): S SwiGLU experts of intermediate_size that every token passes
+  // through beside its routed ones; held as one MLP of S x intermediate_size (the same function), on every rank.
+  int64_t num_shared_experts = 0;
+  // Qwen-MoE's gate on the shared output: sigmoid(g . x) per token (g [1, H], trained); false: added as is.
+  bool shared_expert_gate = true;
 };
 
 struct ModelConfig {
@@ -52,6 +57,8 @@ struct ModelConfig {
   // One expert, chosen for every token with weight 1: a dense (Mistral) model. Its FFN is expert 0; its
   // router ([1, H], one logit) has no effect and no place in a Mistral checkpoint.
   bool dense() const { return moe.num_experts == 1; }
+  // The shared experts' MLP width (0: none).
+  int64_t shared_intermediate_size() const { return moe.num_shared_experts * intermediate_size; }
 };
 
 // A constraint between keys that a config breaks, reported at the key that has to change.

@@ -14,6 +14,12 @@ MoEBlockImpl::MoEBlockImpl(const ModelConfig& cfg, ExpertRange held) {
   MF_CHECK(held.first >= 0 && held.count > 0 && held.first + held.count <= E, "held experts within [0, E)");
   experts = register_module("experts", ExpertBank(cfg.hidden_size, cfg.intermediate_size, held.first, held.count));
   dispatcher_ = std::make_shared<LocalDispatcher>(cfg.moe.num_experts);
+  if (cfg.moe.num_shared_experts > 0) {
+    shared_expert = register_module("shared_expert", Expert(cfg.hidden_size, cfg.shared_intermediate_size()));
+    if (cfg.moe.shared_expert_gate)
+      shared_expert_gate = register_module(
+          "shared_expert_gate", torch::nn::Linear(torch::nn::LinearOptions(cfg.hidden_size, 1).bias(false)));
+  }
 }
 
 void MoEBlockImpl::set_dispatcher(std::shared_ptr<Dispatcher> d, ExpertBank bank) {
@@ -33,6 +39,12 @@ MoEOutput MoEBlockImpl::forward(const torch::Tensor& x, std::optional<at::Scalar
   Dispatched d = dispatcher_->dispatch(to_compute(x_NH, compute), out.router.topk_idx_NK, out.router.tokens_per_expert);
   auto y_grouped = experts->forward(d.x_grouped, d.counts);
   auto y_NH = dispatcher_->combine(y_grouped, d, out.router.topk_weight_NK);
+  if (shared_expert) {
+    auto s_NH = shared_expert->forward(to_compute(x_NH, compute));
+    // The gate, as the router, reads x in fp32; its scale meets the shared output in the compute dtype.
+    if (shared_expert_gate) s_NH = s_NH * torch::sigmoid(mixed_linear(x_NH, shared_expert_gate->weight)).to(s_NH.scalar_type());
+    y_NH = y_NH + s_NH.to(y_NH.scalar_type());
+  }
   out.y = y_NH.view(x.sizes());
   return out;
 }

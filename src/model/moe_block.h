@@ -16,7 +16,10 @@ struct MoEOutput {
 };
 
 // Dropless sparse MoE block: every token reaches its top-k experts. Registered as
-// `block_sparse_moe` with children `gate` (router) and `experts`.
+// `block_sparse_moe` with children `gate` (router) and `experts`, and with moe.num_shared_experts S > 0
+// `shared_expert` (one SwiGLU MLP of S x intermediate_size that every token passes through, held whole on every
+// rank) and, with moe.shared_expert_gate, `shared_expert_gate` ([1, H]: the shared output times sigmoid(g . x)).
+// y = sum_k w_k expert_k(x) + [sigmoid(g . x)] shared(x).
 class MoEBlockImpl : public torch::nn::Module {
  public:
   explicit MoEBlockImpl(const ModelConfig& cfg, ExpertRange held = {});
@@ -33,6 +36,8 @@ class MoEBlockImpl : public torch::nn::Module {
 
   Router gate{nullptr};
   ExpertBank experts{nullptr};
+  Expert shared_expert{nullptr};               // undefined without shared experts
+  torch::nn::Linear shared_expert_gate{nullptr};  // undefined without the gate
 
  private:
   std::shared_ptr<Dispatcher> dispatcher_;

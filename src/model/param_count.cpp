@@ -14,7 +14,8 @@ ParamCounts count_params(const ModelConfig& c) {
   p.experts = L * E * p.per_expert;
   p.norms = L * 2 * H + H;
   p.lm_head = c.tie_word_embeddings ? 0 : c.vocab_size * H;
-  p.total = p.embedding + p.attention + p.router + p.experts + p.norms + p.lm_head;
+  p.shared = L * (3 * H * c.shared_intermediate_size() + (c.moe.num_shared_experts > 0 && c.moe.shared_expert_gate ? H : 0));
+  p.total = p.embedding + p.attention + p.router + p.experts + p.shared + p.norms + p.lm_head;
   p.active = p.total - p.experts + L * K * p.per_expert;
   return p;
 }
@@ -35,6 +36,13 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes(const
       out.push_back({ex + "w1.weight", {I, H}});
       out.push_back({ex + "w2.weight", {H, I}});
       out.push_back({ex + "w3.weight", {I, H}});
+    }
+    if (c.moe.num_shared_experts > 0) {
+      const int64_t S = c.shared_intermediate_size();
+      out.push_back({pre + "block_sparse_moe.shared_expert.w1.weight", {S, H}});
+      out.push_back({pre + "block_sparse_moe.shared_expert.w2.weight", {H, S}});
+      out.push_back({pre + "block_sparse_moe.shared_expert.w3.weight", {S, H}});
+      if (c.moe.shared_expert_gate) out.push_back({pre + "block_sparse_moe.shared_expert_gate.weight", {1, H}});
     }
     out.push_back({pre + "input_layernorm.weight", {H}});
     out.push_back({pre + "post_attention_layernorm.weight", {H}});

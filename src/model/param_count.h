@@ -16,6 +16,7 @@ struct ParamCounts {
   int64_t router = 0;       // block_sparse_moe.gate over all layers
   int64_t experts = 0;      // all experts of all layers
   int64_t per_expert = 0;   // one expert of one layer (w1, w2, w3)
+  int64_t shared = 0;       // the shared experts and their gates over all layers (every token: active)
   int64_t norms = 0;        // input/post-attention norms of all layers + the final norm
   int64_t lm_head = 0;      // 0 when tied to the embedding
   int64_t total = 0;

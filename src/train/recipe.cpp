@@ -109,6 +109,9 @@ const io::KeyTable<Recipe>& recipe_keys() {
                  "newest checkpoints kept")
         .integer("train.seed", [](auto& r) -> auto& { return r.train.seed; }, non_negative(),
                  "initialisation, data order and router jitter")
+        .integer("train.skip_samples", [](auto& r) -> auto& { return r.train.skip_samples; }, non_negative(),
+                 "a fresh run's data starts at this sample: continue another run's data order (its steps x "
+                 "micro_batch_size x grad_accum x data ranks) when starting from its checkpoint with init_from")
         .choice("train.activation_checkpointing",
                 [](auto& r) -> auto& { return r.train.activation_checkpointing; }, {"none", "full", "moe"},
                 "recompute in the backward instead of keeping: full = each decoder layer, moe = each MoE block")

@@ -35,6 +35,7 @@ struct TrainLoopConfig {
   int64_t checkpoint_interval = 100;
   int64_t keep_checkpoints = 2;
   uint64_t seed = 1234;
+  int64_t skip_samples = 0;  // a fresh run's data starts at this sample (continuing another run's data)
   std::string activation_checkpointing = "none";  // none | full (each decoder layer) | moe (each MoE block)
 };
 

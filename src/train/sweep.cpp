@@ -51,6 +51,35 @@ std::string point_name(const std::vector<std::pair<std::string, std::string>>& v
 
 bool is_seed_key(const std::string& k) { return k == "train.seed" || k == "seed"; }
 
+// The names in `{...}` of a text, in order of first appearance.
+std::vector<std::string> placeholders(const std::string& text) {
+  std::vector<std::string> out;
+  for (size_t at = text.find('{'); at != std::string::npos; at = text.find('{', at + 1)) {
+    const size_t end = text.find('}', at);
+    if (end == std::string::npos) break;
+    const std::string name = text.substr(at + 1, end - at - 1);
+    if (std::find(out.begin(), out.end(), name) == out.end()) out.push_back(name);
+  }
+  return out;
+}
+
+// Fills `{KEY}` from vars; an unknown name is an error naming what (`context`) holds it.
+std::string substitute(const std::string& text, const std::map<std::string, std::string>& vars,
+                       const std::string& context) {
+  std::string out = text;
+  for (const auto& name : placeholders(text)) {
+    auto it = vars.find(name);
+    if (it == vars.end()) {
+      std::string known;
+      for (const auto& [k, v] : vars) known += (known.empty() ? "" : ", ") + k;
+      throw UserError(context + ": unknown placeholder {" + name + "} (known: " + known + ")");
+    }
+    for (size_t at = out.find("{" + name + "}"); at != std::string::npos; at = out.find("{" + name + "}", at + it->second.size()))
+      out.replace(at, name.size() + 2, it->second);
+  }
+  return out;
+}
+
 }  // namespace
 
 SweepSpec load_sweep(const std::string& path) {
@@ -58,12 +87,12 @@ SweepSpec load_sweep(const std::string& path) {
   if (!root.IsMap()) throw UserError(path + ": a sweep file is a mapping (recipe, output_dir, grid, ...)");
   SweepSpec s;
   s.path = path;
-  const std::set<std::string> known{"recipe", "output_dir", "set", "variants", "grid", "match_active_params"};
+  const std::set<std::string> known{"recipe", "output_dir", "set", "variants", "grid", "match_active_params", "prepare"};
   for (const auto& kv : root) {
     const std::string k = kv.first.as<std::string>();
     if (!known.count(k))
       throw UserError(where(path, kv.first) + ": unknown key '" + k +
-                      "' (a sweep file has recipe, output_dir, set, variants, grid, match_active_params)");
+                      "' (a sweep file has recipe, output_dir, set, variants, grid, match_active_params, prepare)");
   }
   if (!root["recipe"]) throw UserError(path + ": key 'recipe' (the base recipe) is required");
   s.recipe = scalar_text(root["recipe"], path, "recipe");
@@ -79,6 +108,23 @@ SweepSpec load_sweep(const std::string& path) {
     const std::string v = scalar_text(m, path, "match_active_params");
     if (v != "true" && v != "false") throw UserError(where(path, m) + ": 'match_active_params' must be true or false");
     s.match_active_params = v == "true";
+  }
+  if (auto pr = root["prepare"]) {
+    if (!pr.IsSequence())
+      throw UserError(where(path, pr) + ": 'prepare' is a list of {run: \"moeforge command line\", creates: PATH}");
+    for (const auto& step : pr) {
+      if (!step.IsMap() || !step["run"] || !step["creates"] || step.size() != 2)
+        throw UserError(where(path, step) + ": a prepare step is {run: \"moeforge command line\", creates: PATH} (the "
+                        "path it makes, which marks it done)");
+      SweepPrepare p{scalar_text(step["run"], path, "prepare.run"), scalar_text(step["creates"], path, "prepare.creates")};
+      std::istringstream words(p.run);
+      std::string first;
+      words >> first;
+      if (first.empty() || first == "sweep")
+        throw UserError(where(path, step["run"]) + ": a prepare step runs a moeforge command other than sweep");
+      if (p.creates.empty()) throw UserError(where(path, step["creates"]) + ": 'creates' must not be empty");
+      s.prepare.push_back(p);
+    }
   }
   if (auto vs = root["variants"]) {
     if (!vs.IsMap() || vs.size() == 0)
@@ -141,8 +187,11 @@ std::vector<SweepPoint> expand_sweep(const SweepSpec& spec) {
       for (const auto& [name, sets] : spec.variants)
         if (name == v) p.overrides.insert(p.overrides.end(), sets.begin(), sets.end());
     }
+    std::map<std::string, std::string> vars{{"output_dir", spec.output_dir}};
+    for (const auto& [k, v] : p.values) vars[k] = v;
     p.overrides.push_back("output_dir=" + p.run_dir);
     try {
+      for (auto& o : p.overrides) o = substitute(o, vars, "override " + o);
       p.recipe = load_recipe(spec.recipe, p.overrides);
       if (spec.match_active_params) {
         // Active parameters are affine in intermediate_size: solve for the base recipe's count.
@@ -167,6 +216,45 @@ std::vector<SweepPoint> expand_sweep(const SweepSpec& spec) {
       if (i == 0) return points;
     }
   }
+}
+
+std::vector<PrepareStep> expand_prepare(const SweepSpec& spec) {
+  std::vector<PrepareStep> out;
+  for (size_t i = 0; i < spec.prepare.size(); ++i) {
+    const auto& step = spec.prepare[i];
+    const std::string context = spec.path + ": prepare step " + std::to_string(i + 1);
+    // The axes this step names, in grid order; it runs once per combination of their values.
+    std::vector<const SweepAxis*> axes;
+    auto named = placeholders(step.run + " " + step.creates);
+    std::string known = "output_dir";
+    for (const auto& a : spec.grid) known += ", " + a.key;
+    for (const auto& n : named)
+      if (n != "output_dir" && std::none_of(spec.grid.begin(), spec.grid.end(), [&](const SweepAxis& a) { return a.key == n; }))
+        throw UserError(context + ": unknown placeholder {" + n + "} (known: " + known + ")");
+    for (const auto& a : spec.grid)
+      if (std::find(named.begin(), named.end(), a.key) != named.end()) axes.push_back(&a);
+    std::vector<size_t> at(axes.size(), 0);
+    for (bool more = true; more;) {
+      std::map<std::string, std::string> vars{{"output_dir", spec.output_dir}};
+      std::string which;
+      for (size_t a = 0; a < axes.size(); ++a) {
+        vars[axes[a]->key] = axes[a]->values[at[a]];
+        which += (which.empty() ? "" : ", ") + axes[a]->key.substr(axes[a]->key.rfind('.') + 1) + "=" + axes[a]->values[at[a]];
+      }
+      PrepareStep ps;
+      std::istringstream words(substitute(step.run, vars, context));
+      for (std::string w; words >> w;) ps.args.push_back(w);
+      ps.creates = substitute(step.creates, vars, context);
+      ps.label = "prepare " + std::to_string(i + 1) + (which.empty() ? "" : " (" + which + ")");
+      out.push_back(std::move(ps));
+      more = false;
+      for (size_t k = axes.size(); k-- > 0 && !more;) {
+        more = ++at[k] < axes[k]->values.size();
+        if (!more) at[k] = 0;
+      }
+    }
+  }
+  return out;
 }
 
 PointStatus point_status(const SweepPoint& p) {

@@ -13,6 +13,20 @@ struct SweepAxis {
   std::vector<std::string> values;  // YAML scalars as written
 };
 
+// A command run before the points (e.g. the dense model an upcycling sweep starts from): a moeforge command
+// line (words split on blanks) and the path it creates, which marks it done. `{KEY}` in either is a grid axis's
+// value (train.seed, variant, ...) or output_dir; a step naming axes runs once per combination of their values.
+struct SweepPrepare {
+  std::string run;
+  std::string creates;
+};
+
+struct PrepareStep {
+  std::vector<std::string> args;  // after `moeforge`
+  std::string creates;
+  std::string label;              // e.g. "prepare 1 (seed=2)"
+};
+
 struct SweepSpec {
   std::string path;                       // the sweep file
   std::string recipe;                     // the base recipe
@@ -23,6 +37,7 @@ struct SweepSpec {
   // (arms that differ in several keys at once, e.g. a balancing method and its coefficient).
   std::vector<std::pair<std::string, std::vector<std::string>>> variants;
   bool match_active_params = false;       // scale model.intermediate_size to the base's active parameters
+  std::vector<SweepPrepare> prepare;      // run in order before the points
 };
 
 struct SweepPoint {
@@ -38,8 +53,13 @@ struct SweepPoint {
 SweepSpec load_sweep(const std::string& path);
 
 // Expands the grid and resolves every point's recipe, so a key that does not exist or a value of the
-// wrong type is an error before anything runs.
+// wrong type is an error before anything runs. `{KEY}` in an override's value is the point's value of that axis
+// (or output_dir): arms can name what a prepare step made for their seed.
 std::vector<SweepPoint> expand_sweep(const SweepSpec& spec);
+
+// The prepare commands with their placeholders filled in, in order (each step for every combination of the
+// axes it names, first axis slowest). An unknown placeholder is a UserError naming the step.
+std::vector<PrepareStep> expand_prepare(const SweepSpec& spec);
 
 enum class PointStatus { Fresh, Interrupted, Finished };
 PointStatus point_status(const SweepPoint& p);

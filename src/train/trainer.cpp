@@ -173,6 +173,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   TrainerState state;
   state.seq_len = tc.seq_len;
   state.seed = tc.seed;
+  state.samples_seen = tc.skip_samples;  // a resumed run reads its own count below
   if (latest) {
     load_training_state(*latest, opt, state, model);
     if (state.seq_len != tc.seq_len || state.seed != tc.seed)
@@ -216,6 +217,12 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   // moe.balance_scope global_batch matters only where a step has more than one micro-batch.
   const bool global_balance = cfg.moe.balance == Balance::AuxLoss && cfg.moe.balance_scope == BalanceScope::GlobalBatch &&
                               stage->aux_loss_coef() > 0 && tc.grad_accum * W > 1;
+  if (cfg.moe.balance_scope == BalanceScope::GlobalBatch && !global_balance && main_rank)
+    MF_WARN("model.moe.balance_scope global_batch changes nothing here: "
+            << (cfg.moe.balance != Balance::AuxLoss ? std::string("moe.balance is ") + balance_name(cfg.moe.balance) +
+                                                          " (the scope is the aux loss's)"
+                : stage->aux_loss_coef() <= 0 ? std::string("the aux loss coefficient is 0")
+                                              : std::string("a step is one micro-batch on one rank")));
   if (global_balance && tc.grad_accum > 1)
     MF_INFO("global-batch balance over " << tc.grad_accum << " micro-batches: each step first routes them without "
                                             "gradient (one extra forward per micro-batch)");
@@ -235,6 +242,11 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   auto run_start = Clock::now();
   const double elapsed_before = state.elapsed_s;
 
+  // Micro-batch a of this step on this rank.
+  auto micro_batch = [&](int64_t a) {
+    return stage->train_batch(model, state.samples_seen + layout.global_micro_batch(a) * tc.micro_batch_size,
+                              tc.micro_batch_size, device);
+  };
   while (state.step < total_steps) {
     auto t0 = Clock::now();
     const double lr = lr_at(state.step, total_steps, r.optim.warmup_steps, r.optim.lr, r.optim.min_lr,
@@ -254,9 +266,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
         const std::vector<torch::Tensor> draws = model->random_state();
         {
           torch::NoGradGuard ng;
-          for (int64_t a = 0; a < tc.grad_accum; ++a)
-            (void)stage->train_batch(model, state.samples_seen + layout.global_micro_batch(a) * tc.micro_batch_size,
-                                     tc.micro_batch_size, device);
+          for (int64_t a = 0; a < tc.grad_accum; ++a) (void)micro_batch(a);
         }
         model->set_random_state(draws);
         finish_counting(gb);
@@ -265,8 +275,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       }
     }
     for (int64_t a = 0; a < tc.grad_accum; ++a) {
-      BatchLoss l = stage->train_batch(model, state.samples_seen + layout.global_micro_batch(a) * tc.micro_batch_size,
-                                       tc.micro_batch_size, device);
+      BatchLoss l = micro_batch(a);
       (l.total / static_cast<double>(tc.grad_accum)).backward();
       step.add(l, tc.grad_accum);
     }

@@ -383,3 +383,24 @@ TEST(ExpertParallelTraining, GlobalBatchCountingRepeatsTheStepsRandomDraws) {
   EXPECT_EQ(a[0]["expert_load"], b[0]["expert_load"]);
   EXPECT_NE(a[0]["aux_loss"].get<double>(), b[0]["aux_loss"].get<double>());
 }
+
+// Shared experts are dense (every rank holds them whole, their gradients averaged like attention's): expert
+// parallelism with and without ZeRO-1 trains as one process does.
+TEST(ExpertParallelTraining, SharedExpertsEqualOneProcess) {
+  test::TempDir dir("epshared");
+  std::string data = test::make_prepared(dir, 80);
+  const std::string recipe = dir / "r.yaml";
+  std::ofstream(recipe) << "stage: pretrain\n"
+                        << test::small_model_yaml("ep-shared", ", router_jitter: 0.0, num_shared_experts: 1")
+                        << "data: {dir: " << data << "}\n"
+                        << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 4, log_interval: 1, "
+                           "eval_interval: 4, eval_batches: 2, checkpoint_interval: 4}\n"
+                        << "optim: {warmup_steps: 1, grad_clip: 0.5}\nruntime: {threads: 1}\n";
+  ASSERT_EQ(test::run_quiet(kBin + " train " + recipe + " --set output_dir=" + (dir / "one") + " --set train.grad_accum=4"), 0);
+  auto ma = train::load_checkpoint_model(*train::latest_checkpoint(dir / "one"));
+  EXPECT_TRUE(ma->named_parameters().contains("model.layers.1.block_sparse_moe.shared_expert_gate.weight"));
+  for (const Layout& l : {Layout{2, 2, 2}, Layout{4, 2, 1, 1}}) {
+    ASSERT_EQ(launch(recipe, l, dir / l.name()), 0) << l.name();
+    expect_same_run(dir / "one", dir / l.name(), 4, l.name());
+  }
+}

@@ -237,3 +237,102 @@ TEST(Sweep, VariantsAndBalanceOverTraining) {
             std::string::npos);
   EXPECT_NE(message("grid:\n  variant: [x]\n").find("'variant' is not a recipe key"), std::string::npos);
 }
+
+// Prepare steps: run once per value of the axes they name (here the seed), before the points, skipped once their
+// `creates` path exists; `{KEY}` in an arm's overrides is the point's value. An unknown placeholder is refused
+// before anything runs, and a failing step stops the sweep (exit 1) before any point.
+TEST(Sweep, PrepareStepsRunBeforeThePointsThatStartFromThem) {
+  test::TempDir dir("sweepprep");
+  std::string data = test::make_prepared(dir, 60);
+  const std::string bin = MOEFORGE_BINARY;
+  std::ofstream(dir / "base.yaml") << "stage: pretrain\n" << test::small_model_yaml("sweep") << "data: {dir: " << data
+                                   << "}\ntrain: {micro_batch_size: 2, seq_len: 32, max_steps: 2, log_interval: 1, "
+                                      "eval_interval: 2, eval_batches: 1, checkpoint_interval: 2}\n";
+  std::ofstream(dir / "model.yaml") << "name: sweep\nvocab_size: 320\nhidden_size: 32\nintermediate_size: 48\nnum_layers: 2\n"
+                                       "num_attention_heads: 4\nnum_key_value_heads: 2\nmax_position_embeddings: 64\n"
+                                       "moe: {num_experts: 4, num_experts_per_tok: 2, aux_loss_coef: 0.01}\n";
+  auto write = [&](const std::string& prepare) {
+    std::ofstream(dir / "s.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out")
+                                  << "\nprepare:\n" << prepare
+                                  << "variants:\n  scratch: {train.max_steps: 2}\n"
+                                     "  from-init: {init_from: \"{output_dir}/init/seed={train.seed}\"}\n"
+                                     "grid:\n  train.seed: [1, 2]\n";
+  };
+  write("  - {run: \"init " + (dir / "model.yaml") +
+        " --seed 77{train.seed} --out {output_dir}/init/seed={train.seed}\", creates: \"{output_dir}/init/seed={train.seed}\"}\n");
+  auto spec = train::load_sweep(dir / "s.yaml");
+  auto steps = train::expand_prepare(spec);
+  ASSERT_EQ(steps.size(), 2u);
+  EXPECT_EQ(steps[0].args, (std::vector<std::string>{"init", (dir / "model.yaml"), "--seed", "771", "--out",
+                                                     (dir / "out/init/seed=1")}));
+  EXPECT_EQ(steps[1].creates, (dir / "out/init/seed=2"));
+  EXPECT_EQ(steps[1].label, "prepare 1 (seed=2)");
+  auto pts = train::expand_sweep(spec);
+  ASSERT_EQ(pts.size(), 4u);
+  EXPECT_EQ(pts[0].recipe.init_from, "");
+  EXPECT_EQ(pts[3].name, "variant=from-init_seed=2");
+  EXPECT_EQ(pts[3].recipe.init_from, (dir / "out/init/seed=2"));
+
+  const std::string log = dir / "sweep.log";
+  ASSERT_EQ(std::system((bin + " sweep " + (dir / "s.yaml") + " --jobs 2 > " + log + " 2>&1").c_str()), 0) << slurp(log);
+  for (const auto& s : steps) EXPECT_TRUE(fs::exists(s.creates + "/config.yaml")) << s.creates;
+  // The arm that starts from seed 2's prepared model (init --seed 772) starts from other weights than the arm
+  // trained from seed 2's own draw (same data): their first losses differ.
+  const double scratch2 = test::metric_records(pts[2].run_dir, "loss")[0]["loss"];
+  const double from2 = test::metric_records(pts[3].run_dir, "loss")[0]["loss"];
+  EXPECT_NE(scratch2, from2);
+  // A second run skips the prepared steps and the finished points.
+  const auto t = fs::last_write_time(steps[0].creates + "/config.yaml");
+  ASSERT_EQ(std::system((bin + " sweep " + (dir / "s.yaml") + " > " + log + " 2>&1").c_str()), 0);
+  EXPECT_EQ(fs::last_write_time(steps[0].creates + "/config.yaml"), t);
+  EXPECT_NE(slurp(log).find("done, skipped"), std::string::npos) << slurp(log);
+  EXPECT_EQ(slurp(log).find("started prepare"), std::string::npos) << slurp(log);
+
+  // Refusals: an unknown placeholder (before anything runs), a step that is not a {run, creates} mapping, a sweep
+  // as a step; a step that fails stops the sweep before its points.
+  write("  - {run: \"init x --out {output_dir}/{train.lr}\", creates: \"{output_dir}/y\"}\n");
+  try {
+    train::expand_prepare(train::load_sweep(dir / "s.yaml"));
+    ADD_FAILURE() << "unknown placeholder accepted";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("unknown placeholder {train.lr} (known: output_dir, variant, train.seed)"),
+              std::string::npos) << e.what();
+  }
+  EXPECT_EQ(test::run_quiet(bin + " sweep " + (dir / "s.yaml")), 2);
+  write("  - init x\n");
+  EXPECT_THROW(train::load_sweep(dir / "s.yaml"), UserError);
+  write("  - {run: \"sweep other.yaml\", creates: x}\n");
+  EXPECT_THROW(train::load_sweep(dir / "s.yaml"), UserError);
+  std::ofstream(dir / "s2.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out2")
+                                 << "\nprepare:\n  - {run: \"init /nonexistent.yaml --out {output_dir}/m\", creates: "
+                                    "\"{output_dir}/m\"}\ngrid:\n  train.seed: [1]\n";
+  EXPECT_EQ(std::system((bin + " sweep " + (dir / "s2.yaml") + " > " + log + " 2>&1").c_str()) >> 8, 1);
+  EXPECT_NE(slurp(log).find("prepare 1 FAILED"), std::string::npos) << slurp(log);
+  EXPECT_FALSE(fs::exists(dir / "out2/seed=1"));
+}
+
+// train.skip_samples: a run started from another's step-2 checkpoint with its data skipped by those steps' samples
+// computes, at its first step, the loss the other run computed at its step 3 (same weights, same batch); without
+// the skip it reads the first batch again and differs.
+TEST(Sweep, SkipSamplesContinuesAnotherRunsDataOrder) {
+  test::TempDir dir("skipsamples");
+  std::string data = test::make_prepared(dir, 60);
+  const std::string bin = MOEFORGE_BINARY;
+  std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << test::small_model_yaml("skip") << "data: {dir: " << data
+                                << "}\ntrain: {micro_batch_size: 2, seq_len: 32, max_steps: 4, log_interval: 1, "
+                                   "eval_interval: 4, eval_batches: 1, checkpoint_interval: 2, keep_checkpoints: 2}\n"
+                                   "optim: {warmup_steps: 1}\n";
+  ASSERT_EQ(test::run_quiet(bin + " train " + (dir / "r.yaml") + " --set output_dir=" + (dir / "a")), 0);
+  const std::string from = "init_from=" + (dir / "a/checkpoints/step_00000002");
+  ASSERT_EQ(test::run_quiet(bin + " train " + (dir / "r.yaml") + " --set " + from + " --set train.skip_samples=4" +
+                            " --set train.max_steps=1 --set output_dir=" + (dir / "b")), 0);
+  ASSERT_EQ(test::run_quiet(bin + " train " + (dir / "r.yaml") + " --set " + from + " --set train.max_steps=1" +
+                            " --set output_dir=" + (dir / "c")), 0);
+  const auto a = test::metric_records(dir / "a", "loss"), b = test::metric_records(dir / "b", "loss"),
+             c = test::metric_records(dir / "c", "loss");
+  ASSERT_EQ(a.size(), 4u);
+  ASSERT_EQ(b.size(), 1u);
+  ASSERT_EQ(c.size(), 1u);
+  EXPECT_NEAR(b[0]["loss"].get<double>(), a[2]["loss"].get<double>(), 1e-6);
+  EXPECT_GT(std::abs(c[0]["loss"].get<double>() - a[2]["loss"].get<double>()), 1e-3);
+}

@@ -48,9 +48,17 @@ def forward(cfg, W, tokens):
     H, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     D = cfg.get("head_dim") or H // nh
     dense = cfg["model_type"] == "mistral"  # MistralForCausalLM: one MLP per layer, no router
-    E, K = (1, 1) if dense else (cfg["num_local_experts"], cfg["num_experts_per_tok"])
+    # Qwen2MoeForCausalLM: biases on q, k, v; the router and experts under mlp.*; a shared expert beside the routed
+    # ones, its output scaled by sigmoid(shared_expert_gate . h).
+    qwen = cfg["model_type"] == "qwen2_moe"
+    if qwen:
+        assert cfg["norm_topk_prob"] and cfg["decoder_sparse_step"] == 1 and not cfg["mlp_only_layers"]
+        assert not cfg["use_sliding_window"]
+        E, K = cfg["num_experts"], cfg["num_experts_per_tok"]
+    else:
+        E, K = (1, 1) if dense else (cfg["num_local_experts"], cfg["num_experts_per_tok"])
     eps = cfg["rms_norm_eps"]
-    window = cfg.get("sliding_window")
+    window = None if qwen else cfg.get("sliding_window")
     x = W["model.embed_tokens.weight"][tokens]
     inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
     ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
@@ -68,9 +76,12 @@ def forward(cfg, W, tokens):
     for l in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{l}."
         h = rms_norm(x, W[p + "input_layernorm.weight"], eps)
-        q = (h @ W[p + "self_attn.q_proj.weight"].T).view(B, T, nh, D).transpose(1, 2)
-        k = (h @ W[p + "self_attn.k_proj.weight"].T).view(B, T, nkv, D).transpose(1, 2)
-        v = (h @ W[p + "self_attn.v_proj.weight"].T).view(B, T, nkv, D).transpose(1, 2)
+        def proj(n):
+            y = h @ W[p + f"self_attn.{n}.weight"].T
+            return y + W[p + f"self_attn.{n}.bias"] if qwen else y
+        q = proj("q_proj").view(B, T, nh, D).transpose(1, 2)
+        k = proj("k_proj").view(B, T, nkv, D).transpose(1, 2)
+        v = proj("v_proj").view(B, T, nkv, D).transpose(1, 2)
         q, k = rope(q), rope(k)
         k = k.repeat_interleave(nh // nkv, dim=1)
         v = v.repeat_interleave(nh // nkv, dim=1)
@@ -83,6 +94,27 @@ def forward(cfg, W, tokens):
             m = p + "mlp."
             x = x + (torch.nn.functional.silu(h @ W[m + "gate_proj.weight"].T) * (h @ W[m + "up_proj.weight"].T)) \
                 @ W[m + "down_proj.weight"].T
+            continue
+        def swiglu(u, gate, up, down):  # one token
+            return down @ (torch.nn.functional.silu(gate @ u) * (up @ u))
+        if qwen:
+            m = p + "mlp."
+            logits = h @ W[m + "gate.weight"].T
+            probs = torch.softmax(logits, -1)
+            top_p, top_i = probs.topk(K, -1)
+            top_p = top_p / top_p.sum(-1, keepdim=True)
+            y = torch.zeros_like(h)
+            for b in range(B):
+                for t in range(T):
+                    u = h[b, t]
+                    for j in range(K):
+                        ex = m + f"experts.{int(top_i[b, t, j])}."
+                        y[b, t] += top_p[b, t, j] * swiglu(u, W[ex + "gate_proj.weight"], W[ex + "up_proj.weight"],
+                                                           W[ex + "down_proj.weight"])
+                    sh = m + "shared_expert."
+                    g = torch.sigmoid(W[m + "shared_expert_gate.weight"][0] @ u)
+                    y[b, t] += g * swiglu(u, W[sh + "gate_proj.weight"], W[sh + "up_proj.weight"], W[sh + "down_proj.weight"])
+            x = x + y
             continue
         logits = h @ W[p + "block_sparse_moe.gate.weight"].T
         probs = torch.softmax(logits, -1)

@@ -657,3 +657,98 @@ TEST(ImportHf, DenseConfigsAndTheirRefusals) {
     EXPECT_NE(std::string(e.what()).find("model_type"), std::string::npos) << e.what();
   }
 }
+
+// Shared experts export as Qwen2MoeForCausalLM: names and shapes enumerated by hand (the router and experts under
+// mlp.*, gate_proj / up_proj / down_proj, one shared expert of S x I with its [1, H] gate, zero q/k/v biases), the
+// config's keys, and the independent Python forward of a Qwen2-MoE reproduces the logits. What it cannot hold is
+// refused before anything is written: an ungated shared expert, a sliding window; GGUF refuses shared experts.
+TEST(ExportHf, SharedExpertsAreAQwen2Moe) {
+  test::TempDir dir("qwen");
+  ModelConfig c = export_config();
+  c.moe.num_shared_experts = 2;
+  auto m = trained_model(c);
+  EXPECT_GT(m->named_parameters()["model.layers.0.block_sparse_moe.shared_expert_gate.weight"].abs().max().item<double>(), 0);
+  io::HfExportOptions o;
+  o.out_dir = dir / "hf";
+  o.dtype = "fp32";
+  io::export_hf(c, params_of(m), o);
+  auto j = nlohmann::json::parse(std::ifstream(dir / "hf/config.json"));
+  const int64_t H = c.hidden_size, I = c.intermediate_size, D = c.resolved_head_dim();
+  EXPECT_EQ(j["architectures"][0], "Qwen2MoeForCausalLM");
+  EXPECT_EQ(j["model_type"], "qwen2_moe");
+  EXPECT_EQ(j["moe_intermediate_size"], I);
+  EXPECT_EQ(j["shared_expert_intermediate_size"], 2 * I);
+  EXPECT_EQ(j["num_experts"], c.moe.num_experts);
+  EXPECT_EQ(j["num_experts_per_tok"], c.moe.num_experts_per_tok);
+  EXPECT_EQ(j["norm_topk_prob"], true);
+  EXPECT_EQ(j["decoder_sparse_step"], 1);
+  std::map<std::string, std::vector<int64_t>> want;
+  want["model.embed_tokens.weight"] = {c.vocab_size, H};
+  want["model.norm.weight"] = {H};
+  want["lm_head.weight"] = {c.vocab_size, H};
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    want[p + "self_attn.q_proj.weight"] = {c.num_attention_heads * D, H};
+    want[p + "self_attn.q_proj.bias"] = {c.num_attention_heads * D};
+    want[p + "self_attn.k_proj.weight"] = {c.num_key_value_heads * D, H};
+    want[p + "self_attn.k_proj.bias"] = {c.num_key_value_heads * D};
+    want[p + "self_attn.v_proj.weight"] = {c.num_key_value_heads * D, H};
+    want[p + "self_attn.v_proj.bias"] = {c.num_key_value_heads * D};
+    want[p + "self_attn.o_proj.weight"] = {H, c.num_attention_heads * D};
+    want[p + "input_layernorm.weight"] = {H};
+    want[p + "post_attention_layernorm.weight"] = {H};
+    want[p + "mlp.gate.weight"] = {c.moe.num_experts, H};
+    for (int64_t e = 0; e < c.moe.num_experts; ++e) {
+      const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
+      want[x + "gate_proj.weight"] = {I, H};
+      want[x + "up_proj.weight"] = {I, H};
+      want[x + "down_proj.weight"] = {H, I};
+    }
+    want[p + "mlp.shared_expert.gate_proj.weight"] = {2 * I, H};
+    want[p + "mlp.shared_expert.up_proj.weight"] = {2 * I, H};
+    want[p + "mlp.shared_expert.down_proj.weight"] = {H, 2 * I};
+    want[p + "mlp.shared_expert_gate.weight"] = {1, H};
+  }
+  std::map<std::string, std::vector<int64_t>> got;
+  const auto header = header_of(dir / "hf/model.safetensors");
+  for (auto it = header.begin(); it != header.end(); ++it)
+    if (it.key() != "__metadata__") got[it.key()] = it.value()["shape"].get<std::vector<int64_t>>();
+  EXPECT_EQ(got, want);
+  auto st = io::SafetensorsFile::open(dir / "hf/model.safetensors");
+  auto pm = m->named_parameters();
+  EXPECT_TRUE(torch::equal(st.get("model.layers.1.mlp.experts.3.up_proj.weight"),
+                           pm["model.layers.1.block_sparse_moe.experts.3.w3.weight"]));
+  EXPECT_TRUE(torch::equal(st.get("model.layers.0.mlp.shared_expert.down_proj.weight"),
+                           pm["model.layers.0.block_sparse_moe.shared_expert.w2.weight"]));
+  EXPECT_EQ(st.get("model.layers.0.self_attn.k_proj.bias").abs().max().item<double>(), 0.0);
+  if (have_python_torch()) expect_python_reference_agrees(c, m, "pyref-qwen");
+
+  auto refused = [&](ModelConfig bad, const std::string& what) {
+    EXPECT_THROW(io::hf_architecture(bad), UserError) << what;
+    o.out_dir = dir / ("no-" + what);
+    MixtralForCausalLM mb(bad);
+    try {
+      io::export_hf(bad, params_of(mb), o);
+      ADD_FAILURE() << what << " exported";
+    } catch (const UserError& e) {
+      EXPECT_NE(std::string(e.what()).find("Qwen2MoeForCausalLM"), std::string::npos) << e.what();
+    }
+    EXPECT_FALSE(fs::exists(o.out_dir)) << what;
+  };
+  ModelConfig ungated = c;
+  ungated.moe.shared_expert_gate = false;
+  refused(ungated, "ungated");
+  ModelConfig windowed = c;
+  windowed.sliding_window = 4;
+  refused(windowed, "window");
+  io::GgufVocab v;
+  for (int i = 0; i < c.vocab_size; ++i) {
+    v.pieces.push_back("p" + std::to_string(i));
+    v.scores.push_back(0.0f);
+    v.types.push_back(1);
+  }
+  auto params = params_of(m);
+  std::map<std::string, torch::Tensor> wm(params.begin(), params.end());
+  EXPECT_THROW(io::export_gguf(c, wm, v, dir / "m.gguf", "f32"), UserError);
+  EXPECT_FALSE(fs::exists(dir / "m.gguf"));
+}

@@ -35,7 +35,8 @@ TEST(Keys, WriterEmitsExactlyTheDeclaredModelKeys) {
 
 // The writers produce, byte for byte, what the hand-written ones produced before the keys were declared once
 // (tests/data/golden, written at 9f0fea7 from the same recipe, plus the keys added since, each a line after the
-// key before it: moe.bias_update, moe.seq_aux_loss_coef, moe.balance_scope): run directories and checkpoints keep their format, and
+// key before it: moe.bias_update, moe.seq_aux_loss_coef, moe.balance_scope, moe.num_shared_experts,
+// moe.shared_expert_gate; train.skip_samples): run directories and checkpoints keep their format, and
 // the DPO reference fingerprint (which hashes the model YAML) changes only when keys are added.
 TEST(Keys, WritersMatchTheFilesWrittenBefore) {
   auto read = [](const std::string& rel) {
@@ -67,7 +68,7 @@ TEST(Keys, EveryModelKeyRoundTripsANonDefaultValue) {
   c.rms_norm_eps = 3e-7;
   c.tie_word_embeddings = true;
   c.init_std = 0.07;
-  c.moe = {6, 3, 0.125, 0.25, 0.5, Balance::AuxFreeBias, 0.0625, BiasUpdate::Proportional, 0.375, BalanceScope::GlobalBatch};
+  c.moe = {6, 3, 0.125, 0.25, 0.5, Balance::AuxFreeBias, 0.0625, BiasUpdate::Proportional, 0.375, BalanceScope::GlobalBatch, 2, false};
   const std::string y = io::model_config_to_yaml(c);
   const ModelConfig b = io::parse_model_config(YAML::Load(y), "rt.yaml");
   EXPECT_EQ(io::model_config_to_yaml(b), y);
@@ -80,6 +81,8 @@ TEST(Keys, EveryModelKeyRoundTripsANonDefaultValue) {
   EXPECT_EQ(b.moe.bias_update, BiasUpdate::Proportional);
   EXPECT_DOUBLE_EQ(b.moe.seq_aux_loss_coef, 0.375);
   EXPECT_EQ(b.moe.balance_scope, BalanceScope::GlobalBatch);
+  EXPECT_EQ(b.moe.num_shared_experts, 2);
+  EXPECT_FALSE(b.moe.shared_expert_gate);
   // Every line of the YAML carries one of the values set above (no key fell back to its default).
   ModelConfig d;
   for (const auto& k : io::model_config_keys().keys()) {

@@ -209,3 +209,65 @@ TEST(MoEBlock, SortedDispatchGroupsByExpert) {
   auto y = d.combine(g.x_grouped, g, w);
   EXPECT_LT(max_abs_diff(y, x), 1e-6);
 }
+
+// Shared experts: S = 2 experts of width I beside the routed ones, held as one MLP of width 2I. The reference runs
+// the two halves as separate experts (rows [0, I) and [I, 2I) of w1 and w3, the matching columns of w2) and adds
+// them, scaled by sigmoid(g . x) when gated, to the routed output of the per-token loop: forward and every gradient.
+TEST(MoEBlock, SharedExpertsAreTwoMlpsBesideTheRoutedOnes) {
+  for (bool gated : {true, false}) {
+    ModelConfig c = test::tiny_config();
+    const int64_t H = 16, I = 12;
+    c.hidden_size = H;
+    c.intermediate_size = I;
+    c.moe.num_experts = 5;
+    c.moe.num_experts_per_tok = 2;
+    c.moe.num_shared_experts = 2;
+    c.moe.shared_expert_gate = gated;
+    MoEBlock b(c);
+    init_weights(*b, 0.3, 5);
+    ASSERT_TRUE(b->shared_expert);
+    EXPECT_EQ(b->shared_expert->w1->weight.sizes(), (std::vector<int64_t>{2 * I, H}));
+    EXPECT_EQ(static_cast<bool>(b->shared_expert_gate), gated);
+    auto x = torch::randn({2, 5, H}, torch::requires_grad());
+    auto out = b->forward(x);
+    auto upstream = torch::randn_like(out.y);
+    (out.y * upstream).sum().backward();
+    auto gx = x.grad().clone();
+    std::map<std::string, torch::Tensor> g;
+    for (auto& p : b->named_parameters())
+      if (p.value().grad().defined()) g[p.key()] = p.value().grad().clone();
+    for (auto& p : b->parameters()) p.mutable_grad() = torch::Tensor();
+
+    auto x2 = x.detach().clone().requires_grad_(true);
+    auto x2_NH = x2.reshape({-1, H});
+    RouterOutput r = b->gate->forward(x2_NH);
+    auto ref = naive_moe(*b, x2_NH, r);
+    auto& se = b->shared_expert;
+    torch::Tensor shared = torch::zeros_like(ref);
+    for (int64_t s = 0; s < 2; ++s) {
+      auto w1 = se->w1->weight.narrow(0, s * I, I), w3 = se->w3->weight.narrow(0, s * I, I);
+      auto w2 = se->w2->weight.narrow(1, s * I, I);
+      shared = shared + torch::matmul(torch::silu(torch::matmul(x2_NH, w1.t())) * torch::matmul(x2_NH, w3.t()), w2.t());
+    }
+    if (gated) shared = shared * torch::sigmoid(torch::matmul(x2_NH, b->shared_expert_gate->weight.t()));
+    ref = (ref + shared).view(x2.sizes());
+    EXPECT_LT(max_abs_diff(out.y, ref), 1e-5) << gated;
+    (ref * upstream).sum().backward();
+    EXPECT_LT(max_abs_diff(gx, x2.grad()), 1e-5);
+    for (auto& p : b->named_parameters()) {
+      auto gr = p.value().grad();
+      ASSERT_EQ(g.count(p.key()), gr.defined() ? 1u : 0u) << p.key();
+      if (gr.defined()) EXPECT_LT(max_abs_diff(g[p.key()], gr), 1e-5) << p.key();
+    }
+    EXPECT_TRUE(g.count("shared_expert.w2.weight"));
+    if (gated) EXPECT_TRUE(g.count("shared_expert_gate.weight"));
+  }
+  // A dense config has no shared experts (it would be a wider MLP).
+  ModelConfig d = test::tiny_config();
+  d.moe.num_experts = 1;
+  d.moe.num_experts_per_tok = 1;
+  d.moe.num_shared_experts = 1;
+  auto problem = model_config_problem(d);
+  ASSERT_TRUE(problem);
+  EXPECT_EQ(problem->key, "moe.num_shared_experts");
+}

@@ -63,10 +63,27 @@ TEST(ParamCount, ActiveCountsKExperts) {
   EXPECT_DOUBLE_EQ(m.adamw_fp32, 8.0 * p.total);
 }
 
+// Shared experts: S x I wide, 3 H S I per layer plus the gate's H, all active.
+TEST(ParamCount, SharedExpertsByHand) {
+  ModelConfig c = test::tiny_config();
+  c.moe.num_shared_experts = 2;
+  const int64_t H = c.hidden_size, I = c.intermediate_size, L = c.num_layers;
+  ParamCounts p = count_params(c), q = count_params(test::tiny_config());
+  EXPECT_EQ(p.shared, L * (3 * H * 2 * I + H));
+  EXPECT_EQ(p.total - q.total, p.shared);
+  EXPECT_EQ(p.active - q.active, p.shared);
+  EXPECT_EQ(p.total, allocated_numel(c));
+  c.moe.shared_expert_gate = false;
+  EXPECT_EQ(count_params(c).shared, L * 3 * H * 2 * I);
+  EXPECT_EQ(count_params(c).total, allocated_numel(c));
+}
+
 TEST(ParamCount, ShapesListTheModelsParametersInOrder) {
-  for (bool tied : {false, true}) {
+  for (int variant = 0; variant < 4; ++variant) {
+    const bool tied = variant % 2 == 1;
     ModelConfig c = test::tiny_config();
     c.tie_word_embeddings = tied;
+    if (variant >= 2) c.moe.num_shared_experts = 1, c.moe.shared_expert_gate = variant == 2;
     MixtralForCausalLM m(c);
     auto expected = m->named_parameters();
     auto shapes = parameter_shapes(c);
