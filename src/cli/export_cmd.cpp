@@ -14,7 +14,6 @@
 
 #include "cli/cli.h"
 #include "core/error.h"
-#include "model/param_names.h"
 #include "core/log.h"
 #include "data/tokenizer.h"
 #include "io/gguf_export.h"
@@ -24,6 +23,7 @@
 #include "io/safetensors.h"
 #include "model/finetune.h"
 #include "model/param_count.h"
+#include "model/param_names.h"
 #include "train/base_model.h"
 #include "train/checkpoint.h"
 #include "train/manifest.h"
@@ -134,7 +134,7 @@ int export_adapter(const std::string& ckpt, const ModelConfig& cfg, const std::o
 // true when given (callers warn once).
 bool warn_if_expert_biases(const std::string& name, const at::Tensor& t) {
   if (name.find("expert_bias") == std::string::npos || t.abs().max().item<double>() == 0) return false;
-  MF_WARN("the aux-loss-free expert biases are not part of MixtralForCausalLM or llama.cpp's Mixtral; "
+  MF_WARN("the aux-loss-free expert biases are not part of MixtralForCausalLM, Qwen2MoeForCausalLM or llama.cpp's Mixtral; "
           "the exported model selects experts from the unbiased router logits");
   return true;
 }

@@ -110,8 +110,9 @@ int cmd_sweep(const Args& in) {
   }
   if (dry_run) return 0;
   int failed = 0;
-  if (!report_only) {
-    // The prepare steps, one at a time with every core, before any point (the points may start from them).
+  if (!report_only && !todo.empty()) {
+    // The prepare steps, one at a time with every core, before any point (the points may start from them); none
+    // when every point has finished (their intermediate outputs may have been cleaned away).
     const std::string log = spec.output_dir + "/prepare.log";
     for (const auto& st : prepare) {
       if (fs::exists(st.creates)) continue;

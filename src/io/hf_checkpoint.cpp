@@ -15,8 +15,8 @@
 #include <set>
 
 #include "core/error.h"
-#include "model/param_names.h"
 #include "io/hf_config.h"
+#include "model/param_names.h"
 
 namespace moeforge::io {
 
@@ -323,7 +323,6 @@ bool is_dense_router(const std::string& n) {
   return n.rfind("model.layers.", 0) == 0 && n.size() > key.size() && n.compare(n.size() - key.size(), key.size(), key) == 0;
 }
 
-// "model.layers.3.block_sparse_moe.experts.5.w1.weight" -> layer 3, expert 5, "w1"
 // An expert parameter's layer prefix, expert id and matrix ("w1", "w2", "w3").
 bool parse_expert_name(const std::string& n, std::string* layer_prefix, int64_t* expert, std::string* w) {
   const auto p = parse_expert_param(n);

@@ -18,7 +18,8 @@ namespace {
 //    input).
 //  MoE: the post-attention norm's input and output, router logits and probabilities (fp32), the dispatched
 //    rows, per routed copy h1, sigmoid(h1), silu, h3 and their product (w2's input), the experts' output and its
-//    regrouped copy for the weighted combine.
+//    regrouped copy for the weighted combine; with shared experts (width S I) per token h1, sigmoid(h1), silu, h3
+//    and their product, the output, and the gate's logit and sigmoid (fp32).
 double layer_bytes_per_token(const ModelConfig& m, double c, int64_t T, bool attention, bool moe, bool fused_attention,
                              double load) {
   const double f = 4, H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
@@ -29,6 +30,8 @@ double layer_bytes_per_token(const ModelConfig& m, double c, int64_t T, bool att
   const double scores = fused_attention ? f * nh : (f + c) * nh * static_cast<double>(T);
   if (attention) b += f * H + c * H + 3 * c * q + scores + c * q;
   if (moe) b += f * H + c * H + 2 * f * E + load * (k * c * H + k * 5 * c * I + 2 * k * c * H);
+  if (moe && m.moe.num_shared_experts > 0)
+    b += 5 * c * static_cast<double>(m.shared_intermediate_size()) + c * H + (m.moe.shared_expert_gate ? 2 * f : 0);
   return b;
 }
 
@@ -58,9 +61,9 @@ RankPlan plan_rank(const PlanInput& in) {
     r.gradients = 4 * (dense + experts_rank);
     r.optimizer = 8 * (dense * zero_dense + experts_rank * zero_experts);
     // The matmuls' bf16 weight copies stay in the graph until the backward (one layer's under full
-    // recomputation): attention, this rank's experts, the LM head.
+    // recomputation): attention, this rank's experts, the shared experts, the LM head.
     if (bf16) {
-      const double per_layer = static_cast<double>(p.attention + p.experts / EP) / static_cast<double>(m.num_layers);
+      const double per_layer = static_cast<double>(p.attention + p.experts / EP + p.shared) / static_cast<double>(m.num_layers);
       const double layers = in.recompute == "full" ? 1.0 : static_cast<double>(m.num_layers);
       r.compute_copies = 2 * (per_layer * layers + static_cast<double>(p.lm_head));
     }

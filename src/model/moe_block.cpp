@@ -36,11 +36,12 @@ MoEOutput MoEBlockImpl::forward(const torch::Tensor& x, std::optional<at::Scalar
   MF_CHECK(experts->count() == dispatcher_->num_local_experts(),
            "a block built with a share of the experts routes through an expert-parallel dispatcher");
   out.router = gate->forward(x_NH);
-  Dispatched d = dispatcher_->dispatch(to_compute(x_NH, compute), out.router.topk_idx_NK, out.router.tokens_per_expert);
+  const auto xc_NH = to_compute(x_NH, compute);  // one copy in the compute dtype for the routed and shared experts
+  Dispatched d = dispatcher_->dispatch(xc_NH, out.router.topk_idx_NK, out.router.tokens_per_expert);
   auto y_grouped = experts->forward(d.x_grouped, d.counts);
   auto y_NH = dispatcher_->combine(y_grouped, d, out.router.topk_weight_NK);
   if (shared_expert) {
-    auto s_NH = shared_expert->forward(to_compute(x_NH, compute));
+    auto s_NH = shared_expert->forward(xc_NH);
     // The gate, as the router, reads x in fp32; its scale meets the shared output in the compute dtype.
     if (shared_expert_gate) s_NH = s_NH * torch::sigmoid(mixed_linear(x_NH, shared_expert_gate->weight)).to(s_NH.scalar_type());
     y_NH = y_NH + s_NH.to(y_NH.scalar_type());

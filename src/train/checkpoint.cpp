@@ -431,6 +431,21 @@ std::string init_tokenizer(const std::string& init_from) {
 void load_init_weights(const std::string& init_from, MixtralForCausalLM& model, const GroupXor& over_group) {
   const auto src = io::parse_init_source(init_from);
   if (!src.hf) require_intact_checkpoint(src.dir);
+  // What the shape checks below cannot see: parts of the source the model has no place for would be dropped.
+  if (!src.hf) {
+    const ModelConfig from = read_checkpoint_config(src.dir), &to = model->config();
+    auto parts = [](const ModelConfig& c) {
+      return std::to_string(c.moe.num_shared_experts) + " shared expert(s)" +
+             (c.moe.num_shared_experts > 0 ? (c.moe.shared_expert_gate ? " with their gate" : " without a gate") : "");
+    };
+    if (from.moe.num_shared_experts != to.moe.num_shared_experts ||
+        (from.moe.num_shared_experts > 0 && from.moe.shared_expert_gate != to.moe.shared_expert_gate))
+      throw UserError(src.dir + ": has " + parts(from) + " per layer; the recipe's model has " + parts(to) +
+                      " (set model.moe.num_shared_experts / shared_expert_gate as the checkpoint has them)");
+    if (!from.tie_word_embeddings && to.tie_word_embeddings)
+      throw UserError(src.dir + ": has its own lm_head; the recipe's model ties it to the embedding "
+                      "(tie_word_embeddings: false, as the checkpoint)");
+  }
   if (src.hf) {
     io::load_hf_weights(src.dir, model);
   } else if (auto base = read_base_pointer(src.dir)) {  // an adapter checkpoint: its merged model

@@ -63,21 +63,26 @@ std::vector<std::string> placeholders(const std::string& text) {
   return out;
 }
 
-// Fills `{KEY}` from vars; an unknown name is an error naming what (`context`) holds it.
+// Fills `{KEY}` from vars in one pass (a value that itself holds braces is not expanded again); an unknown name is
+// an error naming what (`context`) holds it.
 std::string substitute(const std::string& text, const std::map<std::string, std::string>& vars,
                        const std::string& context) {
-  std::string out = text;
-  for (const auto& name : placeholders(text)) {
+  std::string out;
+  size_t from = 0;
+  for (size_t at = text.find('{'); at != std::string::npos; at = text.find('{', from)) {
+    const size_t end = text.find('}', at);
+    if (end == std::string::npos) break;
+    const std::string name = text.substr(at + 1, end - at - 1);
     auto it = vars.find(name);
     if (it == vars.end()) {
       std::string known;
       for (const auto& [k, v] : vars) known += (known.empty() ? "" : ", ") + k;
       throw UserError(context + ": unknown placeholder {" + name + "} (known: " + known + ")");
     }
-    for (size_t at = out.find("{" + name + "}"); at != std::string::npos; at = out.find("{" + name + "}", at + it->second.size()))
-      out.replace(at, name.size() + 2, it->second);
+    out += text.substr(from, at - from) + it->second;
+    from = end + 1;
   }
-  return out;
+  return out + text.substr(from);
 }
 
 }  // namespace
@@ -191,7 +196,10 @@ std::vector<SweepPoint> expand_sweep(const SweepSpec& spec) {
     for (const auto& [k, v] : p.values) vars[k] = v;
     p.overrides.push_back("output_dir=" + p.run_dir);
     try {
-      for (auto& o : p.overrides) o = substitute(o, vars, "override " + o);
+      for (auto& o : p.overrides) {  // the values only: key=value
+        const auto eq = o.find('=');
+        if (eq != std::string::npos) o = o.substr(0, eq + 1) + substitute(o.substr(eq + 1), vars, "override " + o);
+      }
       p.recipe = load_recipe(spec.recipe, p.overrides);
       if (spec.match_active_params) {
         // Active parameters are affine in intermediate_size: solve for the base recipe's count.

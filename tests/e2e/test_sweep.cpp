@@ -278,7 +278,8 @@ TEST(Sweep, PrepareStepsRunBeforeThePointsThatStartFromThem) {
   for (const auto& s : steps) EXPECT_TRUE(fs::exists(s.creates + "/config.yaml")) << s.creates;
   // The arm that starts from seed 2's prepared model (init --seed 772) starts from other weights than the arm
   // trained from seed 2's own draw (same data): their first losses differ.
-  const double scratch2 = test::metric_records(pts[2].run_dir, "loss")[0]["loss"];
+  ASSERT_EQ(pts[1].name, "variant=scratch_seed=2");
+  const double scratch2 = test::metric_records(pts[1].run_dir, "loss")[0]["loss"];
   const double from2 = test::metric_records(pts[3].run_dir, "loss")[0]["loss"];
   EXPECT_NE(scratch2, from2);
   // A second run skips the prepared steps and the finished points.
@@ -335,4 +336,9 @@ TEST(Sweep, SkipSamplesContinuesAnotherRunsDataOrder) {
   ASSERT_EQ(c.size(), 1u);
   EXPECT_NEAR(b[0]["loss"].get<double>(), a[2]["loss"].get<double>(), 1e-6);
   EXPECT_GT(std::abs(c[0]["loss"].get<double>() - a[2]["loss"].get<double>()), 1e-3);
+  // Starting from a checkpoint with parts the recipe's model has no place for is refused, not silently dropped.
+  EXPECT_EQ(test::run_quiet(bin + " train " + (dir / "r.yaml") + " --set " + from + " --set model.moe.num_shared_experts=1" +
+                            " --set output_dir=" + (dir / "d")),
+            2);
+  EXPECT_FALSE(fs::exists(dir / "d/checkpoints"));
 }
