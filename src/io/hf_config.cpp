@@ -8,6 +8,16 @@
 namespace moeforge::io {
 
 namespace {
+// The keys every architecture we write shares at the end of its config.json.
+void add_common_keys(nlohmann::json& j, const ModelConfig& c, const std::string& torch_dtype) {
+  j["tie_word_embeddings"] = c.tie_word_embeddings;
+  j["attention_dropout"] = 0.0;
+  j["use_cache"] = true;
+  j["bos_token_id"] = 1;
+  j["eos_token_id"] = 2;
+  j["torch_dtype"] = torch_dtype;
+}
+
 // Qwen2MoeForCausalLM: every layer sparse, the top-k weights renormalised (as Mixtral's), one shared expert of
 // num_shared_experts x intermediate_size (S SwiGLU experts beside each other are one of S times the width).
 nlohmann::json to_qwen2_moe_config(const ModelConfig& c, const std::string& torch_dtype) {
@@ -38,12 +48,7 @@ nlohmann::json to_qwen2_moe_config(const ModelConfig& c, const std::string& torc
   j["initializer_range"] = c.init_std;
   j["router_aux_loss_coef"] = c.moe.aux_loss_coef;
   j["output_router_logits"] = false;
-  j["tie_word_embeddings"] = c.tie_word_embeddings;
-  j["attention_dropout"] = 0.0;
-  j["use_cache"] = true;
-  j["bos_token_id"] = 1;
-  j["eos_token_id"] = 2;
-  j["torch_dtype"] = torch_dtype;
+  add_common_keys(j, c, torch_dtype);
   return j;
 }
 }  // namespace
@@ -73,12 +78,7 @@ nlohmann::json to_hf_config(const ModelConfig& c, const std::string& torch_dtype
     j["router_jitter_noise"] = c.moe.router_jitter;
     j["output_router_logits"] = false;
   }
-  j["tie_word_embeddings"] = c.tie_word_embeddings;
-  j["attention_dropout"] = 0.0;
-  j["use_cache"] = true;
-  j["bos_token_id"] = 1;
-  j["eos_token_id"] = 2;
-  j["torch_dtype"] = torch_dtype;
+  add_common_keys(j, c, torch_dtype);
   return j;
 }
 

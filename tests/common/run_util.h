@@ -6,6 +6,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -24,6 +26,14 @@ inline std::string small_model_yaml(const std::string& name, const std::string& 
          "  rope_theta: 10000.0\n  moe: {num_experts: 4, num_experts_per_tok: 2, aux_loss_coef: 0.01" +
          moe_extra + "}\n";
 }
+
+#ifdef MOEFORGE_BINARY
+// The moeforge binary under test.
+inline const std::string kBin = MOEFORGE_BINARY;
+#endif
+
+// |a - b| relative to the larger of the two (for comparing logged numbers across layouts).
+inline double rel(double a, double b) { return std::abs(a - b) / std::max(1e-12, std::max(std::abs(a), std::abs(b))); }
 
 // Exit status of `cmd` run by the shell, its output discarded.
 inline int run_quiet(const std::string& cmd) { return WEXITSTATUS(std::system((cmd + " > /dev/null 2>&1").c_str())); }

@@ -18,17 +18,17 @@ using namespace moeforge;
 namespace fs = std::filesystem;
 
 namespace {
-const std::string kModelYaml = test::small_model_yaml("dp-test", ", router_jitter: 0.0");
+const std::string kDpModelYaml = test::small_model_yaml("dp-test", ", router_jitter: 0.0");
 using test::free_port;
 using test::run_quiet;
 
 
 
 
-double rel(double a, double b) { return std::abs(a - b) / std::max(1e-12, std::max(std::abs(a), std::abs(b))); }
+using test::rel;
 
 // Losses, gradient norms and token counts per step, and the final parameters, agree.
-void expect_same_run(const std::string& one, const std::string& two, size_t steps) {
+void expect_same_dp_run(const std::string& one, const std::string& two, size_t steps) {
   auto a = test::metric_records(one, "loss"), b = test::metric_records(two, "loss");
   ASSERT_EQ(a.size(), steps);
   ASSERT_EQ(b.size(), steps);
@@ -55,7 +55,7 @@ void expect_same_run(const std::string& one, const std::string& two, size_t step
 TEST(DataParallel, TwoRanksEqualOneProcessWithAccumulation) {
   test::TempDir dir("dp");
   std::string data = test::make_prepared(dir, 80);
-  std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+  std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << kDpModelYaml << "data: {dir: " << data << "}\n"
                                 << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 5, log_interval: 1, "
                                    "eval_interval: 5, eval_batches: 2, checkpoint_interval: 5}\n"
                                 << "optim: {warmup_steps: 1}\nruntime: {threads: 1}\n";
@@ -64,7 +64,7 @@ TEST(DataParallel, TwoRanksEqualOneProcessWithAccumulation) {
   ASSERT_EQ(run_quiet(bin + " launch --nproc-per-node 2 --master-port " + std::to_string(free_port()) + " -- train " +
                 (dir / "r.yaml") + " --set output_dir=" + (dir / "two") + " --set train.grad_accum=2"),
             0);
-  expect_same_run(dir / "one", dir / "two", 5);
+  expect_same_dp_run(dir / "one", dir / "two", 5);
   std::ifstream s(dir / "two/summary.json");
   EXPECT_EQ(nlohmann::json::parse(s)["data_parallel_ranks"], 2);
 }
@@ -73,7 +73,7 @@ TEST(DataParallel, DpoTwoRanksEqualOneProcess) {
   test::TempDir dir("dpdpo");
   std::string data = test::make_prepared(dir, 80);
   const std::string bin = MOEFORGE_BINARY;
-  std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+  std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kDpModelYaml << "data: {dir: " << data << "}\n"
                                   << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 4, eval_batches: 1}\n"
                                   << "runtime: {threads: 1}\noutput_dir: " << (dir / "pre") << "\n";
   ASSERT_EQ(run_quiet(bin + " train " + (dir / "pre.yaml")), 0);
@@ -95,7 +95,7 @@ TEST(DataParallel, DpoTwoRanksEqualOneProcess) {
   ASSERT_EQ(run_quiet(bin + " launch --nproc-per-node 2 --master-port " + std::to_string(free_port()) + " -- train " +
                 (dir / "dpo.yaml") + " --set output_dir=" + (dir / "two")),
             0);
-  expect_same_run(dir / "one", dir / "two", 5);
+  expect_same_dp_run(dir / "one", dir / "two", 5);
 }
 
 // One rank killed mid-run: the launcher stops the other and returns the failing rank's status, long before
@@ -103,7 +103,7 @@ TEST(DataParallel, DpoTwoRanksEqualOneProcess) {
 TEST(Launch, AKilledRankStopsTheOthers) {
   test::TempDir dir("dpkill");
   std::string data = test::make_prepared(dir, 80);
-  std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+  std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << kDpModelYaml << "data: {dir: " << data << "}\n"
                                 << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 50, checkpoint_interval: 2, "
                                    "eval_interval: 100, eval_batches: 1}\n"
                                 << "parallel: {timeout_s: 600}\nruntime: {threads: 1}\noutput_dir: " << (dir / "run") << "\n";
@@ -128,7 +128,7 @@ TEST(Launch, AKilledRankStopsTheOthers) {
 TEST(Launch, MissingRankAndBadEnvironmentAreClearErrors) {
   test::TempDir dir("dpmiss");
   std::string data = test::make_prepared(dir, 40);
-  std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+  std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << kDpModelYaml << "data: {dir: " << data << "}\n"
                                 << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 2, eval_batches: 1}\n"
                                 << "parallel: {timeout_s: 3}\nruntime: {threads: 1}\noutput_dir: " << (dir / "run") << "\n";
   const std::string bin = MOEFORGE_BINARY;
@@ -165,7 +165,7 @@ TEST(Launch, MissingRankAndBadEnvironmentAreClearErrors) {
 TEST(Launch, SurvivorsNameTheMissingRank) {
   test::TempDir dir("dpname");
   std::string data = test::make_prepared(dir, 80);
-  std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+  std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << kDpModelYaml << "data: {dir: " << data << "}\n"
                                 << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 50, checkpoint_interval: 2, "
                                    "eval_interval: 100, eval_batches: 1}\n"
                                 << "parallel: {timeout_s: 4}\nruntime: {threads: 1}\noutput_dir: " << (dir / "run") << "\n";

@@ -18,21 +18,21 @@ using namespace moeforge;
 namespace fs = std::filesystem;
 
 namespace {
-const std::string kModelYaml = test::small_model_yaml("ep-test", ", router_jitter: 0.0");
-const std::string kBin = MOEFORGE_BINARY;
+const std::string kEpModelYaml = test::small_model_yaml("ep-test", ", router_jitter: 0.0");
+using test::kBin;
 
-double rel(double a, double b) { return std::abs(a - b) / std::max(1e-12, std::max(std::abs(a), std::abs(b))); }
+using test::rel;
 
-struct Layout {
+struct TrainLayout {
   int ranks, expert, accum;  // processes, parallel.expert, train.grad_accum (ranks x accum constant)
   int zero = 0;              // parallel.zero
   std::string name() const {
     return "w" + std::to_string(ranks) + "ep" + std::to_string(expert) + (zero ? "zero" : "");
   }
 };
-const Layout kLayouts[] = {{2, 2, 2}, {4, 2, 1}, {4, 4, 1}, {4, 1, 1}, {4, 2, 1, 1}, {2, 1, 2, 1}};
+const TrainLayout kLayouts[] = {{2, 2, 2}, {4, 2, 1}, {4, 4, 1}, {4, 1, 1}, {4, 2, 1, 1}, {2, 1, 2, 1}};
 
-int launch(const std::string& recipe, const Layout& l, const std::string& out, const std::string& extra = "") {
+int launch(const std::string& recipe, const TrainLayout& l, const std::string& out, const std::string& extra = "") {
   return test::run_quiet(kBin + " launch --nproc-per-node " + std::to_string(l.ranks) + " --master-port " +
                          std::to_string(test::free_port()) + " -- train " + recipe + " --set output_dir=" + out +
                          " --set parallel.expert=" + std::to_string(l.expert) +
@@ -77,7 +77,7 @@ TEST(ExpertParallelTraining, PretrainEveryLayoutEqualsOneProcess) {
   test::TempDir dir("eptrain");
   std::string data = test::make_prepared(dir, 80);
   const std::string recipe = dir / "r.yaml";
-  std::ofstream(recipe) << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+  std::ofstream(recipe) << "stage: pretrain\n" << kEpModelYaml << "data: {dir: " << data << "}\n"
                         << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 5, log_interval: 1, "
                            "eval_interval: 5, eval_batches: 2, checkpoint_interval: 5}\n"
                         << "optim: {warmup_steps: 1, grad_clip: 0.5}\nruntime: {threads: 1}\n";
@@ -105,7 +105,7 @@ TEST(ExpertParallelTraining, PretrainEveryLayoutEqualsOneProcess) {
 TEST(ExpertParallelTraining, DpoEveryLayoutEqualsOneProcess) {
   test::TempDir dir("epdpo");
   std::string data = test::make_prepared(dir, 80);
-  std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+  std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kEpModelYaml << "data: {dir: " << data << "}\n"
                                   << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 4, eval_batches: 1}\n"
                                   << "runtime: {threads: 1}\noutput_dir: " << (dir / "pre") << "\n";
   ASSERT_EQ(test::run_quiet(kBin + " train " + (dir / "pre.yaml")), 0);
@@ -136,7 +136,7 @@ TEST(ExpertParallelTraining, DpoEveryLayoutEqualsOneProcess) {
 TEST(ExpertParallelTraining, LoraDpoEqualsOneProcess) {
   test::TempDir dir("eplora");
   std::string data = test::make_prepared(dir, 80);
-  std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+  std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kEpModelYaml << "data: {dir: " << data << "}\n"
                                   << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 4, eval_batches: 1}\n"
                                   << "runtime: {threads: 1}\noutput_dir: " << (dir / "pre") << "\n";
   ASSERT_EQ(test::run_quiet(kBin + " train " + (dir / "pre.yaml")), 0);
@@ -157,7 +157,7 @@ TEST(ExpertParallelTraining, LoraDpoEqualsOneProcess) {
                            "eval_interval: 5, eval_batches: 2, checkpoint_interval: 5}\n"
                         << "optim: {lr: 1.0e-2, warmup_steps: 0, schedule: constant, grad_clip: 0.5}\nruntime: {threads: 1}\n";
   ASSERT_EQ(test::run_quiet(kBin + " train " + recipe + " --set output_dir=" + (dir / "one") + " --set train.grad_accum=4"), 0);
-  for (const auto& l : {Layout{2, 2, 2}, Layout{4, 2, 1, 1}}) {
+  for (const auto& l : {TrainLayout{2, 2, 2}, TrainLayout{4, 2, 1, 1}}) {
     ASSERT_EQ(launch(recipe, l, dir / l.name()), 0) << l.name();
     expect_same_run(dir / "one", dir / l.name(), 5, l.name());
   }
@@ -176,7 +176,7 @@ TEST(ExpertParallelTraining, ShardedCheckpointResumesExactlyAndLoadsIntoOneProce
                         << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 6, log_interval: 1, "
                            "eval_interval: 6, eval_batches: 2, checkpoint_interval: 3}\n"
                         << "optim: {warmup_steps: 1}\nruntime: {threads: 1}\n";
-  const Layout ep2{2, 2, 1};
+  const TrainLayout ep2{2, 2, 1};
   ASSERT_EQ(launch(recipe, ep2, dir / "full"), 0);
   // Killed (every rank) right after the step-3 checkpoint.
   const int killed = test::run_quiet("MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=3 " + kBin + " launch --nproc-per-node 2 --master-port " +
@@ -269,8 +269,8 @@ TEST(ExpertParallelTraining, RouterJitterDoesNotDependOnTheLayout) {
                         << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 4, log_interval: 1, "
                            "eval_interval: 4, eval_batches: 1, checkpoint_interval: 4}\n"
                         << "optim: {warmup_steps: 1}\nruntime: {threads: 1}\n";
-  ASSERT_EQ(launch(recipe, Layout{2, 1, 1}, dir / "dp2"), 0);
-  ASSERT_EQ(launch(recipe, Layout{2, 2, 1}, dir / "ep2"), 0);
+  ASSERT_EQ(launch(recipe, TrainLayout{2, 1, 1}, dir / "dp2"), 0);
+  ASSERT_EQ(launch(recipe, TrainLayout{2, 2, 1}, dir / "ep2"), 0);
   expect_same_run(dir / "dp2", dir / "ep2", 4, "jitter");
 }
 
@@ -285,12 +285,12 @@ TEST(ExpertParallelTraining, Bf16WithRecomputationTracksOneProcess) {
   test::TempDir dir("epbf16");
   std::string data = test::make_prepared(dir, 80);
   const std::string recipe = dir / "r.yaml";
-  std::ofstream(recipe) << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+  std::ofstream(recipe) << "stage: pretrain\n" << kEpModelYaml << "data: {dir: " << data << "}\n"
                         << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 4, log_interval: 1, "
                            "eval_interval: 4, eval_batches: 1, checkpoint_interval: 4, activation_checkpointing: full}\n"
                         << "optim: {warmup_steps: 1}\nruntime: {threads: 1, precision: bf16}\n";
   ASSERT_EQ(test::run_quiet(kBin + " train " + recipe + " --set output_dir=" + (dir / "one") + " --set train.grad_accum=2"), 0);
-  ASSERT_EQ(launch(recipe, Layout{2, 2, 1}, dir / "ep2"), 0);
+  ASSERT_EQ(launch(recipe, TrainLayout{2, 2, 1}, dir / "ep2"), 0);
   auto a = test::metric_records(dir / "one", "loss"), b = test::metric_records(dir / "ep2", "loss");
   ASSERT_EQ(a.size(), 4u);
   ASSERT_EQ(b.size(), 4u);
@@ -317,7 +317,7 @@ TEST(ExpertParallelTraining, GlobalBatchBalanceEqualsOneProcessHoldingTheWholeBa
   test::TempDir dir("epglobal");
   std::string data = test::make_prepared(dir, 80);
   const std::string recipe = dir / "r.yaml";
-  std::ofstream(recipe) << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+  std::ofstream(recipe) << "stage: pretrain\n" << kEpModelYaml << "data: {dir: " << data << "}\n"
                         << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 4, log_interval: 1, "
                            "eval_interval: 4, eval_batches: 1, checkpoint_interval: 4}\n"
                         << "optim: {warmup_steps: 1, grad_clip: 0.5}\nruntime: {threads: 1}\n";
@@ -330,9 +330,9 @@ TEST(ExpertParallelTraining, GlobalBatchBalanceEqualsOneProcessHoldingTheWholeBa
   ASSERT_EQ(train("whole", global + " --set train.micro_batch_size=8 --set train.eval_batches=1"), 0);
   ASSERT_EQ(train("accum4", global + " --set train.grad_accum=4 --set train.eval_batches=4"), 0);
   expect_same_run(dir / "whole", dir / "accum4", 4, "one process, 4 micro-batches");
-  ASSERT_EQ(launch(recipe, Layout{2, 2, 2}, dir / "ep2", global + " --set train.eval_batches=4"), 0);
+  ASSERT_EQ(launch(recipe, TrainLayout{2, 2, 2}, dir / "ep2", global + " --set train.eval_batches=4"), 0);
   expect_same_run(dir / "whole", dir / "ep2", 4, "EP 2 x 2 micro-batches");
-  ASSERT_EQ(launch(recipe, Layout{2, 1, 1}, dir / "dp2", global + " --set train.micro_batch_size=4 --set train.eval_batches=2"), 0);
+  ASSERT_EQ(launch(recipe, TrainLayout{2, 1, 1}, dir / "dp2", global + " --set train.micro_batch_size=4 --set train.eval_batches=2"), 0);
   expect_same_run(dir / "whole", dir / "dp2", 4, "DP 2 x 1 micro-batch");
   // The logged aux loss is the whole step's.
   auto w = test::metric_records(dir / "whole", "aux_loss"), e = test::metric_records(dir / "ep2", "aux_loss");
@@ -399,7 +399,7 @@ TEST(ExpertParallelTraining, SharedExpertsEqualOneProcess) {
   ASSERT_EQ(test::run_quiet(kBin + " train " + recipe + " --set output_dir=" + (dir / "one") + " --set train.grad_accum=4"), 0);
   auto ma = train::load_checkpoint_model(*train::latest_checkpoint(dir / "one"));
   EXPECT_TRUE(ma->named_parameters().contains("model.layers.1.block_sparse_moe.shared_expert_gate.weight"));
-  for (const Layout& l : {Layout{2, 2, 2}, Layout{4, 2, 1, 1}}) {
+  for (const TrainLayout& l : {TrainLayout{2, 2, 2}, TrainLayout{4, 2, 1, 1}}) {
     ASSERT_EQ(launch(recipe, l, dir / l.name()), 0) << l.name();
     expect_same_run(dir / "one", dir / l.name(), 4, l.name());
   }

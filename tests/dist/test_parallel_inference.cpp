@@ -19,7 +19,7 @@ using namespace moeforge;
 namespace fs = std::filesystem;
 
 namespace {
-const std::string kBin = MOEFORGE_BINARY;
+using test::kBin;
 
 // stdout and stderr of `cmd` (status in *rc).
 std::string output_of(const std::string& cmd, const std::string& file, int* rc) {

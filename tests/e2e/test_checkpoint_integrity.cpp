@@ -19,10 +19,10 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::string kBin = MOEFORGE_BINARY;
+using test::kBin;
 
 // A tiny pretraining recipe: 4 steps, a checkpoint every 2, the newest 3 kept.
-std::string write_recipe(const test::TempDir& dir, const std::string& data, const std::string& out) {
+std::string write_integrity_recipe(const test::TempDir& dir, const std::string& data, const std::string& out) {
   const std::string path = dir / "recipe.yaml";
   std::ofstream(path) << "stage: pretrain\n" << test::small_model_yaml("integrity") << "data: {dir: " << data << "}\n"
                       << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 4, log_interval: 1, eval_interval: 100, "
@@ -72,7 +72,7 @@ std::vector<int> train_steps(const std::string& run_dir) {
 TEST(CheckpointIntegrity, ResumeFallsBackPastATruncatedCheckpoint) {
   test::TempDir dir("integrity_resume");
   const std::string data = test::make_prepared(dir, 80), out = dir / "run";
-  const std::string recipe = write_recipe(dir, data, out);
+  const std::string recipe = write_integrity_recipe(dir, data, out);
   ASSERT_EQ(cli("train " + recipe).status, 0);
   const auto first = test::metric_records(out, "loss");
   ASSERT_EQ(first.size(), 4u);
@@ -100,7 +100,7 @@ TEST(CheckpointIntegrity, ResumeFallsBackPastATruncatedCheckpoint) {
 TEST(CheckpointIntegrity, ReadersRefuseACorruptCheckpoint) {
   test::TempDir dir("integrity_corrupt");
   const std::string data = test::make_prepared(dir, 80), out = dir / "run";
-  ASSERT_EQ(cli("train " + write_recipe(dir, data, out) + " --set train.max_steps=2").status, 0);
+  ASSERT_EQ(cli("train " + write_integrity_recipe(dir, data, out) + " --set train.max_steps=2").status, 0);
   const std::string ck = out + "/checkpoints/step_00000002", weights = ck + "/model.safetensors";
   const auto size = fs::file_size(weights);
   auto flip_last_byte = [&] {  // in the data section: the file still parses
@@ -117,7 +117,7 @@ TEST(CheckpointIntegrity, ReadersRefuseACorruptCheckpoint) {
   EXPECT_FALSE(fs::exists(dir / "hf"));
   expect_damage_refused(cli("eval " + ck + " --data " + data + " --batches 1"), weights);
   expect_damage_refused(cli("generate " + ck + " --prompt 'The cat' --max-new-tokens 2"), weights);
-  const CliResult init = cli("train " + write_recipe(dir, data, dir / "ft") + " --set init_from=" + ck);
+  const CliResult init = cli("train " + write_integrity_recipe(dir, data, dir / "ft") + " --set init_from=" + ck);
   EXPECT_EQ(init.status, 2) << init.err;
   EXPECT_NE(error_line(init.err).find(weights + ": corrupt"), std::string::npos) << init.err;
 
@@ -133,7 +133,7 @@ TEST(CheckpointIntegrity, ReadersRefuseACorruptCheckpoint) {
 TEST(CheckpointIntegrity, FullDiskDuringACheckpointKeepsThePreviousOne) {
   test::TempDir dir("integrity_full");
   const std::string data = test::make_prepared(dir, 80), out = dir / "run";
-  const std::string recipe = write_recipe(dir, data, out);
+  const std::string recipe = write_integrity_recipe(dir, data, out);
   ASSERT_EQ(cli("train " + recipe + " --set train.max_steps=2").status, 0);
   const std::string s2 = out + "/checkpoints/step_00000002";
   // The limit: between a quarter and half of model.safetensors whether the shell counts ulimit -f in 512- or

@@ -16,12 +16,12 @@ using namespace moeforge;
 namespace fs = std::filesystem;
 
 namespace {
-const std::string kModelYaml = test::small_model_yaml("dpo-e2e", ", router_jitter: 0.1");
+const std::string kDpoModelYaml = test::small_model_yaml("dpo-e2e", ", router_jitter: 0.1");
 using test::metric_records;
 using test::run_quiet;
 
 // Chosen: the object that belongs to the subject; rejected: another one.
-void write_pairs(const std::string& path, int n, int offset) {
+void write_dpo_pairs(const std::string& path, int n, int offset) {
   static const char* subj[] = {"the cat", "a dog", "the old man", "my sister", "the river", "a small bird"};
   static const char* obj[] = {"the moon.", "a red apple.", "the long road.", "the quiet town.", "a green boat.",
                               "the winter sky."};
@@ -39,13 +39,13 @@ void write_pairs(const std::string& path, int n, int offset) {
 TEST(Dpo, PrecomputedAndInMemoryReferenceGiveTheSameLosses) {
   test::TempDir dir("dpoe2e");
   std::string data = test::make_prepared(dir, 80);
-  std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+  std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kDpoModelYaml << "data: {dir: " << data << "}\n"
                                   << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 10, eval_batches: 2}\n"
                                   << "runtime: {threads: 1}\noutput_dir: " << (dir / "pre") << "\n";
   ASSERT_EQ(run_quiet(std::string(MOEFORGE_BINARY) + " train " + (dir / "pre.yaml")), 0);
   const auto pre = *train::latest_checkpoint(dir / "pre");
-  write_pairs(dir / "train.jsonl", 48, 0);
-  write_pairs(dir / "val.jsonl", 12, 3);
+  write_dpo_pairs(dir / "train.jsonl", 48, 0);
+  write_dpo_pairs(dir / "val.jsonl", 12, 3);
   auto recipe = [&](const std::string& name, const std::string& reference) {
     std::ofstream(dir / (name + ".yaml"))
         << "stage: dpo\ninit_from: " << pre << "\ndata: {train: " << (dir / "train.jsonl") << ", val: "
@@ -119,7 +119,7 @@ TEST(Dpo, PrecomputedAndInMemoryReferenceGiveTheSameLosses) {
   EXPECT_NEAR(e["rewards/margins"].get<double>(), va[1]["val_rewards/margins"].get<double>(), 1e-4);
 
   // Bad input: no init_from, and a pairs file with nothing usable: exit 2.
-  std::ofstream(dir / "bad.yaml") << "stage: dpo\n" << kModelYaml << "data: {train: " << (dir / "train.jsonl")
+  std::ofstream(dir / "bad.yaml") << "stage: dpo\n" << kDpoModelYaml << "data: {train: " << (dir / "train.jsonl")
                                   << ", val: " << (dir / "val.jsonl") << "}\noutput_dir: " << (dir / "bad") << "\n";
   EXPECT_EQ(run_quiet(std::string(MOEFORGE_BINARY) + " train " + (dir / "bad.yaml")), 2);
   std::ofstream(dir / "empty.jsonl") << R"({"prompt": "a", "chosen": "b"})" << "\n";

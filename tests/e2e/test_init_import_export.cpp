@@ -24,7 +24,7 @@ using namespace moeforge;
 namespace fs = std::filesystem;
 
 namespace {
-const std::string kBin = MOEFORGE_BINARY;
+using test::kBin;
 
 void expect_same_weights(MixtralForCausalLM& a, MixtralForCausalLM& b, const std::string& what) {
   auto pb = b->named_parameters();
@@ -117,7 +117,7 @@ std::string config_file(const std::string& name, const std::string& moe) {
   return out;
 }
 
-torch::Tensor logits(MixtralForCausalLM& m, const torch::Tensor& ids) {
+torch::Tensor ckpt_logits(MixtralForCausalLM& m, const torch::Tensor& ids) {
   torch::NoGradGuard ng;
   m->eval();
   return m->forward(ids).logits;
@@ -164,7 +164,7 @@ TEST(Upcycle, FirstForwardIsTheDenseModelsAndItTrains) {
   }
   torch::manual_seed(3);
   auto ids = torch::randint(0, c.vocab_size, {2, 16}, torch::kLong);
-  auto ld = logits(dense, ids), lu = logits(m, ids);
+  auto ld = ckpt_logits(dense, ids), lu = ckpt_logits(m, ids);
   EXPECT_LE((ld - lu).abs().max().item<double>(), 1e-5 * ld.abs().max().item<double>());
   // The router does route: the tokens do not all go to the same pair.
   {
@@ -193,7 +193,7 @@ TEST(Upcycle, FirstForwardIsTheDenseModelsAndItTrains) {
     EXPECT_LT(rel_std, 0.055) << e;
   }
   EXPECT_FALSE(torch::equal(pn[x + "1.w1.weight"], pn[x + "2.w1.weight"]));
-  auto ln = logits(mn, ids);
+  auto ln = ckpt_logits(mn, ids);
   const double dn = (ld - ln).abs().max().item<double>();
   EXPECT_GT(dn, 0.0);
   EXPECT_LT(dn, 0.1 * ld.abs().max().item<double>());

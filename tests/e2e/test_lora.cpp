@@ -28,8 +28,8 @@ using namespace moeforge;
 namespace fs = std::filesystem;
 
 namespace {
-const std::string kBin = MOEFORGE_BINARY;
-const std::string kModelYaml = test::small_model_yaml("lora-e2e", ", router_jitter: 0.0");
+using test::kBin;
+const std::string kLoraModelYaml = test::small_model_yaml("lora-e2e", ", router_jitter: 0.0");
 
 // The exit status of `cmd` (128 + signal when killed); its stderr goes to the test's log when it fails.
 int status_of(const std::string& cmd) {
@@ -53,7 +53,7 @@ nlohmann::json read_json(const std::string& path) {
   return nlohmann::json::parse(in);
 }
 
-void write_pairs(const std::string& path, int n, int offset) {
+void write_lora_pairs(const std::string& path, int n, int offset) {
   static const char* subj[] = {"the cat", "a dog", "the old man", "my sister", "the river", "a small bird"};
   static const char* obj[] = {"the moon.", "a red apple.", "the long road.", "the quiet town.", "a green boat.",
                               "the winter sky."};
@@ -66,14 +66,14 @@ void write_pairs(const std::string& path, int n, int offset) {
 
 // A pretrained tiny base (moeforge checkpoint), shared by the tests of this file.
 std::string pretrain(const test::TempDir& dir, const std::string& data, const std::string& name, int steps = 10) {
-  std::ofstream(dir / (name + ".yaml")) << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+  std::ofstream(dir / (name + ".yaml")) << "stage: pretrain\n" << kLoraModelYaml << "data: {dir: " << data << "}\n"
                                         << "train: {micro_batch_size: 4, seq_len: 32, max_steps: " << steps
                                         << ", eval_batches: 2}\nruntime: {threads: 1}\noutput_dir: " << (dir / name) << "\n";
   EXPECT_EQ(status_of(kBin + " train " + (dir / (name + ".yaml"))), 0);
   return *train::latest_checkpoint(dir / name);
 }
 
-torch::Tensor logits(MixtralForCausalLM& m, const torch::Tensor& ids) {
+torch::Tensor lora_logits(MixtralForCausalLM& m, const torch::Tensor& ids) {
   torch::NoGradGuard ng;
   m->eval();
   return m->forward(ids).logits.contiguous();
@@ -140,8 +140,8 @@ TEST(LoraE2e, SftOnAnHfBaseResumesBitwiseAndItsPeftAdapterReproducesIt) {
   const std::string data = test::make_prepared(dir, 80);
   const std::string pre = pretrain(dir, data, "pre");
   ASSERT_EQ(status_of(kBin + " export " + pre + " --format hf --dtype fp32 --out " + (dir / "hfbase")), 0);
-  write_pairs(dir / "train.jsonl", 48, 0);
-  write_pairs(dir / "val.jsonl", 12, 3);
+  write_lora_pairs(dir / "train.jsonl", 48, 0);
+  write_lora_pairs(dir / "val.jsonl", 12, 3);
   const std::string recipe = dir / "sft.yaml";
   std::ofstream(recipe) << "stage: sft\ninit_from: hf:" << (dir / "hfbase") << "\ndata: {train: " << (dir / "train.jsonl")
                         << ", val: " << (dir / "val.jsonl") << "}\n"
@@ -216,7 +216,7 @@ TEST(LoraE2e, SftOnAnHfBaseResumesBitwiseAndItsPeftAdapterReproducesIt) {
   // The checkpoint's logits, for the independent reference and for the merged export.
   auto model = train::load_checkpoint_model(ca);
   auto ids = torch::randint(0, 320, {2, 9}, torch::kLong);
-  auto lg = logits(model, ids);
+  auto lg = lora_logits(model, ids);
   {
     std::ofstream out(dir / "blob.bin", std::ios::binary);
     int64_t dims[3] = {2, 9, 320};
@@ -235,20 +235,20 @@ TEST(LoraE2e, SftOnAnHfBaseResumesBitwiseAndItsPeftAdapterReproducesIt) {
   ASSERT_EQ(status_of(kBin + " export " + ca + " --format hf --dtype fp32 --out " + (dir / "merged")), 0);
   MixtralForCausalLM plain(train::read_checkpoint_config(ca));
   io::load_hf_weights(dir / "merged", plain);
-  EXPECT_LT((logits(plain, ids) - lg).abs().max().item<double>(), 1e-5);
+  EXPECT_LT((lora_logits(plain, ids) - lg).abs().max().item<double>(), 1e-5);
   expect_same_merged_export_by_shares(ca, dir / "merged", dir / "merged2");
   // The adapters moved the model away from its base.
   MixtralForCausalLM b(train::read_checkpoint_config(ca));
   io::load_hf_weights(dir / "hfbase", b);
-  EXPECT_GT((logits(b, ids) - lg).abs().max().item<double>(), 1e-3);
+  EXPECT_GT((lora_logits(b, ids) - lg).abs().max().item<double>(), 1e-3);
 }
 
 TEST(QloraE2e, TrainsOnAQuantisedBaseExportsMergedRefusesAChangedBaseAndDpoFollows) {
   test::TempDir dir("qlorae2e");
   const std::string data = test::make_prepared(dir, 80);
   const std::string pre = pretrain(dir, data, "pre");
-  write_pairs(dir / "train.jsonl", 48, 0);
-  write_pairs(dir / "val.jsonl", 12, 3);
+  write_lora_pairs(dir / "train.jsonl", 48, 0);
+  write_lora_pairs(dir / "val.jsonl", 12, 3);
   const std::string recipe = dir / "sft.yaml";
   std::ofstream(recipe) << "stage: sft\ninit_from: " << pre << "\ndata: {train: " << (dir / "train.jsonl")
                         << ", val: " << (dir / "val.jsonl") << "}\n"
@@ -271,7 +271,7 @@ TEST(QloraE2e, TrainsOnAQuantisedBaseExportsMergedRefusesAChangedBaseAndDpoFollo
   auto ids = torch::randint(0, 320, {2, 9}, torch::kLong);
   MixtralForCausalLM plain(train::read_checkpoint_config(ck));
   io::load_hf_weights(dir / "merged", plain);
-  EXPECT_LT((logits(plain, ids) - logits(model, ids)).abs().max().item<double>(), 1e-5);
+  EXPECT_LT((lora_logits(plain, ids) - lora_logits(model, ids)).abs().max().item<double>(), 1e-5);
 
   // DPO with adapters on the QLoRA checkpoint (its merged model is the base); reference: adapters_off.
   {

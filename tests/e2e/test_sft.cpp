@@ -14,16 +14,16 @@ using namespace moeforge;
 namespace fs = std::filesystem;
 
 namespace {
-const std::string kModelYaml = test::small_model_yaml("sft-e2e");
+const std::string kSftModelYaml = test::small_model_yaml("sft-e2e");
 
-std::vector<double> losses(const std::string& run_dir) {
+std::vector<double> sft_losses(const std::string& run_dir) {
   std::vector<double> out;
   for (const auto& j : test::metric_records(run_dir, "loss")) out.push_back(j["loss"].get<double>());
   return out;
 }
 
 // A learnable mapping: subject i always gets object i.
-void write_pairs(const std::string& path, int n, int offset) {
+void write_sft_pairs(const std::string& path, int n, int offset) {
   static const char* subj[] = {"the cat", "a dog", "the old man", "my sister", "the river", "a small bird"};
   static const char* obj[] = {"the moon.", "a red apple.", "the long road.", "the quiet town.", "a green boat.",
                               "the winter sky."};
@@ -44,13 +44,13 @@ void write_pairs(const std::string& path, int n, int offset) {
 TEST(Sft, FineTunesFromAPretrainedCheckpoint) {
   test::TempDir dir("sfte2e");
   std::string data = test::make_prepared(dir, 80);
-  std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kModelYaml << "data: {dir: " << data << "}\n"
+  std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << kSftModelYaml << "data: {dir: " << data << "}\n"
                                   << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 10, eval_batches: 2}\n"
                                   << "runtime: {threads: 1}\noutput_dir: " << (dir / "pre") << "\n";
   ASSERT_EQ(std::system((std::string(MOEFORGE_BINARY) + " train " + (dir / "pre.yaml") + " 2>/dev/null").c_str()), 0);
   auto pre = *train::latest_checkpoint(dir / "pre");
-  write_pairs(dir / "train.jsonl", 60, 0);
-  write_pairs(dir / "val.jsonl", 12, 3);
+  write_sft_pairs(dir / "train.jsonl", 60, 0);
+  write_sft_pairs(dir / "val.jsonl", 12, 3);
   // No model key: the config (and the tokenizer) come from the checkpoint.
   std::ofstream(dir / "sft.yaml") << "stage: sft\ninit_from: " << pre << "\ndata: {train: " << (dir / "train.jsonl")
                                   << ", val: " << (dir / "val.jsonl") << "}\n"
@@ -59,7 +59,7 @@ TEST(Sft, FineTunesFromAPretrainedCheckpoint) {
                                   << "optim: {lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 2}\n"
                                   << "runtime: {threads: 1}\noutput_dir: " << (dir / "sft") << "\n";
   ASSERT_EQ(std::system((std::string(MOEFORGE_BINARY) + " train " + (dir / "sft.yaml") + " 2>/dev/null").c_str()), 0);
-  auto l = losses(dir / "sft");
+  auto l = sft_losses(dir / "sft");
   ASSERT_EQ(l.size(), 40u);
   double first = (l[0] + l[1] + l[2]) / 3, last = (l[37] + l[38] + l[39]) / 3;
   EXPECT_LT(last, first - 1.0) << "first " << first << " last " << last;

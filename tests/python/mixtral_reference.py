@@ -98,37 +98,22 @@ def forward(cfg, W, tokens):
         def swiglu(u, gate, up, down):  # one token
             return down @ (torch.nn.functional.silu(gate @ u) * (up @ u))
         if qwen:
-            m = p + "mlp."
-            logits = h @ W[m + "gate.weight"].T
-            probs = torch.softmax(logits, -1)
-            top_p, top_i = probs.topk(K, -1)
-            top_p = top_p / top_p.sum(-1, keepdim=True)
-            y = torch.zeros_like(h)
-            for b in range(B):
-                for t in range(T):
-                    u = h[b, t]
-                    for j in range(K):
-                        ex = m + f"experts.{int(top_i[b, t, j])}."
-                        y[b, t] += top_p[b, t, j] * swiglu(u, W[ex + "gate_proj.weight"], W[ex + "up_proj.weight"],
-                                                           W[ex + "down_proj.weight"])
-                    sh = m + "shared_expert."
-                    g = torch.sigmoid(W[m + "shared_expert_gate.weight"][0] @ u)
-                    y[b, t] += g * swiglu(u, W[sh + "gate_proj.weight"], W[sh + "up_proj.weight"], W[sh + "down_proj.weight"])
-            x = x + y
-            continue
-        logits = h @ W[p + "block_sparse_moe.gate.weight"].T
-        probs = torch.softmax(logits, -1)
+            m, proj = p + "mlp.", ("gate_proj", "up_proj", "down_proj")
+        else:
+            m, proj = p + "block_sparse_moe.", ("w1", "w3", "w2")
+        probs = torch.softmax(h @ W[m + "gate.weight"].T, -1)
         top_p, top_i = probs.topk(K, -1)
         top_p = top_p / top_p.sum(-1, keepdim=True)
         y = torch.zeros_like(h)
         for b in range(B):
             for t in range(T):
+                u = h[b, t]
                 for j in range(K):
-                    e = int(top_i[b, t, j])
-                    ex = p + f"block_sparse_moe.experts.{e}."
-                    u = h[b, t]
-                    f = (torch.nn.functional.silu(W[ex + "w1.weight"] @ u) * (W[ex + "w3.weight"] @ u))
-                    y[b, t] += top_p[b, t, j] * (W[ex + "w2.weight"] @ f)
+                    ex = m + f"experts.{int(top_i[b, t, j])}."
+                    y[b, t] += top_p[b, t, j] * swiglu(u, *(W[ex + n + ".weight"] for n in proj))
+                if qwen:
+                    g = torch.sigmoid(W[m + "shared_expert_gate.weight"][0] @ u)
+                    y[b, t] += g * swiglu(u, *(W[m + "shared_expert." + n + ".weight"] for n in proj))
         x = x + y
     x = rms_norm(x, W["model.norm.weight"], eps)
     head = W["lm_head.weight"] if "lm_head.weight" in W else W["model.embed_tokens.weight"]

@@ -103,6 +103,17 @@ nlohmann::json header_of(const std::string& path) {
   return nlohmann::json::parse(bytes.substr(8, n));
 }
 
+// A vocabulary of n normal pieces "p0", "p1", ... for GGUF exports.
+io::GgufVocab plain_vocab(int64_t n) {
+  io::GgufVocab v;
+  for (int64_t i = 0; i < n; ++i) {
+    v.pieces.push_back("p" + std::to_string(i));
+    v.scores.push_back(0.0f);
+    v.types.push_back(1);
+  }
+  return v;
+}
+
 }  // namespace
 
 TEST(ExportHf, RoundTripFp32IsExactAndBf16WithinRounding) {
@@ -407,12 +418,7 @@ TEST(HostileFiles, RandomMutationsOfSafetensorsAndGguf) {
   init_weights(*m, 0.02, 1);
   auto params = params_of(m);
   io::write_safetensors(dir / "ok.safetensors", params);
-  io::GgufVocab v;
-  for (int i = 0; i < c.vocab_size; ++i) {
-    v.pieces.push_back("t" + std::to_string(i));
-    v.scores.push_back(0);
-    v.types.push_back(1);
-  }
+  const io::GgufVocab v = plain_vocab(c.vocab_size);
   std::map<std::string, torch::Tensor> wm(params.begin(), params.end());
   io::export_gguf(c, wm, v, dir / "ok.gguf", "f16");
   std::mt19937_64 rng(42);
@@ -612,12 +618,7 @@ TEST(ExportGguf, DenseConfigIsAPlainLlama) {
   test::TempDir dir("gguf-dense");
   const ModelConfig c = dense_config();
   auto m = trained_model(c);
-  io::GgufVocab v;
-  for (int i = 0; i < c.vocab_size; ++i) {
-    v.pieces.push_back("p" + std::to_string(i));
-    v.scores.push_back(0.0f);
-    v.types.push_back(1);
-  }
+  const io::GgufVocab v = plain_vocab(c.vocab_size);
   auto params = params_of(m);
   std::map<std::string, torch::Tensor> wm(params.begin(), params.end());
   io::export_gguf(c, wm, v, dir / "m.gguf", "f32");
@@ -741,12 +742,7 @@ TEST(ExportHf, SharedExpertsAreAQwen2Moe) {
   ModelConfig windowed = c;
   windowed.sliding_window = 4;
   refused(windowed, "window");
-  io::GgufVocab v;
-  for (int i = 0; i < c.vocab_size; ++i) {
-    v.pieces.push_back("p" + std::to_string(i));
-    v.scores.push_back(0.0f);
-    v.types.push_back(1);
-  }
+  const io::GgufVocab v = plain_vocab(c.vocab_size);
   auto params = params_of(m);
   std::map<std::string, torch::Tensor> wm(params.begin(), params.end());
   EXPECT_THROW(io::export_gguf(c, wm, v, dir / "m.gguf", "f32"), UserError);

@@ -58,6 +58,38 @@ torch::Tensor naive_moe(MoEBlockImpl& b, const torch::Tensor& x_NH, const Router
   return torch::cat(rows, 0);
 }
 
+// The block's forward and backward on x (dL/dy = upstream): its output, the input's and every parameter's
+// gradient; the parameters' gradients are then cleared for a reference pass.
+struct BlockRun {
+  torch::Tensor y, upstream, gx;
+  std::map<std::string, torch::Tensor> grads;
+};
+BlockRun run_block(MoEBlockImpl& b, const torch::Tensor& x) {
+  BlockRun r;
+  auto out = b.forward(x);
+  r.y = out.y;
+  r.upstream = torch::randn_like(out.y);
+  (out.y * r.upstream).sum().backward();
+  r.gx = x.grad().clone();
+  for (auto& p : b.named_parameters())
+    if (p.value().grad().defined()) r.grads[p.key()] = p.value().grad().clone();
+  for (auto& p : b.parameters()) p.mutable_grad() = torch::Tensor();
+  return r;
+}
+
+// A reference output built from x2 (a copy of the run's input, with its graph) against the run: the output, the
+// input's gradient and every parameter's (the same parameters have one, and equal ones).
+void expect_same_as_run(MoEBlockImpl& b, const BlockRun& run, const torch::Tensor& ref, const torch::Tensor& x2) {
+  EXPECT_LT(max_abs_diff(run.y, ref), 1e-5);
+  (ref * run.upstream).sum().backward();
+  EXPECT_LT(max_abs_diff(run.gx, x2.grad()), 1e-5);
+  for (auto& p : b.named_parameters()) {
+    auto gr = p.value().grad();
+    ASSERT_EQ(run.grads.count(p.key()), gr.defined() ? 1u : 0u) << p.key();
+    if (gr.defined()) EXPECT_LT(max_abs_diff(run.grads.at(p.key()), gr), 1e-5) << p.key();
+  }
+}
+
 }  // namespace
 
 TEST(Router, WeightsMatchBruteForceTopK) {
@@ -134,32 +166,12 @@ TEST(Router, AuxFreeBiasChangesSelectionOnly) {
 TEST(MoEBlock, MatchesNaivePerTokenLoopForwardAndBackward) {
   auto b = make_moe_block(16, 24, 6, 2);
   auto x = torch::randn({3, 7, 16}, torch::requires_grad());
-  auto out = b->forward(x);
-  auto upstream = torch::randn_like(out.y);
-  (out.y * upstream).sum().backward();
-  auto gx = x.grad().clone();
-  std::map<std::string, torch::Tensor> g;
-  for (auto& p : b->named_parameters())
-    if (p.value().grad().defined()) g[p.key()] = p.value().grad().clone();
-  for (auto& p : b->parameters()) p.mutable_grad() = torch::Tensor();
-
+  const BlockRun run = run_block(*b, x);
   // Reference, with the same routing decision (gate weights keep their graph).
   auto x2 = x.detach().clone().requires_grad_(true);
   auto x2_NH = x2.reshape({-1, 16});
   RouterOutput r = b->gate->forward(x2_NH);
-  auto ref = naive_moe(*b, x2_NH, r).view(x2.sizes());
-  EXPECT_LT(max_abs_diff(out.y, ref), 1e-5);
-  (ref * upstream).sum().backward();
-  EXPECT_LT(max_abs_diff(gx, x2.grad()), 1e-5);
-  for (auto& p : b->named_parameters()) {
-    auto gr = p.value().grad();
-    if (!gr.defined()) {
-      EXPECT_EQ(g.count(p.key()), 0u) << p.key();
-      continue;
-    }
-    ASSERT_EQ(g.count(p.key()), 1u) << p.key();
-    EXPECT_LT(max_abs_diff(g[p.key()], gr), 1e-5) << p.key();
-  }
+  expect_same_as_run(*b, run, naive_moe(*b, x2_NH, r).view(x2.sizes()), x2);
 }
 
 TEST(MoEBlock, ExpertsWithoutTokens) {
@@ -229,15 +241,7 @@ TEST(MoEBlock, SharedExpertsAreTwoMlpsBesideTheRoutedOnes) {
     EXPECT_EQ(b->shared_expert->w1->weight.sizes(), (std::vector<int64_t>{2 * I, H}));
     EXPECT_EQ(static_cast<bool>(b->shared_expert_gate), gated);
     auto x = torch::randn({2, 5, H}, torch::requires_grad());
-    auto out = b->forward(x);
-    auto upstream = torch::randn_like(out.y);
-    (out.y * upstream).sum().backward();
-    auto gx = x.grad().clone();
-    std::map<std::string, torch::Tensor> g;
-    for (auto& p : b->named_parameters())
-      if (p.value().grad().defined()) g[p.key()] = p.value().grad().clone();
-    for (auto& p : b->parameters()) p.mutable_grad() = torch::Tensor();
-
+    const BlockRun run = run_block(*b, x);
     auto x2 = x.detach().clone().requires_grad_(true);
     auto x2_NH = x2.reshape({-1, H});
     RouterOutput r = b->gate->forward(x2_NH);
@@ -250,17 +254,10 @@ TEST(MoEBlock, SharedExpertsAreTwoMlpsBesideTheRoutedOnes) {
       shared = shared + torch::matmul(torch::silu(torch::matmul(x2_NH, w1.t())) * torch::matmul(x2_NH, w3.t()), w2.t());
     }
     if (gated) shared = shared * torch::sigmoid(torch::matmul(x2_NH, b->shared_expert_gate->weight.t()));
-    ref = (ref + shared).view(x2.sizes());
-    EXPECT_LT(max_abs_diff(out.y, ref), 1e-5) << gated;
-    (ref * upstream).sum().backward();
-    EXPECT_LT(max_abs_diff(gx, x2.grad()), 1e-5);
-    for (auto& p : b->named_parameters()) {
-      auto gr = p.value().grad();
-      ASSERT_EQ(g.count(p.key()), gr.defined() ? 1u : 0u) << p.key();
-      if (gr.defined()) EXPECT_LT(max_abs_diff(g[p.key()], gr), 1e-5) << p.key();
-    }
-    EXPECT_TRUE(g.count("shared_expert.w2.weight"));
-    if (gated) EXPECT_TRUE(g.count("shared_expert_gate.weight"));
+    SCOPED_TRACE(gated ? "gated" : "ungated");
+    expect_same_as_run(*b, run, (ref + shared).view(x2.sizes()), x2);
+    EXPECT_TRUE(run.grads.count("shared_expert.w2.weight"));
+    if (gated) EXPECT_TRUE(run.grads.count("shared_expert_gate.weight"));
   }
   // A dense config has no shared experts (it would be a wider MLP).
   ModelConfig d = test::tiny_config();

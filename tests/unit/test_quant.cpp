@@ -17,6 +17,7 @@
 
 #include "core/error.h"
 #include "model/quant.h"
+#include "test_util.h"
 
 using namespace moeforge;
 
@@ -99,9 +100,7 @@ QuantSpec spec_of(QuantType t, int64_t bs, bool dq) {
   return s;
 }
 
-double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
-  return (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
-}
+using test::max_abs_diff;
 
 }  // namespace
 
