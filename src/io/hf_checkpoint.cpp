@@ -126,46 +126,50 @@ namespace {
 void write_hf_dir(const ModelConfig& c, const WeightStream& weights, const HfExportOptions& opt);
 }  // namespace
 
+namespace {
+// `weights` under the names `rename` gives ("" leaves a tensor out), each followed by the zero tensors `zeros_after`
+// lists for it (name, length): the architectures whose names or tensors differ from Mixtral's.
+WeightStream renamed_stream(
+    const WeightStream& weights, const std::function<std::string(const std::string&)>& rename,
+    const std::function<std::vector<std::pair<std::string, int64_t>>(const std::string&, const std::vector<int64_t>&)>&
+        zeros_after = nullptr) {
+  WeightStream out;
+  auto ours = std::make_shared<std::map<std::string, std::string>>();
+  auto zeros = std::make_shared<std::map<std::string, int64_t>>();
+  for (const auto& [n, shape] : weights.shapes) {
+    const std::string hf = rename(n);
+    if (hf.empty()) continue;
+    out.shapes.push_back({hf, shape});
+    (*ours)[hf] = n;
+    if (!zeros_after) continue;
+    for (const auto& [z, len] : zeros_after(n, shape)) {
+      out.shapes.push_back({z, {len}});
+      (*zeros)[z] = len;
+    }
+  }
+  out.get = [ours, zeros, get = weights.get](const std::string& hf) {
+    if (auto z = zeros->find(hf); z != zeros->end()) return at::zeros({z->second}, at::kFloat);
+    return get(ours->at(hf));
+  };
+  return out;
+}
+}  // namespace
+
 void export_hf(const ModelConfig& c, const WeightStream& weights, const HfExportOptions& opt) {
   if (hf_architecture(c) == "Qwen2MoeForCausalLM") {
     // Qwen2-MoE's names; its attention has q/k/v biases, written as zeros (ours has none).
-    WeightStream renamed;
-    auto ours = std::make_shared<std::map<std::string, std::string>>();
-    auto zeros = std::make_shared<std::map<std::string, int64_t>>();
-    for (const auto& [n, shape] : weights.shapes) {
-      const std::string hf = qwen2_moe_hf_name(n);
-      renamed.shapes.push_back({hf, shape});
-      (*ours)[hf] = n;
-      for (const char* proj : {".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight"}) {
-        const std::string tail(proj);
-        if (n.size() > tail.size() && n.compare(n.size() - tail.size(), tail.size(), tail) == 0) {
-          const std::string bias = n.substr(0, n.size() - 6) + "bias";
-          renamed.shapes.push_back({bias, {shape.at(0)}});
-          (*zeros)[bias] = shape.at(0);
-        }
-      }
-    }
-    renamed.get = [ours, zeros, get = weights.get](const std::string& hf) {
-      if (auto z = zeros->find(hf); z != zeros->end()) return at::zeros({z->second}, at::kFloat);
-      return get(ours->at(hf));
-    };
-    write_hf_dir(c, renamed, opt);
+    write_hf_dir(c, renamed_stream(weights, qwen2_moe_hf_name, [](const std::string& n, const std::vector<int64_t>& shape) {
+                   std::vector<std::pair<std::string, int64_t>> biases;
+                   for (const std::string tail : {".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight"})
+                     if (n.size() > tail.size() && n.compare(n.size() - tail.size(), tail.size(), tail) == 0)
+                       biases.push_back({n.substr(0, n.size() - 6) + "bias", shape.at(0)});
+                   return biases;
+                 }),
+                 opt);
     return;
   }
-  if (c.dense()) {  // MistralForCausalLM: the MLP under its own names, no router
-    WeightStream renamed;
-    auto ours = std::make_shared<std::map<std::string, std::string>>();
-    for (const auto& [n, shape] : weights.shapes) {
-      const std::string hf = dense_hf_name(n);
-      if (hf.empty()) continue;
-      renamed.shapes.push_back({hf, shape});
-      (*ours)[hf] = n;
-    }
-    renamed.get = [ours, get = weights.get](const std::string& hf) { return get(ours->at(hf)); };
-    write_hf_dir(c, renamed, opt);
-    return;
-  }
-  write_hf_dir(c, weights, opt);
+  // MistralForCausalLM: the MLP under its own names, no router.
+  write_hf_dir(c, c.dense() ? renamed_stream(weights, dense_hf_name) : weights, opt);
 }
 
 namespace {

@@ -16,6 +16,11 @@ using namespace moeforge;
 namespace fs = std::filesystem;
 
 namespace {
+// A pretraining recipe of the small test model on `data` with the given train: keys.
+std::string small_pretrain(const std::string& name, const std::string& data, const std::string& train) {
+  return "stage: pretrain\n" + test::small_model_yaml(name) + "data: {dir: " + data + "}\ntrain: {" + train + "}\n";
+}
+
 std::string slurp(const std::string& p) {
   std::ifstream in(p);
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -95,9 +100,8 @@ TEST(Sweep, RunsSkipsFinishedResumesInterruptedAndReports) {
   test::TempDir dir("sweeprun");
   std::string data = test::make_prepared(dir, 60);
   const std::string bin = MOEFORGE_BINARY;
-  std::ofstream(dir / "base.yaml") << "stage: pretrain\n" << test::small_model_yaml("sweep") << "data: {dir: " << data
-                                   << "}\ntrain: {micro_batch_size: 2, seq_len: 32, max_steps: 4, log_interval: 1, "
-                                      "eval_interval: 2, eval_batches: 1, checkpoint_interval: 2}\n";
+  std::ofstream(dir / "base.yaml") << small_pretrain("sweep", data, "micro_batch_size: 2, seq_len: 32, max_steps: 4, "
+                                                      "log_interval: 1, eval_interval: 2, eval_batches: 1, checkpoint_interval: 2");
   std::ofstream(dir / "s.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out")
                                 << "\ngrid:\n  model.moe.aux_loss_coef: [0, 0.1]\n  train.seed: [1, 2]\n";
   // Every point is killed right after its step-2 checkpoint: the sweep reports the failures (exit 1).
@@ -245,9 +249,8 @@ TEST(Sweep, PrepareStepsRunBeforeThePointsThatStartFromThem) {
   test::TempDir dir("sweepprep");
   std::string data = test::make_prepared(dir, 60);
   const std::string bin = MOEFORGE_BINARY;
-  std::ofstream(dir / "base.yaml") << "stage: pretrain\n" << test::small_model_yaml("sweep") << "data: {dir: " << data
-                                   << "}\ntrain: {micro_batch_size: 2, seq_len: 32, max_steps: 2, log_interval: 1, "
-                                      "eval_interval: 2, eval_batches: 1, checkpoint_interval: 2}\n";
+  std::ofstream(dir / "base.yaml") << small_pretrain("sweep", data, "micro_batch_size: 2, seq_len: 32, max_steps: 2, "
+                                                      "log_interval: 1, eval_interval: 2, eval_batches: 1, checkpoint_interval: 2");
   std::ofstream(dir / "model.yaml") << "name: sweep\nvocab_size: 320\nhidden_size: 32\nintermediate_size: 48\nnum_layers: 2\n"
                                        "num_attention_heads: 4\nnum_key_value_heads: 2\nmax_position_embeddings: 64\n"
                                        "moe: {num_experts: 4, num_experts_per_tok: 2, aux_loss_coef: 0.01}\n";
@@ -319,10 +322,10 @@ TEST(Sweep, SkipSamplesContinuesAnotherRunsDataOrder) {
   test::TempDir dir("skipsamples");
   std::string data = test::make_prepared(dir, 60);
   const std::string bin = MOEFORGE_BINARY;
-  std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << test::small_model_yaml("skip") << "data: {dir: " << data
-                                << "}\ntrain: {micro_batch_size: 2, seq_len: 32, max_steps: 4, log_interval: 1, "
-                                   "eval_interval: 4, eval_batches: 1, checkpoint_interval: 2, keep_checkpoints: 2}\n"
-                                   "optim: {warmup_steps: 1}\n";
+  std::ofstream(dir / "r.yaml") << small_pretrain("skip", data, "micro_batch_size: 2, seq_len: 32, max_steps: 4, "
+                                                   "log_interval: 1, eval_interval: 4, eval_batches: 1, "
+                                                   "checkpoint_interval: 2, keep_checkpoints: 2")
+                                << "optim: {warmup_steps: 1}\n";
   ASSERT_EQ(test::run_quiet(bin + " train " + (dir / "r.yaml") + " --set output_dir=" + (dir / "a")), 0);
   const std::string from = "init_from=" + (dir / "a/checkpoints/step_00000002");
   ASSERT_EQ(test::run_quiet(bin + " train " + (dir / "r.yaml") + " --set " + from + " --set train.skip_samples=4" +

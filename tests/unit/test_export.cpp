@@ -103,6 +103,15 @@ nlohmann::json header_of(const std::string& path) {
   return nlohmann::json::parse(bytes.substr(8, n));
 }
 
+// The names and shapes a safetensors file's header lists (parsed by hand).
+std::map<std::string, std::vector<int64_t>> shapes_in(const std::string& path) {
+  std::map<std::string, std::vector<int64_t>> out;
+  const auto header = header_of(path);
+  for (auto it = header.begin(); it != header.end(); ++it)
+    if (it.key() != "__metadata__") out[it.key()] = it.value()["shape"].get<std::vector<int64_t>>();
+  return out;
+}
+
 // A vocabulary of n normal pieces "p0", "p1", ... for GGUF exports.
 io::GgufVocab plain_vocab(int64_t n) {
   io::GgufVocab v;
@@ -567,11 +576,7 @@ TEST(ExportHf, DenseConfigIsAMistral) {
     want[p + "up_proj.weight"] = {I, H};
     want[p + "down_proj.weight"] = {H, I};
   }
-  std::map<std::string, std::vector<int64_t>> got;
-  const auto header = header_of(dir / "hf/model.safetensors");
-  for (auto it = header.begin(); it != header.end(); ++it)
-    if (it.key() != "__metadata__") got[it.key()] = it.value()["shape"].get<std::vector<int64_t>>();
-  EXPECT_EQ(got, want);
+  EXPECT_EQ(shapes_in(dir / "hf/model.safetensors"), want);
   auto st = io::SafetensorsFile::open(dir / "hf/model.safetensors");
   EXPECT_TRUE(torch::equal(st.get("model.layers.1.mlp.down_proj.weight"),
                            m->named_parameters()["model.layers.1.block_sparse_moe.experts.0.w2.weight"]));
@@ -710,11 +715,7 @@ TEST(ExportHf, SharedExpertsAreAQwen2Moe) {
     want[p + "mlp.shared_expert.down_proj.weight"] = {H, 2 * I};
     want[p + "mlp.shared_expert_gate.weight"] = {1, H};
   }
-  std::map<std::string, std::vector<int64_t>> got;
-  const auto header = header_of(dir / "hf/model.safetensors");
-  for (auto it = header.begin(); it != header.end(); ++it)
-    if (it.key() != "__metadata__") got[it.key()] = it.value()["shape"].get<std::vector<int64_t>>();
-  EXPECT_EQ(got, want);
+  EXPECT_EQ(shapes_in(dir / "hf/model.safetensors"), want);
   auto st = io::SafetensorsFile::open(dir / "hf/model.safetensors");
   auto pm = m->named_parameters();
   EXPECT_TRUE(torch::equal(st.get("model.layers.1.mlp.experts.3.up_proj.weight"),
