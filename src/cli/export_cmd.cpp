@@ -1,4 +1,5 @@
 // moeforge export CHECKPOINT --format hf|gguf|peft --out PATH [--dtype D] [--max-shard-size S] [--expert-shares N]
+//                [--drop-expert-bias]
 // A LoRA / QLoRA checkpoint exports its merged model (hf, gguf: base + scale * B A, a quantised base
 // dequantised first) or its adapter alone (peft, read from its files). hf and gguf stream: a full checkpoint
 // tensor by tensor, an adapter checkpoint one expert share at a time (--expert-shares, default shares of ~1 GB
@@ -130,18 +131,36 @@ int export_adapter(const std::string& ckpt, const ModelConfig& cfg, const std::o
   return 0;
 }
 
-// The warning an export gives when the router's aux-loss-free biases are in use (neither format has them);
-// true when given (callers warn once).
-bool warn_if_expert_biases(const std::string& name, const at::Tensor& t) {
-  if (name.find("expert_bias") == std::string::npos || t.abs().max().item<double>() == 0) return false;
-  MF_WARN("the aux-loss-free expert biases are not part of MixtralForCausalLM, Qwen2MoeForCausalLM or llama.cpp's Mixtral; "
-          "the exported model selects experts from the unbiased router logits");
-  return true;
+// The largest |b| of the routers' aux-loss-free selection biases in the checkpoint's own files (an adapter
+// checkpoint holds its fine-tune's), 0 when they are not in use. The files are verified once per process.
+double expert_bias_extent(const std::string& ckpt) {
+  double m = 0;
+  for (const auto& path : train::checkpoint_weight_files(ckpt)) {
+    auto f = io::SafetensorsFile::open(path);
+    for (const auto& n : f.names())
+      if (n.find("expert_bias") != std::string::npos) m = std::max(m, f.get(n).abs().max().item<double>());
+  }
+  return m;
 }
 
-void warn_if_checkpoint_has_expert_biases(const train::CheckpointTensors& files) {
-  for (const auto& [n, i] : files.names())
-    if (n.find("expert_bias") != std::string::npos && warn_if_expert_biases(n, files.get(n))) break;
+// No exported format holds a bias that only selects experts (softmax weights from the unbiased logits): a
+// checkpoint that routes with one exports only when --drop-expert-bias says to leave it out.
+void check_expert_biases(const std::string& ckpt, const std::string& format, bool drop) {
+  const double b = expert_bias_extent(ckpt);
+  if (b == 0) return;
+  char extent[32];
+  std::snprintf(extent, sizeof extent, "%.3g", b);
+  const std::string holder = format == "hf"     ? "Hugging Face's Mixtral, Mistral and Qwen2-MoE"
+                             : format == "gguf" ? "llama.cpp's llama architecture"
+                                                : "a PEFT adapter";
+  const std::string what = "selects experts with aux-loss-free biases (model.moe.balance: aux_free_bias, |b| up to " +
+                           std::string(extent) + "), which " + holder + " cannot hold";
+  if (!drop)
+    throw UserError("export: " + ckpt + " " + what +
+                    ": the exported model would select by the router logits alone; pass --drop-expert-bias to "
+                    "export it so");
+  MF_WARN(ckpt << " " << what << "; left out (--drop-expert-bias): the exported model selects experts by the "
+                                 "router logits alone");
 }
 
 // --format hf: the streamed HF export of `ws` with the checkpoint's tokenizer, and its one-line report.
@@ -163,7 +182,6 @@ void write_hf(const std::string& ckpt, const ModelConfig& cfg, const io::WeightS
 int export_streamed(const std::string& ckpt, const ModelConfig& cfg, const std::string& out, const std::string& dtype,
                     const std::string& shard) {
   train::CheckpointTensors files(ckpt, cfg);
-  warn_if_checkpoint_has_expert_biases(files);
   io::WeightStream ws;
   ws.shapes = parameter_shapes(cfg);
   ws.get = [&](const std::string& n) { return files.get(n); };
@@ -210,11 +228,7 @@ class MergedShares {
     ::malloc_trim(0);
     const ExpertRange held = shares_ > 1 ? ExpertRange{k * per_, per_} : ExpertRange{};
     train::BaseModel b = train::load_base_model(base_.init_from, cfg_, recipe_.finetune, "fp32", held);
-    if (k == 0) {
-      dense_fp_ = b.fingerprint ^ b.experts_fingerprint;
-      for (auto& buf : b.model->named_buffers())
-        if (warn_if_expert_biases(buf.key(), buf.value())) break;
-    }
+    if (k == 0) dense_fp_ = b.fingerprint ^ b.experts_fingerprint;
     experts_fp_ ^= b.experts_fingerprint;
     if (k == shares_ - 1 && (dense_fp_ ^ experts_fp_) != base_.fingerprint)
       throw UserError(ckpt_ + "/base.json: the base at " + base_.init_from +
@@ -287,7 +301,6 @@ int export_gguf_streamed(const std::string& ckpt, const ModelConfig& cfg, const 
   using Put = std::function<void(const std::string&, const at::Tensor&)>;
   if (!base) {
     train::CheckpointTensors files(ckpt, cfg);
-    warn_if_checkpoint_has_expert_biases(files);
     io::export_gguf(
         cfg, [&](const Put& put) {
           for (const auto& [n, shape] : parameter_shapes(cfg)) put(n, files.get(n));
@@ -320,7 +333,9 @@ int cmd_export(const Args& in) {
   take_option(args, "--dtype", &dtype);
   take_option(args, "--max-shard-size", &shard);
   take_option(args, "--expert-shares", &shares_s);
-  reject_unknown_flags(args, "export", {"--format", "--out", "--dtype", "--max-shard-size", "--expert-shares"});
+  const bool drop_bias = take_flag(args, "--drop-expert-bias");
+  reject_unknown_flags(args, "export",
+                       {"--format", "--out", "--dtype", "--max-shard-size", "--expert-shares", "--drop-expert-bias"});
   if (args.size() != 1) throw UserError("export: expected one CHECKPOINT directory");
   if (format != "hf" && format != "gguf" && format != "peft")
     throw UserError("export: --format must be hf, gguf or peft, got '" + format + "'");
@@ -335,6 +350,7 @@ int cmd_export(const Args& in) {
                     (format == "gguf" ? " writes llama.cpp's llama architecture, which has none"
                                       : " writes adapters for a Mixtral or Mistral base") +
                     " (--format hf writes Qwen2MoeForCausalLM)");
+  if (format != "peft" || base) check_expert_biases(ckpt, format, drop_bias);
   if (format == "peft") return export_adapter(ckpt, cfg, base, out, dtype.empty() ? "fp32" : dtype);
   if (format == "hf" && !base) return export_streamed(ckpt, cfg, out, dtype, shard);
   int shares = train::default_expert_shares(cfg);

@@ -226,6 +226,39 @@ TEST(ExportImport, CliRoundTripAndFineTuneFromHf) {
   EXPECT_TRUE(train::latest_checkpoint(dir / "ft").has_value());
 }
 
+// Aux-loss-free selection biases have no place in any exported format: a checkpoint that routes with them is
+// refused by hf and gguf (one line, exit 2, nothing written) unless --drop-expert-bias says to leave them out;
+// the model exported so holds exactly the checkpoint's parameters and no biases.
+TEST(ExportImport, ExpertBiasesAreRefusedUnlessDropped) {
+  test::TempDir dir("expertbias");
+  std::string data = test::make_prepared(dir, 80);
+  auto recipe = write_recipe(dir, data, dir / "run", 4, 4);
+  ASSERT_EQ(run_cli("train " + recipe + " --set model.moe.balance=aux_free_bias --set model.moe.bias_update_rate=0.01")
+                .status, 0);
+  auto ck = *train::latest_checkpoint(dir / "run");
+  auto trained = train::load_checkpoint_model(ck);
+  double extent = 0;
+  for (auto& b : trained->named_buffers())
+    if (b.key().find("expert_bias") != std::string::npos) extent = std::max(extent, b.value().abs().max().item<double>());
+  ASSERT_GT(extent, 0.0) << "the run did not move its biases: nothing to refuse";
+
+  for (std::string format : {"hf", "gguf"}) {
+    const std::string out = dir / ("refused-" + format);
+    expect_user_error(run_cli("export " + ck + " --format " + format + " --out " + out), "--drop-expert-bias");
+    EXPECT_FALSE(fs::exists(out)) << format;
+  }
+  auto r = run_cli("export " + ck + " --format hf --dtype fp32 --drop-expert-bias --out " + (dir / "hf"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.err.find("left out"), std::string::npos) << r.err;
+  ASSERT_EQ(run_cli("export " + ck + " --format gguf --dtype f32 --drop-expert-bias --out " + (dir / "m.gguf")).status, 0);
+  ASSERT_EQ(run_cli("import " + (dir / "hf") + " --out " + (dir / "imported")).status, 0);
+  auto imported = train::load_checkpoint_model(dir / "imported");
+  auto params = imported->named_parameters();
+  for (auto& p : trained->named_parameters()) EXPECT_TRUE(torch::equal(p.value(), params[p.key()])) << p.key();
+  for (auto& b : imported->named_buffers())
+    if (b.key().find("expert_bias") != std::string::npos) EXPECT_EQ(b.value().abs().max().item<double>(), 0.0) << b.key();
+}
+
 namespace {
 // The train records of a run without the fields that measure time.
 std::vector<nlohmann::json> train_records(const std::string& run_dir) {
