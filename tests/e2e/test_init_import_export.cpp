@@ -128,7 +128,8 @@ torch::Tensor ckpt_logits(MixtralForCausalLM& m, const torch::Tensor& ids) {
 // a fresh router (the one `init` draws from the seed). Identical experts with weights renormalised to 1 give the
 // dense output whatever the router: the first forward's logits are the dense model's. From the dense model's
 // Mistral export the same checkpoint results; --noise perturbs each expert by its own draw of the asked size;
-// a source with experts, a top-k above the experts and an existing output are refused; training starts from it.
+// --granularity makes each expert a slice of the MLP with the same first forward; a source with experts, a top-k
+// above the experts and an existing output are refused; training starts from it.
 TEST(Upcycle, FirstForwardIsTheDenseModelsAndItTrains) {
   test::TempDir dir("upcycle");
   std::ofstream(dir / "dense.yaml") << config_file("dense", "{num_experts: 1, num_experts_per_tok: 1, balance: none}");
@@ -197,6 +198,38 @@ TEST(Upcycle, FirstForwardIsTheDenseModelsAndItTrains) {
   const double dn = (ld - ln).abs().max().item<double>();
   EXPECT_GT(dn, 0.0);
   EXPECT_LT(dn, 0.1 * ld.abs().max().item<double>());
+
+  // --granularity 2 (E 4, top-2 by default): expert e is slice e / 2 of the dense MLP (rows of w1 and w3, columns of
+  // w2 times 2) and the router's rows repeat with period 2 (a fresh draw, not all equal): every token takes both
+  // slices with weight 1/2 each, so the first forward is again the dense model's.
+  ASSERT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts 4 --granularity 2 --seed 9 --out " + (dir / "granular")), 0);
+  auto mg = train::load_checkpoint_model(dir / "granular");
+  ASSERT_EQ(mg->config().intermediate_size, c.intermediate_size / 2);
+  EXPECT_EQ(mg->config().moe.num_experts, 4);
+  EXPECT_EQ(mg->config().moe.num_experts_per_tok, 2);
+  {
+    auto pg = mg->named_parameters();
+    const int64_t half = c.intermediate_size / 2;
+    for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+      const std::string l = "model.layers." + std::to_string(layer) + ".block_sparse_moe.", d = l + "experts.0.";
+      for (int64_t e = 0; e < 4; ++e) {
+        const std::string x = l + "experts." + std::to_string(e) + ".";
+        const int64_t g = e / 2;
+        EXPECT_TRUE(torch::equal(pg[x + "w1.weight"], pd[d + "w1.weight"].narrow(0, g * half, half))) << x;
+        EXPECT_TRUE(torch::equal(pg[x + "w3.weight"], pd[d + "w3.weight"].narrow(0, g * half, half))) << x;
+        EXPECT_TRUE(torch::equal(pg[x + "w2.weight"], pd[d + "w2.weight"].narrow(1, g * half, half) * 2.0)) << x;
+      }
+      auto r = pg[l + "gate.weight"];
+      EXPECT_TRUE(torch::equal(r.narrow(0, 0, 2), r.narrow(0, 2, 2))) << l;
+      EXPECT_FALSE(torch::equal(r[0], r[1])) << l;
+    }
+  }
+  auto lg = ckpt_logits(mg, ids);
+  EXPECT_LE((ld - lg).abs().max().item<double>(), 1e-5 * ld.abs().max().item<double>());
+  EXPECT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts 4 --granularity 3 --out " + (dir / "bad3")), 2);
+  EXPECT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts 4 --granularity 2 --top-k 3 --out " + (dir / "bad4")), 2);
+  EXPECT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts 10 --granularity 5 --out " + (dir / "bad5")), 2);  // 48 / 5
+  for (const char* b : {"bad3", "bad4", "bad5"}) EXPECT_FALSE(fs::exists(dir / b)) << b;
 
   // Refusals, nothing written.
   EXPECT_EQ(test::run_quiet(kBin + " upcycle " + up + " --experts 8 --out " + (dir / "bad1")), 2);  // has experts
