@@ -9,7 +9,9 @@
 #include <malloc.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <limits>
 #include <map>
 #include <optional>
 
@@ -132,20 +134,26 @@ int export_adapter(const std::string& ckpt, const ModelConfig& cfg, const std::o
 }
 
 // The largest |b| of the routers' aux-loss-free selection biases in the checkpoint's own files (an adapter
-// checkpoint holds its fine-tune's), 0 when they are not in use. The files are verified once per process.
+// checkpoint holds its fine-tune's), 0 when they are not in use, infinity for a NaN. The files are verified once
+// per process.
 double expert_bias_extent(const std::string& ckpt) {
   double m = 0;
   for (const auto& path : train::checkpoint_weight_files(ckpt)) {
     auto f = io::SafetensorsFile::open(path);
     for (const auto& n : f.names())
-      if (n.find("expert_bias") != std::string::npos) m = std::max(m, f.get(n).abs().max().item<double>());
+      if (n.find("expert_bias") != std::string::npos) {
+        const double v = f.get(n).abs().max().item<double>();
+        m = std::isnan(v) ? std::numeric_limits<double>::infinity() : std::max(m, v);
+      }
   }
   return m;
 }
 
 // No exported format holds a bias that only selects experts (softmax weights from the unbiased logits): a
-// checkpoint that routes with one exports only when --drop-expert-bias says to leave it out.
-void check_expert_biases(const std::string& ckpt, const std::string& format, bool drop) {
+// checkpoint that routes with one exports only when --drop-expert-bias says to leave it out. Biases that its
+// router does not read (a run continued with another balance keeps the buffers it started from) change nothing.
+void check_expert_biases(const std::string& ckpt, const ModelConfig& cfg, const std::string& format, bool drop) {
+  if (cfg.moe.balance != Balance::AuxFreeBias) return;
   const double b = expert_bias_extent(ckpt);
   if (b == 0) return;
   char extent[32];
@@ -350,7 +358,7 @@ int cmd_export(const Args& in) {
                     (format == "gguf" ? " writes llama.cpp's llama architecture, which has none"
                                       : " writes adapters for a Mixtral or Mistral base") +
                     " (--format hf writes Qwen2MoeForCausalLM)");
-  if (format != "peft" || base) check_expert_biases(ckpt, format, drop_bias);
+  if (format != "peft" || base) check_expert_biases(ckpt, cfg, format, drop_bias);
   if (format == "peft") return export_adapter(ckpt, cfg, base, out, dtype.empty() ? "fp32" : dtype);
   if (format == "hf" && !base) return export_streamed(ckpt, cfg, out, dtype, shard);
   int shares = train::default_expert_shares(cfg);

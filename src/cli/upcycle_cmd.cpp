@@ -71,11 +71,13 @@ int cmd_upcycle(const Args& in) {
   const int64_t E = parse_int("--experts", experts_s), K = parse_int("--top-k", topk_s);
   const double noise = parse_double("--noise", noise_s);
   if (E < 2) throw UserError("upcycle: --experts must be at least 2, got " + experts_s);
+  if (G > 1 && (E % G != 0 || E == G))
+    throw UserError("upcycle: with --granularity " + granularity_s + ", --experts must be a multiple of it above it (E / G "
+                    "copies of each of the G slices of the MLP; E = G sends every token to every expert), got " + experts_s);
   if (K < 1 || K > E) throw UserError("upcycle: --top-k must be between 1 and --experts (" + experts_s + "), got " + topk_s);
-  if (G > 1 && (E % G != 0 || K % G != 0))
-    throw UserError("upcycle: with --granularity " + granularity_s + " --experts and --top-k must be multiples of it (E / G "
-                    "copies of each of the G slices of the MLP, every token taking K / G copies of each), got " +
-                    experts_s + " and " + topk_s);
+  if (G > 1 && K % G != 0)
+    throw UserError("upcycle: with --granularity " + granularity_s + ", --top-k must be a multiple of it (every token "
+                    "takes K / G copies of each slice), got " + topk_s);
   if (!(noise >= 0) || !std::isfinite(noise)) throw UserError("upcycle: --noise must be a non-negative number, got " + noise_s);
   char* end = nullptr;
   const unsigned long long seed = std::strtoull(seed_s.c_str(), &end, 10);
@@ -96,7 +98,7 @@ int cmd_upcycle(const Args& in) {
     hf = std::make_unique<io::HfCheckpoint>(src);
     dense = hf->config();
     tokenizer = hf->tokenizer_path();
-    get = [&](const std::string& n) { return hf->get(n); };
+    get = [&](const std::string& n) { return hf->get(n).to(at::kFloat); };
   } else {
     dense = train::read_checkpoint_config(src);  // UserError when it is neither
     if (train::read_base_pointer(src))

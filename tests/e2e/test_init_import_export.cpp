@@ -199,37 +199,50 @@ TEST(Upcycle, FirstForwardIsTheDenseModelsAndItTrains) {
   EXPECT_GT(dn, 0.0);
   EXPECT_LT(dn, 0.1 * ld.abs().max().item<double>());
 
-  // --granularity 2 (E 4, top-2 by default): expert e is slice e / 2 of the dense MLP (rows of w1 and w3, columns of
-  // w2 times 2) and the router's rows repeat with period 2 (a fresh draw, not all equal): every token takes both
-  // slices with weight 1/2 each, so the first forward is again the dense model's.
-  ASSERT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts 4 --granularity 2 --seed 9 --out " + (dir / "granular")), 0);
-  auto mg = train::load_checkpoint_model(dir / "granular");
-  ASSERT_EQ(mg->config().intermediate_size, c.intermediate_size / 2);
-  EXPECT_EQ(mg->config().moe.num_experts, 4);
-  EXPECT_EQ(mg->config().moe.num_experts_per_tok, 2);
-  {
+  // --granularity G: expert e is slice e / (E / G) of the dense MLP (rows of w1 and w3, columns of w2 times G), the
+  // router's rows repeat with period E / G (a fresh draw, not all equal), top-K by default G: every token takes
+  // K / G copies of each slice with weights summing to 1 / G per slice, so the first forward is the dense model's.
+  // One copy per slice (E 4, G 2), two (E 8, G 2, K 4), three slices (E 6, G 3, top-3 by default).
+  struct Granular {
+    int64_t E, G;
+    std::string topk;
+    int64_t K;
+  };
+  for (const Granular& t : {Granular{4, 2, "", 2}, Granular{8, 2, "4", 4}, Granular{6, 3, "", 3}}) {
+    const std::string name = "granular" + std::to_string(t.E) + "-" + std::to_string(t.G);
+    ASSERT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts " + std::to_string(t.E) + " --granularity " +
+                              std::to_string(t.G) + (t.topk.empty() ? "" : " --top-k " + t.topk) + " --seed 9 --out " +
+                              (dir / name)), 0) << name;
+    auto mg = train::load_checkpoint_model(dir / name);
+    const int64_t width = c.intermediate_size / t.G, copies = t.E / t.G;
+    ASSERT_EQ(mg->config().intermediate_size, width) << name;
+    EXPECT_EQ(mg->config().moe.num_experts, t.E) << name;
+    EXPECT_EQ(mg->config().moe.num_experts_per_tok, t.K) << name;
     auto pg = mg->named_parameters();
-    const int64_t half = c.intermediate_size / 2;
     for (int64_t layer = 0; layer < c.num_layers; ++layer) {
       const std::string l = "model.layers." + std::to_string(layer) + ".block_sparse_moe.", d = l + "experts.0.";
-      for (int64_t e = 0; e < 4; ++e) {
-        const std::string x = l + "experts." + std::to_string(e) + ".";
-        const int64_t g = e / 2;
-        EXPECT_TRUE(torch::equal(pg[x + "w1.weight"], pd[d + "w1.weight"].narrow(0, g * half, half))) << x;
-        EXPECT_TRUE(torch::equal(pg[x + "w3.weight"], pd[d + "w3.weight"].narrow(0, g * half, half))) << x;
-        EXPECT_TRUE(torch::equal(pg[x + "w2.weight"], pd[d + "w2.weight"].narrow(1, g * half, half) * 2.0)) << x;
-      }
       auto r = pg[l + "gate.weight"];
-      EXPECT_TRUE(torch::equal(r.narrow(0, 0, 2), r.narrow(0, 2, 2))) << l;
-      EXPECT_FALSE(torch::equal(r[0], r[1])) << l;
+      for (int64_t e = 0; e < t.E; ++e) {
+        const std::string x = l + "experts." + std::to_string(e) + ".";
+        const int64_t g = e / copies;
+        EXPECT_TRUE(torch::equal(pg[x + "w1.weight"], pd[d + "w1.weight"].narrow(0, g * width, width))) << name << x;
+        EXPECT_TRUE(torch::equal(pg[x + "w3.weight"], pd[d + "w3.weight"].narrow(0, g * width, width))) << name << x;
+        EXPECT_TRUE(torch::allclose(pg[x + "w2.weight"], pd[d + "w2.weight"].narrow(1, g * width, width) * double(t.G),
+                                    1e-7, 0))
+            << name << x;
+        EXPECT_TRUE(torch::equal(r[e], r[e % copies])) << name << l << e;
+      }
+      EXPECT_FALSE(torch::equal(r[0], r[1])) << name << l;
     }
+    auto lg = ckpt_logits(mg, ids);
+    EXPECT_LE((ld - lg).abs().max().item<double>(), 1e-5 * ld.abs().max().item<double>()) << name;
   }
-  auto lg = ckpt_logits(mg, ids);
-  EXPECT_LE((ld - lg).abs().max().item<double>(), 1e-5 * ld.abs().max().item<double>());
+  // Refusals: E not a multiple of G, K not a multiple of G, E = G (every token to every expert), 48 / 5.
   EXPECT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts 4 --granularity 3 --out " + (dir / "bad3")), 2);
   EXPECT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts 4 --granularity 2 --top-k 3 --out " + (dir / "bad4")), 2);
-  EXPECT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts 10 --granularity 5 --out " + (dir / "bad5")), 2);  // 48 / 5
-  for (const char* b : {"bad3", "bad4", "bad5"}) EXPECT_FALSE(fs::exists(dir / b)) << b;
+  EXPECT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts 2 --granularity 2 --out " + (dir / "bad5")), 2);
+  EXPECT_EQ(test::run_quiet(kBin + " upcycle " + dense_ck + " --experts 10 --granularity 5 --out " + (dir / "bad6")), 2);
+  for (const char* b : {"bad3", "bad4", "bad5", "bad6"}) EXPECT_FALSE(fs::exists(dir / b)) << b;
 
   // Refusals, nothing written.
   EXPECT_EQ(test::run_quiet(kBin + " upcycle " + up + " --experts 8 --out " + (dir / "bad1")), 2);  // has experts
@@ -245,4 +258,8 @@ TEST(Upcycle, FirstForwardIsTheDenseModelsAndItTrains) {
                                    "eval_batches: 1}\nruntime: {threads: 1}\n";
   EXPECT_EQ(test::run_quiet(kBin + " train " + (dir / "r.yaml") + " --set output_dir=" + (dir / "run")), 0);
   EXPECT_EQ(test::metric_records(dir / "run", "loss").size(), 2u);
+  // And from a granular one (8 experts of 24, top-4, from its config).
+  EXPECT_EQ(test::run_quiet(kBin + " train " + (dir / "r.yaml") + " --set output_dir=" + (dir / "run-granular") +
+                            " --set init_from=" + (dir / "granular8-2")), 0);
+  EXPECT_EQ(test::metric_records(dir / "run-granular", "loss").size(), 2u);
 }

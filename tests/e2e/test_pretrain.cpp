@@ -228,7 +228,8 @@ TEST(ExportImport, CliRoundTripAndFineTuneFromHf) {
 
 // Aux-loss-free selection biases have no place in any exported format: a checkpoint that routes with them is
 // refused by hf and gguf (one line, exit 2, nothing written) unless --drop-expert-bias says to leave them out;
-// the model exported so holds exactly the checkpoint's parameters and no biases.
+// the model exported so holds exactly the checkpoint's parameters and no biases. Biases the router does not read
+// (balance other than aux_free_bias) are no reason to refuse.
 TEST(ExportImport, ExpertBiasesAreRefusedUnlessDropped) {
   test::TempDir dir("expertbias");
   std::string data = test::make_prepared(dir, 80);
@@ -257,6 +258,16 @@ TEST(ExportImport, ExpertBiasesAreRefusedUnlessDropped) {
   for (auto& p : trained->named_parameters()) EXPECT_TRUE(torch::equal(p.value(), params[p.key()])) << p.key();
   for (auto& b : imported->named_buffers())
     if (b.key().find("expert_bias") != std::string::npos) EXPECT_EQ(b.value().abs().max().item<double>(), 0.0) << b.key();
+
+  // A run continued from it with the loss instead keeps biases its router no longer reads: exported without the flag.
+  ASSERT_EQ(run_cli("train " + recipe + " --set model.moe.balance=aux_loss --set init_from=" + ck + " --set output_dir=" +
+                    (dir / "cont")).status, 0);
+  auto cont = *train::latest_checkpoint(dir / "cont");
+  double kept = 0;
+  for (auto& b : train::load_checkpoint_model(cont)->named_buffers())
+    if (b.key().find("expert_bias") != std::string::npos) kept = std::max(kept, b.value().abs().max().item<double>());
+  ASSERT_GT(kept, 0.0) << "the continued run dropped the biases: nothing to check";
+  EXPECT_EQ(run_cli("export " + cont + " --format hf --out " + (dir / "cont-hf")).status, 0);
 }
 
 namespace {
