@@ -1,5 +1,6 @@
 #include "train/trainer.h"
 
+#include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
 
 #include <chrono>
@@ -247,7 +248,17 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
     return stage->train_batch(model, state.samples_seen + layout.global_micro_batch(a) * tc.micro_batch_size,
                               tc.micro_batch_size, device);
   };
+  // Developer hook: MOEFORGE_PROFILE=trace.json records LibTorch's per-op profile (chrome trace) of steps
+  // MOEFORGE_PROFILE_STEPS=from:to (default 20:25, 0-based), for docs/performance.md's accounting.
+  std::optional<torch::autograd::profiler::RecordProfile> profile;
+  const char* profile_path = std::getenv("MOEFORGE_PROFILE");
+  int64_t profile_from = 20, profile_to = 25;
+  if (const char* ps = std::getenv("MOEFORGE_PROFILE_STEPS"))
+    if (std::sscanf(ps, "%ld:%ld", &profile_from, &profile_to) != 2)
+      throw UserError("MOEFORGE_PROFILE_STEPS: expected from:to, got '" + std::string(ps) + "'");
   while (state.step < total_steps) {
+    if (profile_path && state.step == profile_from) profile.emplace(std::string(profile_path));
+    if (state.step == profile_to) profile.reset();
     auto t0 = Clock::now();
     const double lr = lr_at(state.step, total_steps, r.optim.warmup_steps, r.optim.lr, r.optim.min_lr,
                             r.optim.schedule, r.optim.decay_fraction);
