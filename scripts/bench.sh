@@ -8,6 +8,9 @@
 #      BENCH_STEPS steps (default 60): tokens/s and MFU.
 #   4. Peak memory (VmHWM) of a training run whose activations dominate (bench-h256 at micro-batch 32, seq 512),
 #      with train.activation_checkpointing none / moe / full, MEM_STEPS steps (default 4).
+#   5. The peer: scripts/peer_bench.py, a PyTorch eager trainer of the same model and batch (per-expert loop and
+#      sorted dispatch, fp32 and bf16 autocast), PEER_STEPS timed steps each (default 20), against moeforge's best
+#      quickstart tokens/s.
 # usage: scripts/bench.sh   (from anywhere; builds the binary and prepares the quickstart data if needed;
 #        KEEP=1 keeps the training runs that finished before, e.g. after an interruption)
 # Each run is a separate process; nothing else should run on the machine meanwhile.
@@ -61,6 +64,11 @@ for m in none moe full; do
     train.activation_checkpointing=$m
 done
 
+echo "== peer: PyTorch eager trainer (4 variants, ${PEER_STEPS:-20} steps each)" >&2
+if [ -z "${KEEP:-}" ] || [ ! -s $OUT/peer.jsonl ]; then
+  /usr/bin/python3 scripts/peer_bench.py --all --data $Q/data --steps "${PEER_STEPS:-20}" > $OUT/peer.jsonl
+fi
+
 python3 - "$OUT" <<'EOF'
 import json, sys
 out = sys.argv[1]
@@ -76,6 +84,15 @@ for name, label in (("qs", "quickstart"), ("h256", "bench-h256")):
     print(f"| {label}: tokens/s | {a['tokens_per_second']:.0f} | {b['tokens_per_second']:.0f} | {b['tokens_per_second']/a['tokens_per_second']:.2f}x |")
     print(f"| {label}: MFU (of the precision's matmul peak) | {100*a['mfu']:.1f}% of {a['peak_gflops']:.0f} | {100*b['mfu']:.1f}% of {b['peak_gflops']:.0f} | |")
     print(f"| {label}: final val loss ({a['steps']} steps) | {a['final_val_loss']:.4f} | {b['final_val_loss']:.4f} | {b['final_val_loss']-a['final_val_loss']:+.4f} |")
+print()
+peer = [json.loads(l) for l in open(f"{out}/peer.jsonl") if l.strip()]
+best_peer = next(p["peer_best"] for p in peer if "peer_best" in p)
+print("| PyTorch eager peer (same model, batch, data) | tokens/s |")
+print("|---|---|")
+for p in peer:
+    if "dispatch" in p: print(f"| {p['dispatch']} dispatch, {p['precision']} | {p['tokens_per_second']:.0f} |")
+ours = max(j(f"qs_{p}/summary.json")["tokens_per_second"] for p in ("fp32", "bf16"))
+print(f"| moeforge best quickstart / peer best | {ours / best_peer['tokens_per_second']:.2f}x |")
 print()
 print("| activation_checkpointing | peak RSS (VmHWM) | tokens/s | final train loss |")
 print("|---|---|---|---|")
