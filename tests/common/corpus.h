@@ -2,6 +2,7 @@
 #pragma once
 #include <unistd.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -22,6 +23,7 @@ struct TempDir {
     std::filesystem::create_directories(path);
   }
   ~TempDir() {
+    if (std::getenv("MOEFORGE_KEEP_TMP")) return;
     std::error_code ec;
     std::filesystem::remove_all(path, ec);
   }

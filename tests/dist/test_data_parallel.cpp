@@ -58,7 +58,7 @@ TEST(DataParallel, TwoRanksEqualOneProcessWithAccumulation) {
   std::ofstream(dir / "r.yaml") << "stage: pretrain\n" << kDpModelYaml << "data: {dir: " << data << "}\n"
                                 << "train: {micro_batch_size: 2, seq_len: 32, max_steps: 5, log_interval: 1, "
                                    "eval_interval: 5, eval_batches: 2, checkpoint_interval: 5}\n"
-                                << "optim: {warmup_steps: 1}\nruntime: {threads: 1}\n";
+                                << "optim: {eps: 1.0e-6, warmup_steps: 1}\nruntime: {threads: 1}\n";
   const std::string bin = MOEFORGE_BINARY;
   ASSERT_EQ(run_quiet(bin + " train " + (dir / "r.yaml") + " --set output_dir=" + (dir / "one") + " --set train.grad_accum=4"), 0);
   ASSERT_EQ(run_quiet(bin + " launch --nproc-per-node 2 --master-port " + std::to_string(free_port()) + " -- train " +
@@ -90,7 +90,7 @@ TEST(DataParallel, DpoTwoRanksEqualOneProcess) {
                                   << "}\ndpo: {beta: 0.5, reference: precompute, rpo_alpha: 0.5}\n"
                                   << "train: {micro_batch_size: 3, seq_len: 48, max_steps: 5, log_interval: 1, "
                                      "eval_interval: 5, eval_batches: 2, checkpoint_interval: 5}\n"
-                                  << "optim: {lr: 3.0e-3, warmup_steps: 0, schedule: constant}\nruntime: {threads: 1}\n";
+                                  << "optim: {eps: 1.0e-6, lr: 3.0e-3, warmup_steps: 0, schedule: constant}\nruntime: {threads: 1}\n";
   ASSERT_EQ(run_quiet(bin + " train " + (dir / "dpo.yaml") + " --set output_dir=" + (dir / "one") + " --set train.grad_accum=2"), 0);
   ASSERT_EQ(run_quiet(bin + " launch --nproc-per-node 2 --master-port " + std::to_string(free_port()) + " -- train " +
                 (dir / "dpo.yaml") + " --set output_dir=" + (dir / "two")),
