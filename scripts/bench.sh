@@ -3,7 +3,8 @@
 # section, measured side by side in one run and printed as one table.
 #   1. `moeforge bench moe` (one MoE block, forward + backward) in fp32 and bf16, against a plain matmul.
 #   2. The quickstart recipe (configs/tiny.yaml on the Brown corpus) in fp32 and bf16: tokens/s, MFU against the
-#      peak of the precision in use, final validation loss (STEPS, default the recipe's 500).
+#      peak of the precision in use, final validation loss, peak RSS, steadiness (tokens/s of the last 100 steps over
+#      steps 50-150) (STEPS, default the recipe's 500); and what `precision: auto`'s probe measures and picks.
 #   3. configs/bench-h256.yaml (hidden 256, 4 layers, 8 experts top-2, seq 256, micro-batch 8) in fp32 and bf16,
 #      BENCH_STEPS steps (default 60): tokens/s and MFU.
 #   4. Peak memory (VmHWM) of a training run whose activations dominate (bench-h256 at micro-batch 32, seq 512),
@@ -50,6 +51,9 @@ for p in fp32 bf16; do
   echo "== quickstart $p ($STEPS steps)" >&2
   run qs_$p recipes/quickstart.yaml runtime.precision=$p train.max_steps=$STEPS train.checkpoint_interval=$STEPS
 done
+echo "== quickstart auto: the precision probe alone (1 step)" >&2
+run qs_auto recipes/quickstart.yaml runtime.precision=auto train.max_steps=1 train.eval_interval=1 train.eval_batches=1 \
+  train.checkpoint_interval=1
 for p in fp32 bf16; do
   echo "== bench-h256 $p ($BENCH_STEPS steps)" >&2
   run h256_$p recipes/quickstart.yaml model=configs/bench-h256.yaml runtime.precision=$p train.micro_batch_size=8 \
@@ -84,6 +88,16 @@ for name, label in (("qs", "quickstart"), ("h256", "bench-h256")):
     print(f"| {label}: tokens/s | {a['tokens_per_second']:.0f} | {b['tokens_per_second']:.0f} | {b['tokens_per_second']/a['tokens_per_second']:.2f}x |")
     print(f"| {label}: MFU (of the precision's matmul peak) | {100*a['mfu']:.1f}% of {a['peak_gflops']:.0f} | {100*b['mfu']:.1f}% of {b['peak_gflops']:.0f} | |")
     print(f"| {label}: final val loss ({a['steps']} steps) | {a['final_val_loss']:.4f} | {b['final_val_loss']:.4f} | {b['final_val_loss']-a['final_val_loss']:+.4f} |")
+    print(f"| {label}: peak RSS | {a['peak_rss_bytes']/2**20:.0f} MiB | {b['peak_rss_bytes']/2**20:.0f} MiB | |")
+    if a["steps"] >= 250:  # throughput steady: the last 100 steps against steps 50-150
+        def steady(run):
+            recs = [json.loads(l) for l in open(f"{out}/{run}/metrics.jsonl") if '"tokens_per_second"' in l]
+            tps = lambda lo, hi: [r["tokens_per_second"] for r in recs if lo < r["step"] <= hi and "tokens_per_second" in r]
+            early, late = tps(50, 150), tps(a["steps"] - 100, a["steps"])
+            return sum(late) / len(late) / (sum(early) / len(early))
+        print(f"| {label}: tokens/s of the last 100 steps / steps 50-150 | {steady(name + '_fp32'):.2f} | {steady(name + '_bf16'):.2f} | |")
+c = j("qs_auto/summary.json")["precision_choice"]
+print(f"| quickstart: `precision: auto` probe, forward + backward ({c['probe_layers']} layers) | {1e3*c['fp32_step_s']:.0f} ms | {1e3*c['bf16_step_s']:.0f} ms | chose {c['chosen']} |")
 print()
 peer = [json.loads(l) for l in open(f"{out}/peer.jsonl") if l.strip()]
 best_peer = next(p["peer_best"] for p in peer if "peer_best" in p)

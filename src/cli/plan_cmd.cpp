@@ -76,6 +76,13 @@ int cmd_plan(const Args& in) {
     if (*end || !(p.expert_load >= 1.0) || p.expert_load > 1e3)
       throw UserError("plan: --expert-load must be a number >= 1 (the busiest rank's routed rows over the mean), got '" + load + "'");
   }
+  // runtime.precision: auto is decided by a probe when the run starts: plan the precision that needs more.
+  if (p.precision == "auto") {
+    PlanInput f = p, b = p;
+    f.precision = "fp32";
+    b.precision = "bf16";
+    p.precision = plan_rank(b).total >= plan_rank(f).total ? "bf16" : "fp32";
+  }
   const RankPlan rp = plan_rank(p);
   const double limit = mem.empty() ? 0 : static_cast<double>(io::parse_size(mem, "--device-memory"));
   const PlanAdvice adv = limit > 0 ? advise(p, limit) : PlanAdvice{};
@@ -112,7 +119,8 @@ int cmd_plan(const Args& in) {
     return 0;
   }
   std::printf("%s: %s (%s parameters), %s, %s, micro-batch %ld x %ld, recomputation %s, %s\n", args[0].c_str(),
-              p.model.name.c_str(), count(pc.total).c_str(), p.finetune.method.c_str(), p.precision.c_str(),
+              p.model.name.c_str(), count(pc.total).c_str(), p.finetune.method.c_str(),
+              (r.runtime.precision == "auto" ? "auto, planned as " + p.precision + " (the larger)" : p.precision).c_str(),
               (long)p.micro_batch, (long)p.seq_len, p.recompute.c_str(), p.device.c_str());
   std::printf("layout: %d processes = %d data-parallel x %d expert-parallel%s; per rank %s parameters held, %s trained\n",
               p.world, p.world / p.expert, p.expert, p.zero ? ", ZeRO-1" : "", count(rp.params_held).c_str(),

@@ -166,7 +166,8 @@ ForwardOutput MixtralForCausalLMImpl::forward(const ForwardInputs& in) {
     x = model->layers[i]->forward(x, cs.first, cs.second, mask, &out.router[i]);
   }
   out.hidden = model->norm->forward(x, compute_dtype_);
-  out.logits = adapted_linear(out.hidden, lm_head_weight(), &lm_head_extras, lora_rt.get(), is_training());
+  if (!in.skip_logits)
+    out.logits = adapted_linear(out.hidden, lm_head_weight(), &lm_head_extras, lora_rt.get(), is_training());
   return out;
 }
 

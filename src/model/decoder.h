@@ -23,6 +23,7 @@ struct ForwardInputs {
   torch::Tensor input_ids;     // [B, T] int64
   torch::Tensor position_ids;  // [B, T], optional (default 0..T-1; restarts per packed example)
   torch::Tensor segment_ids;   // [B, T], optional: attention stays inside equal ids (packing)
+  bool skip_logits = false;    // true: out.logits stays undefined (the caller applies the head to out.hidden)
 };
 
 struct ForwardOutput {
@@ -81,15 +82,18 @@ class MixtralForCausalLMImpl : public torch::nn::Module {
 
   // The (possibly tied) output projection weight [V, H].
   torch::Tensor lm_head_weight() const;
+  // Whether the LM head is its weight alone (no adapter, not quantised), so that a caller may apply it itself.
+  bool plain_lm_head() const { return !lm_head_extras.lora.A.defined() && !lm_head_extras.quant; }
   // The MoE blocks in layer order (for dispatchers and aux-free bias updates).
   std::vector<MoEBlock> moe_blocks() const;
   // The experts this model was built with (every layer the same range; all() when it holds every expert).
   ExpertRange held_experts() const;
   // Mixed precision: matmuls, attention and the LM head in `dtype` (bf16) with the parameters kept in their own
   // dtype (fp32 master weights); nullopt computes in the parameters' dtype. The residual stream, RMSNorm
-  // statistics, the router (logits, softmax, top-k) and the softmax of attention stay fp32; the objectives
-  // take the logits to fp32 before their log-softmax.
+  // statistics and the router (logits, softmax, top-k) stay fp32, the attention softmax computes in fp32 inside
+  // its kernel; the objectives take logits to fp32 for their log-softmax (pretraining chunk by chunk).
   void set_compute_dtype(std::optional<at::ScalarType> dtype);
+  std::optional<at::ScalarType> compute_dtype() const { return compute_dtype_; }
   // Activation recomputation for every decoder layer.
   void set_recompute(Recompute r);
   // Seeds every layer's router-jitter generator from the run seed (a distinct stream per layer).

@@ -1,7 +1,7 @@
 // Mixed precision, written out: the parameters stay fp32 (the master copy the optimizer updates) and the
 // matmuls run in the compute dtype (bf16) by casting each weight to the dtype of the activation it meets.
 // The cast is part of the autograd graph, so each weight's gradient arrives in fp32. No autocast: the same
-// code runs on CPU and CUDA, and what stays fp32 (router, norm statistics, softmax of attention, losses) is
+// code runs on CPU and CUDA, and what stays fp32 (router, norm statistics, losses) is
 // decided here in the model, not by an op list of the LibTorch version at hand.
 #pragma once
 #include <ATen/core/Tensor.h>

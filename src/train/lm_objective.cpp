@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include "model/chunked_loss.h"
 #include "train/moe_terms.h"
 
 namespace moeforge::train {
@@ -11,9 +12,19 @@ BatchLoss lm_loss(MixtralForCausalLM& model, const data::LmBatch& batch, const t
   const auto& moe = model->config().moe;
   auto inputs = batch.inputs.to(device);
   auto targets = batch.targets.to(device);
-  ForwardOutput out = model->forward(inputs);
-  const auto V = out.logits.size(-1);
-  auto ce = torch::nn::functional::cross_entropy(out.logits.reshape({-1, V}).to(torch::kFloat), targets.reshape({-1}));
+  // In a reduced compute dtype the head and the loss run chunk by chunk (model/chunked_loss.h): no [N, V] logits
+  // in bf16 and fp32 and no casts between them. fp32 keeps the plain head and cross-entropy (unchanged results).
+  ForwardInputs in{inputs, {}, {}};
+  in.skip_logits = model->plain_lm_head() && model->compute_dtype().has_value();
+  ForwardOutput out = model->forward(in);
+  torch::Tensor ce;
+  if (in.skip_logits) {
+    ce = chunked_lm_cross_entropy(out.hidden.reshape({-1, out.hidden.size(-1)}), model->lm_head_weight(),
+                                  targets.reshape({-1}));
+  } else {
+    const auto V = out.logits.size(-1);
+    ce = torch::nn::functional::cross_entropy(out.logits.reshape({-1, V}).to(torch::kFloat), targets.reshape({-1}));
+  }
   BatchLoss l;
   l.total = ce;
   const MoeTerms t = add_moe_terms(l.total, out.router, moe, aux_loss_coef, inputs.size(1));

@@ -143,8 +143,9 @@ const io::KeyTable<Recipe>& recipe_keys() {
                 "wsd: final fraction of the steps that decays to min_lr")
         .choice("runtime.device", [](auto& r) -> auto& { return r.runtime.device; }, {"auto", "cpu", "cuda"},
                 "auto = CUDA when available")
-        .choice("runtime.precision", [](auto& r) -> auto& { return r.runtime.precision; }, {"fp32", "bf16"},
-                "bf16 = mixed: bf16 matmuls, fp32 master weights, optimizer, router, norms and loss")
+        .choice("runtime.precision", [](auto& r) -> auto& { return r.runtime.precision; }, {"fp32", "bf16", "auto"},
+                "bf16 = mixed: bf16 matmuls, fp32 master weights, optimizer, router, norms and loss; auto = the "
+                "faster of the two in a probe of forward and backward at start-up (summary.json: precision_choice)")
         .integer("runtime.threads", [](auto& r) -> auto& { return r.runtime.threads; }, non_negative(),
                  "intra-op threads, 0 = the cores (shared among the ranks of a machine)")
         .integer("parallel.timeout_s", [](auto& r) -> auto& { return r.parallel_timeout_s; }, positive(),

@@ -41,7 +41,9 @@ struct TrainLoopConfig {
 
 struct RuntimeConfig {
   std::string device = "auto";     // auto | cpu | cuda
-  std::string precision = "fp32";  // fp32 | bf16 (mixed: bf16 matmuls, fp32 master weights and AdamW state)
+  // fp32 | bf16 (mixed: bf16 matmuls, fp32 master weights and AdamW state) | auto (the faster, measured at start-up
+  // by train/precision_probe.h; run_training replaces it by its choice before anything else reads it)
+  std::string precision = "fp32";
   int threads = 0;                 // 0 = number of cores
 };
 

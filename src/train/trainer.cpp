@@ -27,6 +27,8 @@
 #include "train/model_setup.h"
 #include "train/moe_terms.h"
 #include "train/optimizer.h"
+#include "train/precision_probe.h"
+#include "train/recipe_keys.h"
 #include "train/run_log.h"
 #include "train/schedule.h"
 #include "train/stage.h"
@@ -106,6 +108,37 @@ torch::Device pick_device(const RuntimeConfig& rt, const std::string& recipe_pat
               : torch::Device(torch::kCPU);
 }
 
+// runtime.precision: auto becomes fp32 or bf16 before anything is built: a resumed run keeps the precision its
+// checkpoint was trained in, a new one takes the faster of the probe (train/precision_probe.h), every rank the
+// same (their probe times summed). The recipe written to the run and its checkpoints names the choice. Returns
+// what summary.json records of it (null when the recipe named a precision).
+nlohmann::json resolve_auto_precision(Recipe& r, const std::optional<std::string>& latest, parallel::Layout& layout,
+                                      const torch::Device& device) {
+  if (r.runtime.precision != "auto") return nullptr;
+  nlohmann::json j;
+  if (latest) {
+    r.runtime.precision = checkpoint_precision(*latest);
+    j = {{"rule", "resumed"}, {"chosen", r.runtime.precision}};
+    MF_INFO("runtime.precision auto: " << r.runtime.precision << ", the precision of the run being resumed");
+  } else {
+    PrecisionProbe p = probe_precision(r.model, r.train.micro_batch_size, r.train.seq_len, device);
+    std::vector<torch::Tensor> v{torch::tensor({p.fp32_s, p.bf16_s}, torch::kDouble)};
+    layout.all_reduce_sum(v);
+    p.fp32_s = v[0][0].item<double>() / layout.world();
+    p.bf16_s = v[0][1].item<double>() / layout.world();
+    r.runtime.precision = p.chosen();
+    j = {{"rule", "probe"}, {"chosen", r.runtime.precision}, {"probe_layers", p.layers},
+         {"fp32_step_s", p.fp32_s}, {"bf16_step_s", p.bf16_s}};
+    MF_INFO("runtime.precision auto: " << r.runtime.precision << " (probe of " << p.layers << " layer"
+                                       << (p.layers == 1 ? "" : "s") << " at " << r.train.micro_batch_size << " x "
+                                       << r.train.seq_len << " tokens: forward and backward fp32 "
+                                       << static_cast<int>(p.fp32_s * 1e3 + 0.5) << " ms, bf16 "
+                                       << static_cast<int>(p.bf16_s * 1e3 + 0.5) << " ms)");
+  }
+  r.yaml = recipe_keys().emit(r);
+  return j;
+}
+
 // Test hook: an interruption right after the checkpoint of step MOEFORGE_TEST_KILL_AFTER_CHECKPOINT (resume
 // tests), of one rank (MOEFORGE_TEST_KILL_RANK, default every rank), by SIGKILL or SIGSTOP (a hung rank).
 void maybe_stop_for_test(int64_t step, int rank) {
@@ -119,7 +152,8 @@ void maybe_stop_for_test(int64_t step, int rank) {
 
 }  // namespace
 
-TrainResult run_training(const Recipe& r, bool force_resume) {
+TrainResult run_training(const Recipe& given, bool force_resume) {
+  Recipe r = given;  // runtime.precision: auto is resolved below
   const parallel::DistEnv denv = parallel::read_dist_env();
   const int threads = parallel::configure_rank_threads(r.runtime.threads, denv.world_size);
   const torch::Device device = pick_device(r.runtime, r.path, denv.local_rank);
@@ -140,11 +174,12 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
   const ModelConfig& cfg = r.model;
   const auto& tc = r.train;
 
+  const std::optional<std::string> latest = resume ? latest_checkpoint_of_job(run_dir, layout) : std::nullopt;
+  const nlohmann::json precision_choice = resolve_auto_precision(r, latest, layout, device);
   std::unique_ptr<Stage> stage = make_stage(r);
 
   // Model and optimizer: this rank's share, built and loaded without the rest ever existing here.
   const FinetuneSpec& ft = r.finetune;
-  const std::optional<std::string> latest = resume ? latest_checkpoint_of_job(run_dir, layout) : std::nullopt;
   TrainingModel built = build_training_model(r, layout, latest);
   MixtralForCausalLM model = built.model;
   const BasePointer base = built.base;
@@ -372,6 +407,7 @@ TrainResult run_training(const Recipe& r, bool force_resume) {
       {"active_params", pc.active},
       {"device", dev_name},
       {"precision", r.runtime.precision},
+      {"precision_choice", precision_choice},
       {"activation_checkpointing", tc.activation_checkpointing},
       {"peak_rss_bytes", peak_rss_bytes()},
       {"threads", threads},

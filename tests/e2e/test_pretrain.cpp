@@ -336,6 +336,51 @@ TEST(Bf16, TracksFp32ResumesBitwiseAndExportsItsOwnModel) {
   EXPECT_NE(own, eval_json(ck, " --precision fp32"));
 }
 
+// runtime.precision: auto probes at start-up and runs in the precision whose probe step was faster; the choice
+// is in summary.json (with both probe times) and in the recipe the checkpoints carry, and the run trains bit for
+// bit as one that named that precision (the probe draws from none of the run's generators and leaves the model
+// untouched). A resumed run keeps its checkpoint's precision without probing.
+TEST(AutoPrecision, ProbesPicksTheFasterAndTrainsAsTheNamedPrecisionDoes) {
+  test::TempDir dir("autoprec");
+  std::string data = test::make_prepared(dir, 100);
+  const std::string autop = " --set runtime.precision=auto";
+  ASSERT_EQ(run_cli("train " + write_recipe(dir, data, dir / "auto", 6, 3) + autop).status, 0);
+  std::ifstream sin(dir / "auto/summary.json");
+  const auto s = nlohmann::json::parse(sin);
+  const auto& c = s["precision_choice"];
+  ASSERT_EQ(c["rule"], "probe") << s.dump();
+  const double f = c["fp32_step_s"].get<double>(), b = c["bf16_step_s"].get<double>();
+  EXPECT_GT(f, 0);
+  EXPECT_GT(b, 0);
+  const std::string chosen = b < f ? "bf16" : "fp32";
+  EXPECT_EQ(c["chosen"], chosen);
+  EXPECT_EQ(s["precision"], chosen);
+  EXPECT_EQ(c["probe_layers"], 2);  // the whole of this 2-layer model
+  EXPECT_EQ(train::checkpoint_precision(*train::latest_checkpoint(dir / "auto")), chosen);
+
+  auto named = [&](const std::string& p) {
+    const std::string out = dir / ("named_" + p);
+    if (!fs::exists(out))
+      EXPECT_EQ(run_cli("train " + write_recipe(dir, data, out, 6, 3) + " --set runtime.precision=" + p).status, 0);
+    return losses(out);
+  };
+  EXPECT_EQ(losses(dir / "auto"), named(chosen));
+
+  auto broken = write_recipe(dir, data, dir / "broken", 6, 3);
+  CliRun killed = run_cli("train " + broken + autop, "MOEFORGE_TEST_KILL_AFTER_CHECKPOINT=3");
+  EXPECT_EQ(killed.status, 128 + SIGKILL) << killed.err;
+  const std::string first = train::checkpoint_precision(*train::latest_checkpoint(dir / "broken"));
+  CliRun resumed = run_cli("train " + broken + autop + " --resume");
+  ASSERT_EQ(resumed.status, 0) << resumed.err;
+  EXPECT_NE(resumed.err.find("runtime.precision auto: " + first + ", the precision of the run being resumed"),
+            std::string::npos) << resumed.err;
+  std::ifstream rin(dir / "broken/summary.json");
+  const auto rs = nlohmann::json::parse(rin);
+  EXPECT_EQ(rs["precision_choice"]["rule"], "resumed");
+  EXPECT_EQ(rs["precision"], first);
+  EXPECT_EQ(losses(dir / "broken"), named(first));
+}
+
 // Activation recomputation of whole layers or of the MoE blocks trains as keeping the activations does
 // (router jitter on, two accumulated micro-batches), with the expert loads counted once. Recomputing whole
 // layers repeats every operation in the same order: the records are identical. Recomputing the MoE block only
