@@ -1,6 +1,7 @@
 #include "model/memory_plan.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "core/error.h"
 #include "model/param_count.h"
@@ -114,8 +115,17 @@ RankPlan plan_rank(const PlanInput& in) {
   r.activations = tokens * per_token;
   r.backward = tokens * whole_layer;
   // Logits: compute-dtype logits and their fp32 log-softmax; in the backward the NLL's dense fp32 gradient, the
-  // log-softmax's fp32 gradient and the compute-dtype gradient of the logits.
-  r.logits = tokens * static_cast<double>(m.vocab_size) * (c + 4 + 4 + 4 + c);
+  // log-softmax's fp32 gradient and the compute-dtype gradient of the logits. Pretraining in bf16 with a plain
+  // head runs the head and the loss chunk by chunk (model/chunked_loss.h): one chunk's compute-dtype and fp32
+  // logits (about 2 M of them), and the gradients of the hidden states (compute dtype) and of the head (fp32).
+  const bool plain_head = !(ft.adapters() && ft.lora.targets_module("lm_head"));
+  if (in.stage == "pretrain" && bf16 && plain_head) {
+    const double chunk_rows = std::clamp(std::floor(2097152.0 / static_cast<double>(m.vocab_size)), 64.0, 1024.0);
+    r.logits = std::min(tokens, chunk_rows) * static_cast<double>(m.vocab_size) * (c + 4) +
+               tokens * static_cast<double>(m.hidden_size) * c + 4.0 * static_cast<double>(p.lm_head);
+  } else {
+    r.logits = tokens * static_cast<double>(m.vocab_size) * (c + 4 + 4 + 4 + c);
+  }
   // The process: on CPU measured (memory_plan.h); on CUDA the context and the caching allocator's slack, an
   // estimate not yet measured (no GPU has been lent to this project).
   r.runtime = in.device == "cuda" ? 1024.0 * (1 << 20) : 185.0 * (1 << 20);

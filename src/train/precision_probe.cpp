@@ -11,11 +11,13 @@
 #include "model/finetune.h"
 #include "model/mixed.h"
 #include "model/param_count.h"
+#include "model/recompute.h"
 #include "train/lm_objective.h"
 
 namespace moeforge::train {
 
-PrecisionProbe probe_precision(const ModelConfig& cfg, int64_t micro_batch, int64_t seq_len, const c10::Device& device) {
+PrecisionProbe probe_precision(const ModelConfig& cfg, int64_t micro_batch, int64_t seq_len, const std::string& recompute,
+                               const c10::Device& device) {
   using Clock = std::chrono::steady_clock;
   PrecisionProbe p;
   // As many of the run's layers as fit in 64 M parameters (the whole of a small model, one layer of a large one).
@@ -33,6 +35,7 @@ PrecisionProbe probe_precision(const ModelConfig& cfg, int64_t micro_batch, int6
   global.set_state(saved);
   init_weights(*m, c.init_std, /*seed=*/1);
   move_to(m, device);
+  m->set_recompute(parse_recompute(recompute));  // a run that recomputes to fit its memory: so does the probe
   m->train();
   at::Generator gen = at::detail::createCPUGenerator(2);
   data::LmBatch b;

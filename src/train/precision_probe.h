@@ -22,8 +22,10 @@ struct PrecisionProbe {
 // so their costs are what the whole step is made of; a rank of a large model never builds the whole model for
 // it: one Mixtral 8x7B layer with the embedding and head is 1.7 B parameters, about 14 GB in fp32 with its
 // gradients, against some 750 GB for the whole model's training state), fp32 and bf16 interleaved over 3 rounds
-// after a warm-up, best of each. It draws from no generator of the run (the global one is put back), and
-// allocates only the probe model (freed on return).
-PrecisionProbe probe_precision(const ModelConfig& cfg, int64_t micro_batch, int64_t seq_len, const c10::Device& device);
+// after a warm-up, best of each, with the run's activation recomputation (`recompute`: none | full | moe). It
+// draws from no generator of the run (the global one is put back) and allocates only the probe model, freed on
+// return. Its fp32 step holds fp32 activations: where a bf16 run only just fits in memory, name the precision.
+PrecisionProbe probe_precision(const ModelConfig& cfg, int64_t micro_batch, int64_t seq_len, const std::string& recompute,
+                               const c10::Device& device);
 
 }  // namespace moeforge::train

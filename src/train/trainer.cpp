@@ -121,7 +121,8 @@ nlohmann::json resolve_auto_precision(Recipe& r, const std::optional<std::string
     j = {{"rule", "resumed"}, {"chosen", r.runtime.precision}};
     MF_INFO("runtime.precision auto: " << r.runtime.precision << ", the precision of the run being resumed");
   } else {
-    PrecisionProbe p = probe_precision(r.model, r.train.micro_batch_size, r.train.seq_len, device);
+    PrecisionProbe p = probe_precision(r.model, r.train.micro_batch_size, r.train.seq_len, r.train.activation_checkpointing,
+                                       device);
     std::vector<torch::Tensor> v{torch::tensor({p.fp32_s, p.bf16_s}, torch::kDouble)};
     layout.all_reduce_sum(v);
     p.fp32_s = v[0][0].item<double>() / layout.world();
