@@ -7,7 +7,7 @@
 #      steps 50-150) (STEPS, default the recipe's 500); and what `precision: auto`'s probe measures and picks.
 #   3. configs/bench-h256.yaml (hidden 256, 4 layers, 8 experts top-2, seq 256, micro-batch 8) in fp32 and bf16,
 #      BENCH_STEPS steps (default 60): tokens/s and MFU.
-#   4. Peak memory (VmHWM) of a training run whose activations dominate (bench-h256 at micro-batch 32, seq 512),
+#   4. Peak memory (VmHWM) of a bf16 training run whose activations dominate (bench-h256 at micro-batch 32, seq 512),
 #      with train.activation_checkpointing none / moe / full, MEM_STEPS steps (default 4).
 #   5. The peer: scripts/peer_bench.py, a PyTorch eager trainer of the same model and batch (per-expert loop and
 #      sorted dispatch, fp32 and bf16 autocast), PEER_STEPS timed steps each (default 20), against moeforge's best
@@ -65,7 +65,7 @@ for m in none moe full; do
   run mem_$m recipes/quickstart.yaml model=configs/bench-h256.yaml model.max_position_embeddings=512 \
     train.micro_batch_size=32 train.seq_len=512 train.max_steps=$MEM_STEPS train.log_interval=1 \
     train.eval_interval=$MEM_STEPS train.eval_batches=1 train.checkpoint_interval=$MEM_STEPS \
-    train.activation_checkpointing=$m
+    train.activation_checkpointing=$m runtime.precision=bf16
 done
 
 echo "== peer: PyTorch eager trainer (4 variants, ${PEER_STEPS:-20} steps each)" >&2

@@ -212,6 +212,10 @@ std::vector<SweepPoint> expand_sweep(const SweepSpec& spec) {
         p.overrides.insert(p.overrides.end() - 1, "model.intermediate_size=" + std::to_string(size));
         p.recipe = load_recipe(spec.recipe, p.overrides);
       }
+      // A probe per point would let timing noise choose each arm's arithmetic: the arms must compute alike.
+      if (p.recipe.runtime.precision == "auto")
+        throw UserError("key 'runtime.precision': auto lets each point's start-up probe pick its precision; a sweep "
+                        "compares arms computed alike: set fp32 or bf16 (for every point: set: {runtime.precision: bf16})");
     } catch (const UserError& e) {
       throw UserError(spec.path + ": point " + p.name + ": " + e.what());
     }

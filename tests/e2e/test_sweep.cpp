@@ -88,6 +88,10 @@ TEST(Sweep, BadInputFailsBeforeAnythingRuns) {
   EXPECT_NE(err("grid:\n  train.seed: []\n").find("non-empty list"), std::string::npos);       // empty axis
   EXPECT_NE(err("grid:\n  train.max_steps: [ten]\n").find("max_steps"), std::string::npos);    // wrong type
   EXPECT_NE(err("grid:\n  train.seed: [1]\njobs: 2\n").find("unknown key 'jobs'"), std::string::npos);
+  // runtime.precision: auto would let every point's probe pick its own arithmetic.
+  EXPECT_NE(err("set: {runtime.precision: auto}\ngrid:\n  train.seed: [1]\n").find("'runtime.precision': auto"),
+            std::string::npos);
+  EXPECT_EQ(err("set: {runtime.precision: bf16}\ngrid:\n  train.seed: [1]\n"), "");
   EXPECT_FALSE(fs::exists(dir / "out"));
   // The command: exit 2 and nothing written.
   std::ofstream(dir / "s.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out")
