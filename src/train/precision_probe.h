@@ -18,7 +18,7 @@ struct PrecisionProbe {
 };
 
 // Times the forward and backward of the LM loss on a `micro_batch` x `seq_len` batch of random tokens through a
-// model of `cfg` with as many of its decoder layers as fit in 64 M parameters, at least one (the layers repeat,
+// model of `cfg` with half its decoder layers, at most as many as fit in 64 M parameters, at least one (the layers repeat,
 // so their costs are what the whole step is made of; a rank of a large model never builds the whole model for
 // it: one Mixtral 8x7B layer with the embedding and head is 1.7 B parameters, about 14 GB in fp32 with its
 // gradients, against some 750 GB for the whole model's training state), fp32 and bf16 interleaved over 3 rounds

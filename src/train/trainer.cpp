@@ -3,6 +3,8 @@
 #include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
 
+#include <dlfcn.h>
+
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -66,6 +68,14 @@ double measure_peak_gflops(const std::string& device, const std::string& precisi
     s = std::chrono::duration<double>(Clock::now() - t0).count();
   }
   return 2.0 * n * n * n * iters / s / 1e9;
+}
+
+static std::string allocator_in_use() {
+  // tcmalloc, where it is linked (CMakeLists.txt), answers its own property query with the bytes it serves.
+  using Query = int (*)(const char*, size_t*);
+  auto q = reinterpret_cast<Query>(::dlsym(RTLD_DEFAULT, "MallocExtension_GetNumericProperty"));
+  size_t bytes = 0;
+  return q && q("generic.current_allocated_bytes", &bytes) && bytes > 0 ? "tcmalloc" : "glibc";
 }
 
 int64_t peak_rss_bytes() {
@@ -244,7 +254,8 @@ TrainResult run_training(const Recipe& given, bool force_resume) {
   MF_INFO("model " << cfg.name << ": " << pc.total << " parameters, " << pc.active << " active; " << dev_name << ", "
                    << threads << " threads, " << r.runtime.precision
                    << (tc.activation_checkpointing != "none" ? ", recomputing " + tc.activation_checkpointing : std::string())
-                   << "; peak " << r.runtime.precision << " matmul " << static_cast<int>(peak) << " GFLOP/s");
+                   << "; peak " << r.runtime.precision << " matmul " << static_cast<int>(peak) << " GFLOP/s; allocator "
+                   << allocator_in_use());
   MF_INFO("training " << total_steps << " steps of " << tokens_per_step * W << " tokens (" << tc.micro_batch_size
                       << " x " << tc.seq_len << " x " << tc.grad_accum << " accumulation"
                       << (W > 1 ? " x " + std::to_string(W) + " ranks" : std::string()) << "); "
@@ -411,6 +422,7 @@ TrainResult run_training(const Recipe& given, bool force_resume) {
       {"precision_choice", precision_choice},
       {"activation_checkpointing", tc.activation_checkpointing},
       {"peak_rss_bytes", peak_rss_bytes()},
+      {"allocator", allocator_in_use()},
       {"threads", threads},
       {"elapsed_s", elapsed_before + std::chrono::duration<double>(Clock::now() - run_start).count()}};
   for (const auto& [k, v] : last_eval.metrics) summary["final_val_" + k] = v;

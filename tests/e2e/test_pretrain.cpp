@@ -355,7 +355,18 @@ TEST(AutoPrecision, ProbesPicksTheFasterAndTrainsAsTheNamedPrecisionDoes) {
   const std::string chosen = b < f ? "bf16" : "fp32";
   EXPECT_EQ(c["chosen"], chosen);
   EXPECT_EQ(s["precision"], chosen);
-  EXPECT_EQ(c["probe_layers"], 2);  // the whole of this 2-layer model
+  EXPECT_EQ(c["probe_layers"], 1);  // half of this 2-layer model
+  // The allocator the run reports is the one the binary links (CMakeLists.txt): a linked tcmalloc serves.
+  {
+    std::string libs;
+    if (FILE* f = ::popen(("ldd " + std::string(MOEFORGE_BINARY) + " 2>/dev/null").c_str(), "r")) {
+      char buf[512];
+      while (std::fgets(buf, sizeof buf, f)) libs += buf;
+      ::pclose(f);
+    }
+    ASSERT_NE(libs.find("libc.so"), std::string::npos) << "ldd gave: " << libs;
+    EXPECT_EQ(s["allocator"], libs.find("libtcmalloc") != std::string::npos ? "tcmalloc" : "glibc") << libs;
+  }
   EXPECT_EQ(train::checkpoint_precision(*train::latest_checkpoint(dir / "auto")), chosen);
 
   auto named = [&](const std::string& p) {
