@@ -9,6 +9,7 @@
 #include "core/error.h"
 
 int main(int argc, char** argv) {
+  // (glibc's malloc only: where CMake found tcmalloc it serves every allocation and these are no-ops.)
   // Keep freed memory in the heap instead of handing it back to the kernel after every step:
   // a training step frees and re-allocates the same large buffers, and re-faulting their pages
   // cost half the step time on CPU (2,700 -> 5,900 tokens/s on the quickstart model).
