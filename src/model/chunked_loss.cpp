@@ -72,13 +72,17 @@ struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntrop
 
 }  // namespace
 
+int64_t chunked_loss_rows(int64_t vocab) {
+  return std::clamp<int64_t>((int64_t{1} << 21) / std::max<int64_t>(vocab, 1), 64, 1024);
+}
+
 at::Tensor chunked_lm_cross_entropy(const at::Tensor& hidden_NH, const at::Tensor& weight_VH, const at::Tensor& targets_N,
                                     int64_t ignore_index, int64_t chunk_rows) {
   MF_CHECK(hidden_NH.dim() == 2 && weight_VH.dim() == 2 && hidden_NH.size(1) == weight_VH.size(1),
            "chunked_lm_cross_entropy: hidden [N, H] and weight [V, H]");
   MF_CHECK(targets_N.dim() == 1 && targets_N.size(0) == hidden_NH.size(0), "chunked_lm_cross_entropy: one target per row");
   const int64_t V = weight_VH.size(0);
-  const int64_t chunk = chunk_rows > 0 ? chunk_rows : std::clamp<int64_t>((int64_t{1} << 21) / std::max<int64_t>(V, 1), 64, 1024);
+  const int64_t chunk = chunk_rows > 0 ? chunk_rows : chunked_loss_rows(V);
   if (!torch::GradMode::is_enabled()) {
     // No graph: the loss alone (the autograd function would form no gradients either, but skip its bookkeeping).
     torch::NoGradGuard ng;

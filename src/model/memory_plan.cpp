@@ -1,9 +1,9 @@
 #include "model/memory_plan.h"
 
 #include <algorithm>
-#include <cmath>
 
 #include "core/error.h"
+#include "model/chunked_loss.h"
 #include "model/param_count.h"
 
 namespace moeforge {
@@ -120,7 +120,7 @@ RankPlan plan_rank(const PlanInput& in) {
   // logits (about 2 M of them), and the gradients of the hidden states (compute dtype) and of the head (fp32).
   const bool plain_head = !(ft.adapters() && ft.lora.targets_module("lm_head"));
   if (in.stage == "pretrain" && bf16 && plain_head) {
-    const double chunk_rows = std::clamp(std::floor(2097152.0 / static_cast<double>(m.vocab_size)), 64.0, 1024.0);
+    const double chunk_rows = static_cast<double>(chunked_loss_rows(m.vocab_size));
     r.logits = std::min(tokens, chunk_rows) * static_cast<double>(m.vocab_size) * (c + 4) +
                tokens * static_cast<double>(m.hidden_size) * c + 4.0 * static_cast<double>(p.lm_head);
   } else {
