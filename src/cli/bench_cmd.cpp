@@ -2,6 +2,7 @@
 // without routing (one dense SwiGLU FFN over all N*k assignments) and a plain matmul,
 // measured in the same run, so the ratio shows what routing costs. --dtype bf16 runs the block in
 // mixed precision as training does (fp32 weights and router, bf16 expert matmuls).
+#include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
 
 #include <chrono>
@@ -87,13 +88,24 @@ int cmd_bench(const Args& in) {
   const double mm_flops = 2.0 * static_cast<double>(N * K) * H * I;
 
   double t_moe = time_it([&] {
-    block->zero_grad();
+    block->zero_grad(/*set_to_none=*/true);  // as the trainer does
     auto out = block->forward(x, compute);
     out.y.sum().backward();
     sync(x.grad());
   }, 1, static_cast<int>(iters));
+  // Developer hook, as `train` has (docs/performance.md): MOEFORGE_PROFILE=trace.json records the MoE block's
+  // per-op profile over --iters more iterations.
+  if (const char* profile_path = std::getenv("MOEFORGE_PROFILE")) {
+    torch::autograd::profiler::RecordProfile profile{std::string(profile_path)};
+    for (int64_t i = 0; i < iters; ++i) {
+      block->zero_grad(/*set_to_none=*/true);  // as the trainer does
+      auto out = block->forward(x, compute);
+      out.y.sum().backward();
+      sync(x.grad());
+    }
+  }
   double t_dense = time_it([&] {
-    dense->zero_grad();
+    dense->zero_grad(/*set_to_none=*/true);
     auto y = dense->forward(xd);
     y.sum().backward();
     sync(xd.grad());

@@ -78,6 +78,16 @@ static std::string allocator_in_use() {
   return q && q("generic.current_allocated_bytes", &bytes) && bytes > 0 ? "tcmalloc" : "glibc";
 }
 
+// Hands the allocator's free pages back to the system (tcmalloc only; a no-op under glibc, whose trimming
+// src/cli/main.cpp turns off). Called between passes of different shapes (the precision probe, evaluation,
+// checkpoint writing): each would otherwise take new pages while the others' stay cached, and the process's
+// peak grows with every kind of pass rather than with the largest. Steps re-fault what they need once.
+static void release_free_memory() {
+  using Release = void (*)();
+  static auto f = reinterpret_cast<Release>(::dlsym(RTLD_DEFAULT, "MallocExtension_ReleaseFreeMemory"));
+  if (f) f();
+}
+
 int64_t peak_rss_bytes() {
   std::FILE* f = std::fopen("/proc/self/status", "r");
   if (!f) return 0;
@@ -147,6 +157,7 @@ nlohmann::json resolve_auto_precision(Recipe& r, const std::optional<std::string
                                        << static_cast<int>(p.bf16_s * 1e3 + 0.5) << " ms)");
   }
   r.yaml = recipe_keys().emit(r);
+  release_free_memory();  // the probe's fp32 pass
   return j;
 }
 
@@ -371,9 +382,11 @@ TrainResult run_training(const Recipe& given, bool force_resume) {
       interval_steps = 0;
     }
     if (state.step % tc.eval_interval == 0 || state.step == total_steps) {
+      release_free_memory();
       EvalResult ev = stage->evaluate(model, tc.micro_batch_size, tc.eval_batches, device);
       last_val = ev.loss;
       log_eval(ev);
+      release_free_memory();
     }
     if (state.step % tc.checkpoint_interval == 0 || state.step == total_steps) {
       state.elapsed_s = elapsed_before + std::chrono::duration<double>(Clock::now() - run_start).count();
@@ -386,6 +399,7 @@ TrainResult run_training(const Recipe& given, bool force_resume) {
       c.recipe_yaml = r.yaml;
       if (ft.adapters()) c.base_json = base_pointer_json(base);
       const std::string dir = save_checkpoint(layout, run_dir, c, static_cast<int>(tc.keep_checkpoints));
+      release_free_memory();
       if (main_rank) MF_INFO("checkpoint " << dir);
       maybe_stop_for_test(state.step, layout.rank());
     }
