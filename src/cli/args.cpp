@@ -1,4 +1,6 @@
+#include <cctype>
 #include <cstdlib>
+#include <stdexcept>
 
 #include "cli/cli.h"
 #include "core/error.h"
@@ -39,12 +41,29 @@ std::vector<std::string> take_repeated(Args& args, const std::string& flag) {
   return out;
 }
 
-void reject_unknown_flags(const Args& args, const std::string& command, const std::vector<std::string>& known) {
+void reject_unknown_flags(const Args& args, const std::string& command, const std::vector<std::string>& known,
+                          bool last) {
   for (const auto& a : args) {
     if (a.size() > 1 && a[0] == '-') {
       throw UserError(command + ": unknown option '" + a + "'" + did_you_mean(a, known));
     }
   }
+  if (!args_only()) return;
+  const std::string& usage = command_usage(command);
+  for (const auto& k : known) {
+    bool found = false;  // as a whole word: --seed must not be found inside --seeds
+    for (size_t at = usage.find(k); at != std::string::npos && !found; at = usage.find(k, at + 1)) {
+      const char next = at + k.size() < usage.size() ? usage[at + k.size()] : ' ';
+      found = !(std::isalnum(static_cast<unsigned char>(next)) || next == '-');
+    }
+    if (!found) throw std::logic_error(command + ": the usage text lacks " + k);
+  }
+  if (last) throw ArgsChecked{};
+}
+
+bool args_only() {
+  const char* v = std::getenv("MOEFORGE_ARGS_ONLY");
+  return v && *v && std::string(v) != "0";
 }
 
 int64_t parse_int(const std::string& flag, const std::string& v) {

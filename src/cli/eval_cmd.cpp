@@ -22,11 +22,11 @@
 #include "model/generate.h"
 #include "model/mixed.h"
 #include "model/finetune.h"
-#include "train/checkpoint.h"
-#include "train/dpo_objective.h"
-#include "train/evaluate.h"
-#include "train/inference.h"
-#include "train/recipe.h"
+#include "checkpoint/checkpoint.h"
+#include "objective/dpo_objective.h"
+#include "eval/evaluate.h"
+#include "eval/inference.h"
+#include "recipe/recipe.h"
 
 namespace moeforge::cli {
 

@@ -27,10 +27,10 @@
 #include "model/finetune.h"
 #include "model/param_count.h"
 #include "model/param_names.h"
-#include "train/base_model.h"
-#include "train/checkpoint.h"
-#include "train/manifest.h"
-#include "train/share_writer.h"
+#include "checkpoint/base_model.h"
+#include "checkpoint/checkpoint.h"
+#include "checkpoint/manifest.h"
+#include "checkpoint/share_writer.h"
 
 namespace moeforge::cli {
 

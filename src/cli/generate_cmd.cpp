@@ -12,8 +12,8 @@
 #include "data/tokenizer.h"
 #include "model/generate.h"
 #include "model/finetune.h"
-#include "train/checkpoint.h"
-#include "train/inference.h"
+#include "checkpoint/checkpoint.h"
+#include "eval/inference.h"
 
 namespace moeforge::cli {
 

@@ -1,6 +1,6 @@
 // moeforge import HF_DIR --out CHECKPOINT [--dtype fp32|bf16]: a Hugging Face MixtralForCausalLM directory (or a
 // dense MistralForCausalLM / LlamaForCausalLM one, as a config of one expert) as a
-// moeforge checkpoint, written one expert share at a time (train/share_writer.h). --dtype bf16 stores the weights
+// moeforge checkpoint, written one expert share at a time (checkpoint/share_writer.h). --dtype bf16 stores the weights
 // in bf16 (half the disk; exact for a bf16 source, as Mixtral is published): every reader converts them on load.
 #include <torch/torch.h>
 
@@ -11,7 +11,7 @@
 #include "core/error.h"
 #include "io/hf_checkpoint.h"
 #include "io/hf_import.h"
-#include "train/share_writer.h"
+#include "checkpoint/share_writer.h"
 
 namespace moeforge::cli {
 

@@ -9,7 +9,7 @@
 #include "core/error.h"
 #include "model/config.h"
 #include "model/param_count.h"
-#include "train/recipe_keys.h"
+#include "recipe/recipe_keys.h"
 
 namespace moeforge::cli {
 

@@ -13,7 +13,7 @@
 #include "model/decoder.h"
 #include "model/param_names.h"
 #include "model/param_count.h"
-#include "train/share_writer.h"
+#include "checkpoint/share_writer.h"
 
 namespace moeforge::cli {
 

@@ -69,7 +69,9 @@ int cmd_launch(const Args& in) {
   if (take_option(args, "--node-rank", &v)) node_rank = parse_int("--node-rank", v);
   if (take_option(args, "--master-port", &v)) port = parse_int("--master-port", v);
   take_option(args, "--master-addr", &addr);
-  reject_unknown_flags(args, "launch", {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port"});
+  reject_unknown_flags(args, "launch", {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port"},
+                       /*last=*/false);
+  if (args_only() && !command.empty()) return dispatch(command);  // the launched command's line, checked the same way
   if (!args.empty() || command.empty())
     throw UserError("launch: usage: moeforge launch --nproc-per-node N [--nnodes M --node-rank R --master-addr A "
                     "--master-port P] -- COMMAND ARGS... (e.g. -- train recipe.yaml)");

@@ -12,7 +12,7 @@
 #include "io/hf_checkpoint.h"
 #include "model/memory_plan.h"
 #include "model/param_count.h"
-#include "train/recipe.h"
+#include "recipe/recipe.h"
 
 namespace moeforge::cli {
 

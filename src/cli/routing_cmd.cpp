@@ -7,9 +7,9 @@
 #include "cli/cli.h"
 #include "core/compat.h"
 #include "core/error.h"
-#include "train/checkpoint.h"
-#include "train/inference.h"
-#include "train/routing_analysis.h"
+#include "checkpoint/checkpoint.h"
+#include "eval/inference.h"
+#include "research/routing_analysis.h"
 
 namespace moeforge::cli {
 

@@ -17,7 +17,7 @@
 #include "cli/cli.h"
 #include "core/error.h"
 #include "model/param_count.h"
-#include "train/sweep.h"
+#include "research/sweep.h"
 
 namespace moeforge::cli {
 

@@ -3,7 +3,7 @@
 
 #include "cli/cli.h"
 #include "core/error.h"
-#include "train/recipe.h"
+#include "recipe/recipe.h"
 #include "train/trainer.h"
 
 namespace moeforge::cli {

@@ -34,9 +34,9 @@
 #include "model/decoder.h"
 #include "model/param_count.h"
 #include "model/param_names.h"
-#include "train/base_model.h"
-#include "train/checkpoint.h"
-#include "train/share_writer.h"
+#include "checkpoint/base_model.h"
+#include "checkpoint/checkpoint.h"
+#include "checkpoint/share_writer.h"
 
 namespace moeforge::cli {
 

@@ -49,6 +49,12 @@ DistEnv read_dist_env() {
   return e;
 }
 
+at::Device local_rank_device(bool cuda, int local_rank) {
+  if (!cuda) return at::Device(at::kCPU);
+  const int n = std::max(1, static_cast<int>(torch::cuda::device_count()));
+  return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local_rank % n));
+}
+
 struct Group::Impl {
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;  // Gloo (CPU tensors); null for a group of one
 #if defined(MOEFORGE_WITH_NCCL)

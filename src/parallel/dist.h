@@ -22,6 +22,10 @@ struct DistEnv {
 // number, out of range, or missing while WORLD_SIZE > 1 is a UserError naming the variable.
 DistEnv read_dist_env();
 
+// The device of a local rank: with `cuda`, GPU local_rank mod the GPUs present (each local rank its own); else the CPU.
+// The one rule for training and inference.
+at::Device local_rank_device(bool cuda, int local_rank);
+
 // A process group: the world, or a subset of its ranks. Collectives take tensors on any device (moved
 // to the backend's: CPU for Gloo, the rank's GPU for NCCL); a group of one performs none.
 class Group {

@@ -1,4 +1,4 @@
-// Which part of a sharded checkpoint a rank writes (parallel::Layout decides; train/checkpoint writes).
+// Which part of a sharded checkpoint a rank writes (parallel::Layout decides; checkpoint/checkpoint writes).
 #pragma once
 
 namespace moeforge::parallel {

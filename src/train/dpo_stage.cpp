@@ -1,5 +1,5 @@
 // Preference tuning (DPO): pairs in a seeded order per epoch, a sample is a pair; the reference log-probs
-// come from train/dpo_reference.
+// come from objective/dpo_reference.
 #include <torch/torch.h>
 
 #include <memory>
@@ -9,9 +9,9 @@
 #include "data/epoch_order.h"
 #include "data/preference.h"
 #include "data/tokenizer.h"
-#include "train/checkpoint.h"
-#include "train/dpo_objective.h"
-#include "train/dpo_reference.h"
+#include "checkpoint/checkpoint.h"
+#include "objective/dpo_objective.h"
+#include "objective/dpo_reference.h"
 #include "train/stage.h"
 
 namespace moeforge::train {

@@ -12,7 +12,7 @@
 #include "model/mixed.h"
 #include "model/param_count.h"
 #include "model/recompute.h"
-#include "train/lm_objective.h"
+#include "objective/lm_objective.h"
 
 namespace moeforge::train {
 

@@ -5,7 +5,7 @@
 
 #include "core/error.h"
 #include "data/lm_dataset.h"
-#include "train/lm_objective.h"
+#include "objective/lm_objective.h"
 #include "train/stage.h"
 #include "train/trainer.h"
 

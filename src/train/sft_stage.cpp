@@ -9,8 +9,8 @@
 #include "data/epoch_order.h"
 #include "data/sft_dataset.h"
 #include "data/tokenizer.h"
-#include "train/checkpoint.h"
-#include "train/sft_objective.h"
+#include "checkpoint/checkpoint.h"
+#include "objective/sft_objective.h"
 #include "train/stage.h"
 
 namespace moeforge::train {

@@ -10,9 +10,9 @@
 #include <string>
 
 #include "model/decoder.h"
-#include "train/batch_loss.h"
-#include "train/evaluate.h"
-#include "train/recipe.h"
+#include "objective/batch_loss.h"
+#include "eval/evaluate.h"
+#include "recipe/recipe.h"
 
 namespace moeforge::train {
 

@@ -23,16 +23,16 @@
 #include "model/recompute.h"
 #include "parallel/dist.h"
 #include "parallel/layout.h"
-#include "train/base_model.h"
-#include "train/checkpoint.h"
-#include "train/metrics.h"
-#include "train/model_setup.h"
-#include "train/moe_terms.h"
-#include "train/optimizer.h"
+#include "checkpoint/base_model.h"
+#include "checkpoint/checkpoint.h"
+#include "output/metrics.h"
+#include "checkpoint/model_setup.h"
+#include "objective/moe_terms.h"
+#include "optim/optimizer.h"
 #include "train/precision_probe.h"
-#include "train/recipe_keys.h"
-#include "train/run_log.h"
-#include "train/schedule.h"
+#include "recipe/recipe_keys.h"
+#include "output/run_log.h"
+#include "optim/schedule.h"
 #include "train/stage.h"
 
 namespace moeforge::train {
@@ -121,11 +121,8 @@ namespace {
 torch::Device pick_device(const RuntimeConfig& rt, const std::string& recipe_path, int local_rank) {
   if (rt.device == "cuda" && !torch::cuda::is_available())
     throw UserError(recipe_path + ": key 'runtime.device': cuda requested but no CUDA device is available");
-  const bool cuda = rt.device == "cuda" || (rt.device == "auto" && torch::cuda::is_available());
-  // Each local rank takes its own GPU.
-  const int n = cuda ? static_cast<int>(torch::cuda::device_count()) : 0;
-  return cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank % std::max(1, n)))
-              : torch::Device(torch::kCPU);
+  return parallel::local_rank_device(rt.device == "cuda" || (rt.device == "auto" && torch::cuda::is_available()),
+                                     local_rank);
 }
 
 // runtime.precision: auto becomes fp32 or bf16 before anything is built: a resumed run keeps the precision its
@@ -161,6 +158,71 @@ nlohmann::json resolve_auto_precision(Recipe& r, const std::optional<std::string
   return j;
 }
 
+parallel::LayoutOptions layout_options(const Recipe& r) {
+  parallel::LayoutOptions lo;
+  lo.expert = static_cast<int>(r.parallel_expert);
+  lo.zero = r.parallel_zero == 1;
+  lo.timeout = std::chrono::milliseconds(r.parallel_timeout_s * 1000);
+  lo.source = r.path;
+  return lo;
+}
+
+void log_adapters(const FinetuneSpec& ft, parallel::Layout& layout, MixtralForCausalLM& model) {
+  int64_t trainable = 0;
+  for (auto& [n, p] : layout.named_parameters()) trainable += p.numel();
+  MF_INFO("fine-tuning " << ft.method << ": " << trainable << " trainable adapter parameters on this rank (rank "
+                         << ft.lora.rank << ", alpha " << ft.lora.alpha << ")"
+                         << (ft.quantized() ? "; base weights stored " + quant_type_name(ft.quant.type) + ", " +
+                                                  std::to_string(quantized_bytes(model) >> 20) + " MiB"
+                                            : std::string()));
+}
+
+// MFU compares the tokens of all ranks with the matmul rate of all ranks (each measured with its threads), in the
+// precision the matmuls run in.
+double peak_gflops_of_job(parallel::Layout& layout, const std::string& device, const std::string& precision) {
+  std::vector<torch::Tensor> v{torch::tensor({measure_peak_gflops(device, precision)}, torch::kDouble)};
+  layout.all_reduce_sum(v);
+  return v[0].item<double>();
+}
+
+// moe.balance_scope global_batch matters only where a step has more than one micro-batch; where it changes
+// nothing, rank 0 says why.
+bool global_balance_in_effect(const ModelConfig& cfg, const Stage& stage, const TrainLoopConfig& tc, int W,
+                              bool main_rank) {
+  const bool global_balance = cfg.moe.balance == Balance::AuxLoss && cfg.moe.balance_scope == BalanceScope::GlobalBatch &&
+                              stage.aux_loss_coef() > 0 && tc.grad_accum * W > 1;
+  if (cfg.moe.balance_scope == BalanceScope::GlobalBatch && !global_balance && main_rank)
+    MF_WARN("model.moe.balance_scope global_batch changes nothing here: "
+            << (cfg.moe.balance != Balance::AuxLoss ? std::string("moe.balance is ") + balance_name(cfg.moe.balance) +
+                                                          " (the scope is the aux loss's)"
+                : stage.aux_loss_coef() <= 0 ? std::string("the aux loss coefficient is 0")
+                                             : std::string("a step is one micro-batch on one rank")));
+  if (global_balance && tc.grad_accum > 1)
+    MF_INFO("global-batch balance over " << tc.grad_accum << " micro-batches: each step first routes them without "
+                                            "gradient (one extra forward per micro-batch)");
+  return global_balance;
+}
+
+// Developer hook: MOEFORGE_PROFILE=trace.json records LibTorch's per-op profile (chrome trace) of steps
+// MOEFORGE_PROFILE_STEPS=from:to (default 20:25, 0-based), for docs/performance.md's accounting.
+class StepProfile {
+ public:
+  StepProfile() : path_(std::getenv("MOEFORGE_PROFILE")) {
+    if (const char* ps = std::getenv("MOEFORGE_PROFILE_STEPS"))
+      if (std::sscanf(ps, "%ld:%ld", &from_, &to_) != 2)
+        throw UserError("MOEFORGE_PROFILE_STEPS: expected from:to, got '" + std::string(ps) + "'");
+  }
+  void before_step(int64_t step) {
+    if (path_ && step == from_) profile_.emplace(std::string(path_));
+    if (step == to_) profile_.reset();
+  }
+
+ private:
+  const char* path_;
+  int64_t from_ = 20, to_ = 25;
+  std::optional<torch::autograd::profiler::RecordProfile> profile_;
+};
+
 // Test hook: an interruption right after the checkpoint of step MOEFORGE_TEST_KILL_AFTER_CHECKPOINT (resume
 // tests), of one rank (MOEFORGE_TEST_KILL_RANK, default every rank), by SIGKILL or SIGSTOP (a hung rank).
 void maybe_stop_for_test(int64_t step, int rank) {
@@ -185,12 +247,7 @@ TrainResult run_training(const Recipe& given, bool force_resume) {
   if (fs::exists(run_dir) && !fs::is_empty(run_dir) && !resume)
     throw UserError(run_dir + ": run directory already exists; set 'resume: auto' (or pass --resume) to continue it, "
                               "or choose another output_dir");
-  parallel::LayoutOptions lo;
-  lo.expert = static_cast<int>(r.parallel_expert);
-  lo.zero = r.parallel_zero == 1;
-  lo.timeout = std::chrono::milliseconds(r.parallel_timeout_s * 1000);
-  lo.source = r.path;
-  parallel::Layout layout(denv, lo, device);
+  parallel::Layout layout(denv, layout_options(r), device);
   layout.barrier();  // every rank has checked the run directory before rank 0 writes into it
   const bool main_rank = layout.is_main();
   const ModelConfig& cfg = r.model;
@@ -206,15 +263,7 @@ TrainResult run_training(const Recipe& given, bool force_resume) {
   MixtralForCausalLM model = built.model;
   const BasePointer base = built.base;
   move_to(model, device);
-  if (ft.adapters()) {
-    int64_t trainable = 0;
-    for (auto& [n, p] : layout.named_parameters()) trainable += p.numel();
-    MF_INFO("fine-tuning " << ft.method << ": " << trainable << " trainable adapter parameters on this rank (rank "
-                           << ft.lora.rank << ", alpha " << ft.lora.alpha << ")"
-                           << (ft.quantized() ? "; base weights stored " + quant_type_name(ft.quant.type) + ", " +
-                                                    std::to_string(quantized_bytes(model) >> 20) + " MiB"
-                                              : std::string()));
-  }
+  if (ft.adapters()) log_adapters(ft, layout, model);
   model->set_compute_dtype(compute_dtype_for(r.runtime.precision));
   model->set_recompute(parse_recompute(tc.activation_checkpointing));
   model->train();
@@ -251,13 +300,7 @@ TrainResult run_training(const Recipe& given, bool force_resume) {
   stage->start(run_dir, device, main_rank, model, [&](uint64_t v) { return layout.xor_over_expert_group(v); });
 
   const std::string dev_name = device.is_cuda() ? "cuda" : "cpu";
-  // MFU compares the tokens of all ranks with the matmul rate of all ranks (each measured with its threads),
-  // in the precision the matmuls run in.
-  const double peak = [&] {
-    std::vector<torch::Tensor> v{torch::tensor({measure_peak_gflops(dev_name, r.runtime.precision)}, torch::kDouble)};
-    layout.all_reduce_sum(v);
-    return v[0].item<double>();
-  }();
+  const double peak = peak_gflops_of_job(layout, dev_name, r.runtime.precision);
   const double flops_per_token = training_flops_per_token(cfg, tc.seq_len);
   const ParamCounts pc = count_params(cfg);
   const int W = layout.world();
@@ -273,18 +316,7 @@ TrainResult run_training(const Recipe& given, bool force_resume) {
                       << (W > 1 ? "layout " + layout.describe() + "; " : std::string()) << stage->describe());
 
   const int L = static_cast<int>(cfg.num_layers);
-  // moe.balance_scope global_batch matters only where a step has more than one micro-batch.
-  const bool global_balance = cfg.moe.balance == Balance::AuxLoss && cfg.moe.balance_scope == BalanceScope::GlobalBatch &&
-                              stage->aux_loss_coef() > 0 && tc.grad_accum * W > 1;
-  if (cfg.moe.balance_scope == BalanceScope::GlobalBatch && !global_balance && main_rank)
-    MF_WARN("model.moe.balance_scope global_batch changes nothing here: "
-            << (cfg.moe.balance != Balance::AuxLoss ? std::string("moe.balance is ") + balance_name(cfg.moe.balance) +
-                                                          " (the scope is the aux loss's)"
-                : stage->aux_loss_coef() <= 0 ? std::string("the aux loss coefficient is 0")
-                                              : std::string("a step is one micro-batch on one rank")));
-  if (global_balance && tc.grad_accum > 1)
-    MF_INFO("global-batch balance over " << tc.grad_accum << " micro-batches: each step first routes them without "
-                                            "gradient (one extra forward per micro-batch)");
+  const bool global_balance = global_balance_in_effect(cfg, *stage, tc, W, main_rank);
   RunLog log(std::move(metrics), main_rank, total_steps, flops_per_token, peak);
   EvalResult last_eval;
   auto log_eval = [&](const EvalResult& ev) {
@@ -306,17 +338,9 @@ TrainResult run_training(const Recipe& given, bool force_resume) {
     return stage->train_batch(model, state.samples_seen + layout.global_micro_batch(a) * tc.micro_batch_size,
                               tc.micro_batch_size, device);
   };
-  // Developer hook: MOEFORGE_PROFILE=trace.json records LibTorch's per-op profile (chrome trace) of steps
-  // MOEFORGE_PROFILE_STEPS=from:to (default 20:25, 0-based), for docs/performance.md's accounting.
-  std::optional<torch::autograd::profiler::RecordProfile> profile;
-  const char* profile_path = std::getenv("MOEFORGE_PROFILE");
-  int64_t profile_from = 20, profile_to = 25;
-  if (const char* ps = std::getenv("MOEFORGE_PROFILE_STEPS"))
-    if (std::sscanf(ps, "%ld:%ld", &profile_from, &profile_to) != 2)
-      throw UserError("MOEFORGE_PROFILE_STEPS: expected from:to, got '" + std::string(ps) + "'");
+  StepProfile profile;
   while (state.step < total_steps) {
-    if (profile_path && state.step == profile_from) profile.emplace(std::string(profile_path));
-    if (state.step == profile_to) profile.reset();
+    profile.before_step(state.step);
     auto t0 = Clock::now();
     const double lr = lr_at(state.step, total_steps, r.optim.warmup_steps, r.optim.lr, r.optim.min_lr,
                             r.optim.schedule, r.optim.decay_fraction);

@@ -2,7 +2,7 @@
 #pragma once
 #include <string>
 
-#include "train/recipe.h"
+#include "recipe/recipe.h"
 
 namespace moeforge::train {
 

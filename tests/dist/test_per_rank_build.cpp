@@ -22,10 +22,10 @@
 #include "parallel/layout.h"
 #include "run_util.h"
 #include "test_util.h"
-#include "train/base_model.h"
-#include "train/checkpoint.h"
-#include "train/inference.h"
-#include "train/model_setup.h"
+#include "checkpoint/base_model.h"
+#include "checkpoint/checkpoint.h"
+#include "eval/inference.h"
+#include "checkpoint/model_setup.h"
 
 using namespace moeforge;
 namespace fs = std::filesystem;

@@ -11,8 +11,8 @@
 
 #include "corpus.h"
 #include "run_util.h"
-#include "train/checkpoint.h"
-#include "train/manifest.h"
+#include "checkpoint/checkpoint.h"
+#include "checkpoint/manifest.h"
 
 using namespace moeforge;
 namespace fs = std::filesystem;

@@ -17,8 +17,8 @@
 #include "model/decoder.h"
 #include "run_util.h"
 #include "test_util.h"
-#include "train/checkpoint.h"
-#include "train/manifest.h"
+#include "checkpoint/checkpoint.h"
+#include "checkpoint/manifest.h"
 
 using namespace moeforge;
 namespace fs = std::filesystem;

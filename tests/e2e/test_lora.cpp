@@ -22,7 +22,7 @@
 #include "model/finetune.h"
 #include "run_util.h"
 #include "test_util.h"
-#include "train/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 
 using namespace moeforge;
 namespace fs = std::filesystem;

@@ -8,8 +8,8 @@
 
 #include "corpus.h"
 #include "test_util.h"
-#include "train/checkpoint.h"
-#include "train/recipe.h"
+#include "checkpoint/checkpoint.h"
+#include "recipe/recipe.h"
 #include "train/trainer.h"
 
 using namespace moeforge;

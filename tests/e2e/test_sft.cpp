@@ -8,7 +8,7 @@
 
 #include "corpus.h"
 #include "run_util.h"
-#include "train/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 
 using namespace moeforge;
 namespace fs = std::filesystem;

@@ -10,7 +10,7 @@
 #include "run_util.h"
 #include "core/error.h"
 #include "model/param_count.h"
-#include "train/sweep.h"
+#include "research/sweep.h"
 
 using namespace moeforge;
 namespace fs = std::filesystem;

@@ -18,8 +18,8 @@
 #include "io/safetensors.h"
 #include "model/decoder.h"
 #include "test_util.h"
-#include "train/checkpoint.h"
-#include "train/optimizer.h"
+#include "checkpoint/checkpoint.h"
+#include "optim/optimizer.h"
 
 using namespace moeforge;
 namespace fs = std::filesystem;

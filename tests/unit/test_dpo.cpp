@@ -4,7 +4,7 @@
 #include <cmath>
 
 #include "core/error.h"
-#include "train/dpo_loss.h"
+#include "objective/dpo_loss.h"
 
 using namespace moeforge::train;
 

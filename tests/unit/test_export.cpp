@@ -19,9 +19,9 @@
 #include "io/safetensors.h"
 #include "model/decoder.h"
 #include "test_util.h"
-#include "train/checkpoint.h"
-#include "train/lm_objective.h"
-#include "train/optimizer.h"
+#include "checkpoint/checkpoint.h"
+#include "objective/lm_objective.h"
+#include "optim/optimizer.h"
 
 using namespace moeforge;
 namespace fs = std::filesystem;

@@ -10,8 +10,8 @@
 #include "core/error.h"
 #include "io/model_config_yaml.h"
 #include "test_util.h"
-#include "train/recipe.h"
-#include "train/recipe_keys.h"
+#include "recipe/recipe.h"
+#include "recipe/recipe_keys.h"
 
 using namespace moeforge;
 

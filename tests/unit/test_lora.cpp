@@ -14,9 +14,9 @@
 #include "model/param_count.h"
 #include "moe_block_util.h"
 #include "test_util.h"
-#include "train/dpo_objective.h"
-#include "train/optimizer.h"
-#include "train/recipe.h"
+#include "objective/dpo_objective.h"
+#include "optim/optimizer.h"
+#include "recipe/recipe.h"
 
 using namespace moeforge;
 

@@ -19,8 +19,8 @@
 #include "io/safetensors.h"
 #include "model/decoder.h"
 #include "test_util.h"
-#include "train/checkpoint.h"
-#include "train/manifest.h"
+#include "checkpoint/checkpoint.h"
+#include "checkpoint/manifest.h"
 
 using namespace moeforge;
 namespace fs = std::filesystem;

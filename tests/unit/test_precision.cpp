@@ -18,7 +18,7 @@
 #include "model/rope.h"
 #include "moe_block_util.h"
 #include "test_util.h"
-#include "train/dpo_objective.h"
+#include "objective/dpo_objective.h"
 
 using namespace moeforge;
 using test::make_moe_block;

@@ -11,7 +11,7 @@
 #include "data/preference.h"
 #include "model/decoder.h"
 #include "test_util.h"
-#include "train/dpo_objective.h"
+#include "objective/dpo_objective.h"
 
 using namespace moeforge;
 using namespace moeforge::data;

@@ -2,7 +2,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include "train/routing_analysis.h"
+#include "research/routing_analysis.h"
 
 using namespace moeforge;
 using train::analyze_routing;

@@ -8,7 +8,7 @@
 #include "data/sft_dataset.h"
 #include "model/decoder.h"
 #include "test_util.h"
-#include "train/sft_objective.h"
+#include "objective/sft_objective.h"
 
 using namespace moeforge;
 using namespace moeforge::data;

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "core/error.h"
-#include "train/tensorboard.h"
+#include "output/tensorboard.h"
 
 namespace fs = std::filesystem;
 using moeforge::train::crc32c;

@@ -7,12 +7,12 @@
 #include "data/lm_dataset.h"
 #include "model/decoder.h"
 #include "test_util.h"
-#include "train/lm_objective.h"
+#include "objective/lm_objective.h"
 #include "model/param_count.h"
 #include "parallel/grad_sync.h"
-#include "train/optimizer.h"
-#include "train/recipe.h"
-#include "train/schedule.h"
+#include "optim/optimizer.h"
+#include "recipe/recipe.h"
+#include "optim/schedule.h"
 #include "train/trainer.h"
 
 using namespace moeforge;
