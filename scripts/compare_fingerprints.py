@@ -2,7 +2,9 @@
 # Compares two scripts/fingerprint.sh directories: metrics (timing fields dropped), summaries, configs, checkpoint files.
 import json, os, sys, hashlib, filecmp
 A, B = sys.argv[1], sys.argv[2]
-TIMING = {"tokens_per_second", "mfu", "elapsed_s", "peak_gflops"}
+# measurements, not behaviour: times, rates, memory
+TIMING = {"tokens_per_second", "mfu", "elapsed_s", "peak_gflops", "peak_rss_bytes", "peak_rss_bytes_per_rank",
+          "fp32_step_s", "bf16_step_s"}
 bad = 0
 def strip(o):
     if isinstance(o, dict): return {k: strip(v) for k, v in o.items() if k not in TIMING}
@@ -24,6 +26,8 @@ for root, dirs, files in os.walk(A):
         elif f.endswith(".json") and f != "reference_logps.json":
             try: ja, jb = strip(json.load(open(pa))), strip(json.load(open(pb)))
             except Exception: ja, jb = open(pa).read(), open(pb).read()
+            if f == "manifest.json":  # these two are compared as files: paths and times differ by design
+                for j in (ja, jb): [j.get("files", {}).pop(n, None) for n in ("recipe.yaml", "trainer_state.json")]
             if isinstance(ja, dict): ja.pop("checkpoint", None); jb.pop("checkpoint", None); ja.pop("reference", None); jb.pop("reference", None); ja.pop("data", None); jb.pop("data", None)
             if ja != jb: bad += 1; print("DIFF", rel, ja, jb)
         elif f.endswith((".yaml",)):
