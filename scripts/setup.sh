@@ -42,3 +42,22 @@ case "$blas" in
   *openblas*) echo "setup: BLAS is $blas" ;;
   *) echo "setup: warning: libblas.so.3 resolves to '$blas', not OpenBLAS; matmuls will be slow" >&2 ;;
 esac
+
+# llama.cpp as its users run it, for the interop tests (tests/interop) and the quickstart's last step: the npm
+# package node-llama-cpp with its prebuilt CPU binary (no compiler). Pinned; the optional GPU builds are left out.
+LLAMA_DIR=third_party/node-llama-cpp
+LLAMA_PIN=3.21.1
+cd "$(dirname "$(readlink -f "$0")")/.."
+if [ -f "$LLAMA_DIR/node_modules/node-llama-cpp/package.json" ] &&
+   grep -q "\"version\": \"$LLAMA_PIN\"" "$LLAMA_DIR/node_modules/node-llama-cpp/package.json"; then
+  echo "setup: node-llama-cpp $LLAMA_PIN present"
+else
+  mkdir -p "$LLAMA_DIR"
+  [ -f "$LLAMA_DIR/package.json" ] || echo '{"name": "moeforge-llama-check", "version": "1.0.0", "private": true}' > "$LLAMA_DIR/package.json"
+  if (cd "$LLAMA_DIR" && npm i -E --no-audit --no-fund --omit=optional --loglevel=error \
+        "node-llama-cpp@$LLAMA_PIN" "@node-llama-cpp/linux-x64@$LLAMA_PIN" >/dev/null 2>npm-install.log); then
+    echo "setup: node-llama-cpp $LLAMA_PIN installed in $LLAMA_DIR"
+  else
+    echo "setup: warning: npm could not install node-llama-cpp $LLAMA_PIN ($LLAMA_DIR/npm-install.log); the llama.cpp checks will be skipped" >&2
+  fi
+fi

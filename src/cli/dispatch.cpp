@@ -25,8 +25,8 @@ const std::vector<std::pair<std::string, std::string>> kCommands = {
      "                                               pretrain, SFT or DPO (stage: ...) as the recipe says\n"},
     {"eval",
      "  eval CHECKPOINT (--data DIR | --text FILE) [--json] [--batches N] [--batch-size B] [--seq-len T]\n"
-     "       [--precision fp32|bf16] [--threads N]\n"
-     "                                               validation loss and perplexity\n"
+     "       [--precision fp32|bf16] [--threads N] [--token-logprobs (with --text and --json)]\n"
+     "                                               validation loss and perplexity (and each token's log-probability)\n"
      "  eval CHECKPOINT --generate --data FILE.jsonl [--json] [--max-new-tokens N]\n"
      "                                               greedy completions, exact match against the reference\n"
      "  eval CHECKPOINT --preferences FILE.jsonl --reference REF [--json] [--beta B]\n"
@@ -43,7 +43,8 @@ const std::vector<std::pair<std::string, std::string>> kCommands = {
      "                                               expert share per domain, consecutive-token repeat rates, load\n"},
     {"export",
      "  export CHECKPOINT --format hf|gguf|peft --out PATH [--dtype bf16|fp16|fp32] [--max-shard-size 5GB]\n"
-     "                                               Hugging Face safetensors directory, llama.cpp GGUF file,\n"
+     "                                               Hugging Face safetensors directory, llama.cpp GGUF file\n"
+     "                                               (--dtype also q8_0|q4_0: llama.cpp's quantized blocks),\n"
      "                                               or (LoRA/QLoRA checkpoints) a PEFT adapter; hf/gguf merge adapters;\n"
      "          [--drop-expert-bias]                 export a model that routes with aux-free biases without them\n"
      "          [--expert-shares N]                  merge an adapter checkpoint N expert shares at a time\n"},
@@ -59,8 +60,8 @@ const std::vector<std::pair<std::string, std::string>> kCommands = {
      "                                               a freshly initialised model, written one expert share at a time\n"},
     {"generate",
      "  generate CHECKPOINT --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]\n"
-     "           [--precision fp32|bf16] [--threads N]\n"
-     "                                               continue a prompt (KV cache; streams tokens)\n"},
+     "           [--precision fp32|bf16] [--threads N] [--json]\n"
+     "                                               continue a prompt (KV cache; streams tokens; --json: ids and text)\n"},
     {"info",
      "  info CONFIG [--json] [--set key=value ...] [--finetune full|lora|qlora [--rank R] [--precision bf16|fp32]]\n"
      "                                               parameter counts and memory of a model config (and of fine-tuning it)\n"

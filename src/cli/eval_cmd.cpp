@@ -163,8 +163,12 @@ int cmd_eval(const Args& in) {
   if (take_option(args, "--seq-len", &v)) seq_len = parse_int("--seq-len", v);
   if (take_option(args, "--threads", &v)) threads = parse_int("--threads", v);
   const std::string precision = take_precision(args, "eval");  // "" = the checkpoint's
+  const bool token_logprobs = take_flag(args, "--token-logprobs");
   reject_unknown_flags(args, "eval", {"--precision", "--json", "--data", "--text", "--batches", "--batch-size", "--seq-len", "--threads",
-                                      "--generate", "--max-new-tokens", "--preferences", "--reference", "--beta", "--loss"});
+                                      "--generate", "--max-new-tokens", "--preferences", "--reference", "--beta", "--loss",
+                                      "--token-logprobs"});
+  if (token_logprobs && (text_file.empty() || !json))
+    throw UserError("eval: --token-logprobs goes with --text FILE and --json (the ids and each next token's log-probability)");
   if (!prefs.empty() || !ref_ckpt.empty()) {
     if (args.size() != 1 || prefs.empty() || ref_ckpt.empty())
       throw UserError("eval --preferences: usage: moeforge eval CHECKPOINT --preferences FILE.jsonl --reference "
@@ -198,6 +202,8 @@ int cmd_eval(const Args& in) {
   const torch::Device device = job.device();
   train::EvalResult r;
   std::string source;
+  std::vector<double> logprobs;
+  std::vector<int64_t> token_ids;
   if (!data_dir.empty()) {
     auto ds = std::make_shared<data::TokenDataset>(data_dir, "val");
     if (ds->meta().vocab_size > cfg.vocab_size) throw UserError(data_dir + ": its vocabulary is larger than the model's");
@@ -217,15 +223,19 @@ int cmd_eval(const Args& in) {
     std::vector<int64_t> tokens{tok.bos_id()};
     tokens.insert(tokens.end(), ids.begin(), ids.end());
     if (tokens.size() < 2) throw UserError(text_file + ": no text to evaluate");
-    r = train::evaluate_tokens(model, tokens, seq_len, device);
+    r = train::evaluate_tokens(model, tokens, seq_len, device, token_logprobs ? &logprobs : nullptr);
     source = text_file;
+    if (token_logprobs) token_ids = tokens;
   }
   if (!job.is_main()) return 0;
   if (json) {
-    std::cout << nlohmann::json{{"checkpoint", ckpt}, {"source", source}, {"loss", r.loss}, {"perplexity", r.perplexity},
-                                {"tokens", r.tokens}, {"seq_len", seq_len}}
-                     .dump()
-              << "\n";
+    nlohmann::json out{{"checkpoint", ckpt}, {"source", source}, {"loss", r.loss}, {"perplexity", r.perplexity},
+                       {"tokens", r.tokens}, {"seq_len", seq_len}};
+    if (token_logprobs) {  // ids[0] is BOS; logprobs[i] is that of ids[i + 1]
+      out["ids"] = token_ids;
+      out["logprobs"] = logprobs;
+    }
+    std::cout << out.dump() << "\n";
   } else {
     std::printf("%s on %s: loss %.4f nats/token, perplexity %.2f (%ld tokens, windows of %ld)\n", ckpt.c_str(),
                 source.c_str(), r.loss, r.perplexity, (long)r.tokens, (long)seq_len);

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <nlohmann/json.hpp>
 
 #include "cli/cli.h"
 #include "core/compat.h"
@@ -30,8 +31,9 @@ int cmd_generate(const Args& in) {
   int64_t threads = 0;
   if (take_option(args, "--threads", &v)) threads = parse_int("--threads", v);
   const std::string precision = take_precision(args, "generate");
+  const bool json = take_flag(args, "--json");
   reject_unknown_flags(args, "generate", {"--prompt", "--chat", "--max-new-tokens", "--temperature", "--top-p", "--seed",
-                                          "--threads", "--precision"});
+                                          "--threads", "--precision", "--json"});
   if (args.size() != 1) throw UserError("generate: expected one CHECKPOINT directory");
   if (o.max_new_tokens <= 0) throw UserError("generate: --max-new-tokens must be positive");
   if (o.temperature < 0) throw UserError("generate: --temperature must be >= 0");
@@ -43,7 +45,7 @@ int cmd_generate(const Args& in) {
   if (job.world() > 1) o.agree = [&](int64_t t) { return job.agree(t); };
   // Test hook: ranks other than 0 draw from other streams, so that only the agreement keeps them together.
   if (std::getenv("MOEFORGE_TEST_RANK_SEEDS") && job.rank() > 0) o.seed += 7919ULL * static_cast<uint64_t>(job.rank());
-  const bool print = job.is_main();
+  const bool print = job.is_main() && !json;
   // Mixtral-Instruct's format: <s>[INST] {prompt} [/INST]
   std::vector<int64_t> ids{tok.bos_id()};
   for (int t : tok.encode(chat ? "[INST] " + prompt + " [/INST]" : prompt)) ids.push_back(t);
@@ -63,6 +65,12 @@ int cmd_generate(const Args& in) {
     }
   });
   if (print) std::cout << "\n";
+  if (json && job.is_main())  // the prompt's ids (BOS first) and the generated ids, for comparing with other runtimes
+    std::cout << nlohmann::json{{"prompt_ids", ids}, {"ids", std::vector<int>(produced.begin() + static_cast<long>(ids.size()) - 1,
+                                                                             produced.end())},
+                                {"text", tok.decode(produced)}}
+                     .dump()
+              << "\n";
   return 0;
 }
 

@@ -40,7 +40,7 @@ EvalResult evaluate_lm(MixtralForCausalLM& model, data::LmSampler& sampler, int6
 }
 
 EvalResult evaluate_tokens(MixtralForCausalLM& model, const std::vector<int64_t>& tokens, int64_t seq_len,
-                           const torch::Device& device) {
+                           const torch::Device& device, std::vector<double>* logprobs) {
   EvalModeGuard mg(model);
   torch::NoGradGuard ng;
   EvalResult r;
@@ -49,7 +49,16 @@ EvalResult evaluate_tokens(MixtralForCausalLM& model, const std::vector<int64_t>
   for (int64_t start = 0; start + 1 < n; start += seq_len) {
     const int64_t len = std::min(seq_len, n - 1 - start);
     auto all = torch::from_blob(const_cast<int64_t*>(tokens.data()) + start, {1, len + 1}, torch::kLong).clone();
-    total += sum_ce(model, all.narrow(1, 0, len), all.narrow(1, 1, len), device);
+    if (logprobs) {
+      auto out = model->forward(all.narrow(1, 0, len).to(device));
+      auto lp = torch::log_softmax(out.logits.reshape({len, -1}).to(torch::kFloat), -1)
+                    .gather(1, all.narrow(1, 1, len).reshape({len, 1}).to(device))
+                    .to(torch::kCPU, torch::kDouble);
+      for (int64_t i = 0; i < len; ++i) logprobs->push_back(lp[i][0].item<double>());
+      total -= lp.sum().item<double>();
+    } else {
+      total += sum_ce(model, all.narrow(1, 0, len), all.narrow(1, 1, len), device);
+    }
     r.tokens += len;
   }
   r.loss = r.tokens > 0 ? total / static_cast<double>(r.tokens) : 0.0;

@@ -22,7 +22,9 @@ EvalResult evaluate_lm(MixtralForCausalLM& model, data::LmSampler& sampler, int6
                        const torch::Device& device);
 
 // Mean cross-entropy of `tokens` (with <s> first) in consecutive windows of `seq_len` predictions.
+// `logprobs` (when given) receives log p(tokens[i + 1] | tokens[..i]) for every i, in fp64 from fp32 logits:
+// what llama.cpp's per-position probabilities are compared with (tests/interop).
 EvalResult evaluate_tokens(MixtralForCausalLM& model, const std::vector<int64_t>& tokens, int64_t seq_len,
-                           const torch::Device& device);
+                           const torch::Device& device, std::vector<double>* logprobs = nullptr);
 
 }  // namespace moeforge::train

@@ -6,7 +6,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <set>
@@ -19,11 +21,91 @@ namespace {
 
 constexpr uint32_t kMagic = 0x46554747;  // "GGUF" little-endian
 
-uint64_t ggml_type_size(GgmlType t) { return t == GgmlType::F32 ? 4 : 2; }
-
 at::ScalarType scalar_of(GgmlType t) {
   return t == GgmlType::F32 ? at::kFloat : t == GgmlType::F16 ? at::kHalf : at::kBFloat16;
 }
+
+constexpr int64_t kBlock = 32;
+constexpr uint64_t kQ4Bytes = 2 + kBlock / 2, kQ8Bytes = 2 + kBlock;
+
+uint16_t fp16_bits(float x) {  // round to nearest even, as ggml's GGML_FP32_TO_FP16
+  const c10::Half h(x);
+  return h.x;
+}
+float fp16_value(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
+
+}  // namespace
+
+bool ggml_is_block_type(GgmlType t) { return t == GgmlType::Q4_0 || t == GgmlType::Q8_0; }
+
+uint64_t ggml_nbytes(GgmlType t, uint64_t numel) {
+  switch (t) {
+    case GgmlType::F32: return numel * 4;
+    case GgmlType::F16:
+    case GgmlType::BF16: return numel * 2;
+    case GgmlType::Q4_0: return numel / kBlock * kQ4Bytes;
+    case GgmlType::Q8_0: return numel / kBlock * kQ8Bytes;
+  }
+  return 0;
+}
+
+std::vector<uint8_t> ggml_quantize(GgmlType t, const at::Tensor& rows) {
+  const at::Tensor x = rows.detach().to(at::kCPU, at::kFloat).contiguous();
+  MF_CHECK(ggml_is_block_type(t) && x.numel() % kBlock == 0, "values in whole blocks of 32");
+  const float* v = x.data_ptr<float>();
+  const int64_t blocks = x.numel() / kBlock;
+  std::vector<uint8_t> out(ggml_nbytes(t, static_cast<uint64_t>(x.numel())));
+  uint8_t* o = out.data();
+  for (int64_t b = 0; b < blocks; ++b, v += kBlock) {
+    float amax = 0, max = 0;  // the largest magnitude, and that value with its sign
+    for (int64_t j = 0; j < kBlock; ++j)
+      if (amax < std::fabs(v[j])) {
+        amax = std::fabs(v[j]);
+        max = v[j];
+      }
+    const float d = t == GgmlType::Q4_0 ? max / -8 : amax / 127;
+    const float id = d != 0 ? 1.0f / d : 0.0f;
+    const uint16_t db = fp16_bits(d);
+    std::memcpy(o, &db, 2);
+    if (t == GgmlType::Q4_0) {
+      for (int64_t j = 0; j < kBlock / 2; ++j) {
+        const uint8_t lo = static_cast<uint8_t>(std::min(15, static_cast<int>(static_cast<int8_t>(v[j] * id + 8.5f))));
+        const uint8_t hi =
+            static_cast<uint8_t>(std::min(15, static_cast<int>(static_cast<int8_t>(v[j + kBlock / 2] * id + 8.5f))));
+        o[2 + j] = static_cast<uint8_t>(lo | (hi << 4));
+      }
+      o += kQ4Bytes;
+    } else {
+      for (int64_t j = 0; j < kBlock; ++j) o[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::round(v[j] * id)));
+      o += kQ8Bytes;
+    }
+  }
+  return out;
+}
+
+at::Tensor ggml_dequantize(GgmlType t, const uint8_t* p, const std::vector<int64_t>& shape) {
+  auto out = at::empty(shape, at::TensorOptions().dtype(at::kFloat));
+  float* y = out.data_ptr<float>();
+  const int64_t blocks = out.numel() / kBlock;
+  for (int64_t b = 0; b < blocks; ++b, y += kBlock) {
+    uint16_t db;
+    std::memcpy(&db, p, 2);
+    const float d = fp16_value(db);
+    if (t == GgmlType::Q4_0) {
+      for (int64_t j = 0; j < kBlock / 2; ++j) {
+        y[j] = static_cast<float>((p[2 + j] & 0x0F) - 8) * d;
+        y[j + kBlock / 2] = static_cast<float>((p[2 + j] >> 4) - 8) * d;
+      }
+      p += kQ4Bytes;
+    } else {
+      for (int64_t j = 0; j < kBlock; ++j) y[j] = static_cast<float>(static_cast<int8_t>(p[2 + j])) * d;
+      p += kQ8Bytes;
+    }
+  }
+  return out;
+}
+
+namespace {
 
 struct Out {
   std::string buf;
@@ -87,12 +169,15 @@ void GgufWriter::add_tensor(const std::string& name, const at::Tensor& t, GgmlTy
   x.name = name;
   x.shape = t.sizes().vec();
   x.type = type;
+  MF_CHECK(!ggml_is_block_type(type) || (!x.shape.empty() && x.shape.back() % kBlock == 0),
+           "GGUF tensor " + name + ": rows of whole blocks");
   x.data = t.detach();
   tensors_.push_back(std::move(x));
 }
 
 void GgufWriter::declare_tensor(const std::string& name, const std::vector<int64_t>& shape, GgmlType type) {
   MF_CHECK(!shape.empty() && shape[0] > 0, "a declared GGUF tensor has rows");
+  MF_CHECK(!ggml_is_block_type(type) || shape.back() % kBlock == 0, "GGUF tensor " + name + ": rows of whole blocks");
   Tensor x;
   x.name = name;
   x.shape = shape;
@@ -127,7 +212,7 @@ GgufSink GgufWriter::start(const std::string& path, uint32_t alignment, const st
     offsets.push_back(offset);
     uint64_t n = 1;
     for (int64_t d : t.shape) n *= static_cast<uint64_t>(d);
-    offset += n * ggml_type_size(t.type);
+    offset += ggml_nbytes(t.type, n);
     offset = (offset + alignment - 1) / alignment * alignment;
   }
   const uint64_t data_start = (o.buf.size() + alignment - 1) / alignment * alignment;
@@ -189,10 +274,15 @@ void GgufSink::put(const std::string& name, int64_t first_row, const at::Tensor&
     MF_CHECK(!s.written[static_cast<size_t>(r)], "GGUF row of " + name + " written once");
     s.written[static_cast<size_t>(r)] = true;
   }
+  const uint64_t row_bytes = n > 0 ? ggml_nbytes(s.type, static_cast<uint64_t>(t.numel() / n)) : 0;
+  if (ggml_is_block_type(s.type)) {
+    const std::vector<uint8_t> q = ggml_quantize(s.type, t);
+    put_bytes(s.offset + static_cast<uint64_t>(first_row) * row_bytes, q.data(), q.size());
+    return;
+  }
   const at::Tensor d = t.detach().to(at::kCPU).to(scalar_of(s.type)).contiguous();
-  const uint64_t row_bytes = n > 0 ? static_cast<uint64_t>(d.numel()) / static_cast<uint64_t>(n) * ggml_type_size(s.type) : 0;
   put_bytes(s.offset + static_cast<uint64_t>(first_row) * row_bytes, d.data_ptr(),
-            static_cast<uint64_t>(d.numel()) * ggml_type_size(s.type));
+            ggml_nbytes(s.type, static_cast<uint64_t>(d.numel())));
 }
 
 void GgufSink::close() {
@@ -334,12 +424,14 @@ GgufFile GgufFile::open(const std::string& path) {
       t.ne.push_back(x);
     }
     uint32_t type = c.get<uint32_t>();
-    if (type != 0 && type != 1 && type != 30)
-      c.fail("tensor '" + t.name + "' has ggml type " + std::to_string(type) + " (only F32, F16, BF16 are read)");
+    if (type != 0 && type != 1 && type != 2 && type != 8 && type != 30)
+      c.fail("tensor '" + t.name + "' has ggml type " + std::to_string(type) + " (only F32, F16, BF16, Q4_0, Q8_0 are read)");
+    if ((type == 2 || type == 8) && t.ne[0] % kBlock != 0)
+      c.fail("tensor '" + t.name + "' has rows of " + std::to_string(t.ne[0]) + " values, not whole blocks of 32");
     t.type = static_cast<GgmlType>(type);
     t.offset = c.get<uint64_t>();
     if (t.offset % f.alignment_ != 0) c.fail("tensor '" + t.name + "' is not aligned");
-    t.bytes = numel * ggml_type_size(t.type);
+    t.bytes = ggml_nbytes(t.type, numel);
     f.tensors_.push_back(t);
   }
   f.data_offset_ = (c.pos + f.alignment_ - 1) / f.alignment_ * f.alignment_;
@@ -376,8 +468,10 @@ const GgufTensorInfo& GgufFile::tensor(const std::string& name) const {
 at::Tensor GgufFile::get(const std::string& name) const {
   const auto& t = tensor(name);
   std::vector<int64_t> shape(t.ne.rbegin(), t.ne.rend());
+  const uint8_t* data = static_cast<const uint8_t*>(map_) + data_offset_ + t.offset;
+  if (ggml_is_block_type(t.type)) return ggml_dequantize(t.type, data, shape);
   auto out = at::empty(shape, at::TensorOptions().dtype(scalar_of(t.type)));
-  std::memcpy(out.data_ptr(), static_cast<const uint8_t*>(map_) + data_offset_ + t.offset, t.bytes);
+  std::memcpy(out.data_ptr(), data, t.bytes);
   return out.to(at::kFloat);
 }
 

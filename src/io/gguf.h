@@ -17,7 +17,17 @@ enum class GgufType : uint32_t {
   U8 = 0, I8 = 1, U16 = 2, I16 = 3, U32 = 4, I32 = 5, F32 = 6, BOOL = 7, STRING = 8, ARRAY = 9,
   U64 = 10, I64 = 11, F64 = 12
 };
-enum class GgmlType : uint32_t { F32 = 0, F16 = 1, BF16 = 30 };
+// Q4_0 and Q8_0: llama.cpp's blocks of 32 values along the innermost dimension, each an fp16 scale d and
+// 32 4-bit (x = (q - 8) d, two per byte: the block's first 16 values in the low nibbles, the last 16 in the
+// high) or 8-bit (x = q d) integers; quantized as ggml's reference quantize_row_q4_0 / q8_0 do (io/gguf.cpp).
+enum class GgmlType : uint32_t { F32 = 0, F16 = 1, Q4_0 = 2, Q8_0 = 8, BF16 = 30 };
+
+// Bytes of `numel` values of type t (a multiple of the block size for the block types).
+uint64_t ggml_nbytes(GgmlType t, uint64_t numel);
+bool ggml_is_block_type(GgmlType t);
+// Rows [n, 32 k] of floats as blocks (ggml's reference quantizer, bit for bit) and back.
+std::vector<uint8_t> ggml_quantize(GgmlType t, const at::Tensor& rows);
+at::Tensor ggml_dequantize(GgmlType t, const uint8_t* data, const std::vector<int64_t>& shape);
 
 struct GgufValue {
   GgufType type = GgufType::U32;

@@ -23,9 +23,13 @@ at::Tensor permute_rope_rows(const at::Tensor& w, int64_t n_heads) {
 
 void export_gguf(const ModelConfig& c, const HfTensorFeed& feed, const GgufVocab& vocab, const std::string& path,
                  const std::string& dtype) {
-  GgmlType t = dtype == "f32" ? GgmlType::F32 : dtype == "f16" ? GgmlType::F16 : dtype == "bf16" ? GgmlType::BF16
-                                                                                                  : GgmlType(999);
-  if (static_cast<uint32_t>(t) == 999) throw UserError("--dtype for gguf must be f32, f16 or bf16, got '" + dtype + "'");
+  static const std::map<std::string, std::pair<GgmlType, uint32_t>> kTypes = {  // and llama.cpp's file type
+      {"f32", {GgmlType::F32, 0}}, {"f16", {GgmlType::F16, 1}}, {"bf16", {GgmlType::BF16, 32}},
+      {"q8_0", {GgmlType::Q8_0, 7}}, {"q4_0", {GgmlType::Q4_0, 2}}};
+  const auto type_it = kTypes.find(dtype);
+  if (type_it == kTypes.end())
+    throw UserError("--dtype for gguf must be f32, f16, bf16, q8_0 or q4_0, got '" + dtype + "'");
+  const GgmlType t = type_it->second.first;
   if (fs::exists(path)) throw UserError(path + ": already exists; choose a new --out file");
   if (c.moe.num_shared_experts > 0)
     throw UserError(path + ": GGUF export writes llama.cpp's llama architecture, which has no shared experts");
@@ -39,7 +43,8 @@ void export_gguf(const ModelConfig& c, const HfTensorFeed& feed, const GgufVocab
   GgufWriter g;
   g.add_string("general.architecture", "llama");
   g.add_string("general.name", c.name);
-  g.add_u32("general.file_type", t == GgmlType::F32 ? 0 : t == GgmlType::F16 ? 1 : 32);
+  g.add_u32("general.file_type", type_it->second.second);
+  if (ggml_is_block_type(t)) g.add_u32("general.quantization_version", 2);
   g.add_u32("llama.vocab_size", static_cast<uint32_t>(c.vocab_size));
   g.add_u32("llama.context_length", static_cast<uint32_t>(c.max_position_embeddings));
   g.add_u32("llama.embedding_length", static_cast<uint32_t>(c.hidden_size));
@@ -75,8 +80,12 @@ void export_gguf(const ModelConfig& c, const HfTensorFeed& feed, const GgufVocab
     bool skip = false;  // a dense config's router: no place in the file
   };
   std::map<std::string, Target> target;
+  // Quantized files keep matrices whose rows are not whole blocks of 32 in f16 (as llama.cpp's quantizer falls back).
+  auto fitting = [&](GgmlType type, const std::vector<int64_t>& s) {
+    return ggml_is_block_type(type) && s.back() % 32 != 0 ? GgmlType::F16 : type;
+  };
   auto declare = [&](const std::string& gg, const std::string& hf, GgmlType type, int64_t rope_heads = 0) {
-    g.declare_tensor(gg, shape_of(hf), type);
+    g.declare_tensor(gg, shape_of(hf), fitting(type, shape_of(hf)));
     target[hf] = {gg, -1, rope_heads};
   };
   declare("token_embd.weight", "model.embed_tokens.weight", t);
@@ -104,7 +113,7 @@ void export_gguf(const ModelConfig& c, const HfTensorFeed& feed, const GgufVocab
     for (const auto& [w, name] : kStacked) {
       std::vector<int64_t> s{E};
       for (int64_t d : shape_of(hf + "block_sparse_moe.experts.0." + w + ".weight")) s.push_back(d);
-      g.declare_tensor(gg + name + ".weight", s, t);
+      g.declare_tensor(gg + name + ".weight", s, fitting(t, s));
       for (int64_t e = 0; e < E; ++e)
         target[hf + "block_sparse_moe.experts." + std::to_string(e) + "." + w + ".weight"] = {gg + name + ".weight", e, 0};
     }

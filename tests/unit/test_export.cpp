@@ -419,6 +419,52 @@ TEST(ExportGguf, SinkRowsInAnyOrderGiveTheWholeWrittenFile) {
 
 // A few hundred random byte mutations and truncations of valid files: every one either opens or
 // is a UserError; never a crash or an out-of-bounds read.
+// Q8_0 / Q4_0 against the block layout written out by hand: one block of 32 known values, the scale and every
+// integer computed here from ggml's formulas (d = amax / 127, q = round(x / d); d = max / -8,
+// q = min(15, trunc(x / d + 8.5)), low nibbles first); then rows of random blocks, through a GGUF file, within
+// half a step (Q8_0) or a step (Q4_0: the largest magnitude maps to level 0, its opposite is clamped at 15).
+// (llama.cpp itself reading these files: tests/interop.)
+TEST(ExportGguf, QuantizedBlocksAreGgmlsLayout) {
+  std::vector<float> x(32);
+  for (int j = 0; j < 32; ++j) x[j] = static_cast<float>(j - 10) * 0.25f;  // -2.5 .. 5.25: max 5.25
+  auto t = torch::from_blob(x.data(), {1, 32}, torch::kFloat).clone();
+  auto q8 = io::ggml_quantize(io::GgmlType::Q8_0, t);
+  ASSERT_EQ(q8.size(), 34u);
+  const float d8 = 5.25f / 127;
+  uint16_t bits;
+  std::memcpy(&bits, q8.data(), 2);
+  EXPECT_EQ(bits, c10::Half(d8).x);
+  for (int j = 0; j < 32; ++j) EXPECT_EQ(static_cast<int8_t>(q8[2 + j]), static_cast<int8_t>(std::round(x[j] * (1 / d8)))) << j;
+  auto q4 = io::ggml_quantize(io::GgmlType::Q4_0, t);
+  ASSERT_EQ(q4.size(), 18u);
+  const float d4 = 5.25f / -8;
+  std::memcpy(&bits, q4.data(), 2);
+  EXPECT_EQ(bits, c10::Half(d4).x);
+  for (int j = 0; j < 16; ++j) {
+    auto level = [&](float v) { return std::min(15, static_cast<int>(static_cast<int8_t>(v * (1 / d4) + 8.5f))); };
+    EXPECT_EQ(q4[2 + j] & 0x0F, level(x[j])) << j;
+    EXPECT_EQ(q4[2 + j] >> 4, level(x[16 + j])) << j;
+  }
+  test::TempDir dir("ggufquant");
+  torch::manual_seed(3);
+  auto w = torch::randn({6, 64}) * 0.05;
+  io::GgufWriter g;
+  g.add_string("general.architecture", "llama");
+  g.add_tensor("q8", w, io::GgmlType::Q8_0);
+  g.add_tensor("q4", w, io::GgmlType::Q4_0);
+  g.write(dir / "q.gguf");
+  auto f = io::GgufFile::open(dir / "q.gguf");
+  EXPECT_EQ(f.tensor("q8").bytes, 6u * 2 * 34);
+  EXPECT_EQ(f.tensor("q4").bytes, 6u * 2 * 18);
+  auto blocks = w.reshape({-1, 32});
+  auto amax = std::get<0>(blocks.abs().max(1, true));
+  auto err8 = (f.get("q8").reshape({-1, 32}) - blocks).abs(), err4 = (f.get("q4").reshape({-1, 32}) - blocks).abs();
+  // Half a step, plus the scale's own fp16 rounding (2^-11 relative) times up to 127 steps (Q8_0) or 8 (Q4_0).
+  EXPECT_TRUE((err8 <= amax / 127 * (0.5 + 127.0 / 2048) + 1e-7).all().item<bool>()) << err8.max();
+  EXPECT_TRUE((err4 <= amax / 8 * (1 + 8.0 / 2048) + 1e-7).all().item<bool>()) << err4.max();
+  EXPECT_THROW(g.add_tensor("odd", torch::ones({2, 40}), io::GgmlType::Q8_0), std::exception);  // not whole blocks
+}
+
 TEST(HostileFiles, RandomMutationsOfSafetensorsAndGguf) {
   test::TempDir dir("fuzz");
   ModelConfig c = export_config();
