@@ -42,10 +42,11 @@ const std::vector<std::pair<std::string, std::string>> kCommands = {
      "          [--precision fp32|bf16] [--threads N]\n"
      "                                               expert share per domain, consecutive-token repeat rates, load\n"},
     {"export",
-     "  export CHECKPOINT --format hf|gguf|peft --out PATH [--dtype bf16|fp16|fp32] [--max-shard-size 5GB]\n"
+     "  export CHECKPOINT --format hf|gguf|peft|gguf-lora --out PATH [--dtype bf16|fp16|fp32] [--max-shard-size 5GB]\n"
      "                                               Hugging Face safetensors directory, llama.cpp GGUF file\n"
      "                                               (--dtype also q8_0|q4_0: llama.cpp's quantized blocks),\n"
-     "                                               or (LoRA/QLoRA checkpoints) a PEFT adapter; hf/gguf merge adapters;\n"
+     "                                               or (LoRA/QLoRA checkpoints) a PEFT adapter or llama.cpp LoRA adapter\n"
+     "                                               (gguf-lora, for the base's gguf export); hf/gguf merge adapters;\n"
      "          [--drop-expert-bias]                 export a model that routes with aux-free biases without them\n"
      "          [--expert-shares N]                  merge an adapter checkpoint N expert shares at a time\n"},
     {"import",

@@ -44,14 +44,21 @@ int64_t expected_adapter_pairs(const ModelConfig& cfg, const LoraSpec& l) {
   return per_layer * cfg.num_layers + (l.targets_module("lm_head") ? 1 : 0);
 }
 
-// --format peft: the adapters alone, for PEFT to load onto the base's --format hf export. Read from the
-// checkpoint's files (any layout); the base is never built.
-int export_adapter(const std::string& ckpt, const ModelConfig& cfg, const std::optional<train::BasePointer>& base,
-                   const std::string& out, const std::string& dtype) {
-  if (!base) throw UserError(ckpt + ": holds no adapters (no base.json); --format peft exports LoRA / QLoRA checkpoints");
+// An adapter checkpoint's adapters, from its files (any layout; the base is never built): pairs of the right shapes
+// for every targeted module, A [r, in] and B [out, r] for its weight [out, in] and the rank the recipe gives it.
+// A file that lost or altered one is refused. Returns the recipe's adapter settings too.
+std::vector<std::pair<std::string, at::Tensor>> read_adapters(const std::string& ckpt, const ModelConfig& cfg,
+                                                              const std::optional<train::BasePointer>& base,
+                                                              const std::string& format, LoraSpec* spec) {
+  if (!base)
+    throw UserError(ckpt + ": holds no adapters (no base.json); --format " + format + " exports LoRA / QLoRA checkpoints");
   auto recipe = train::checkpoint_recipe(ckpt);
   if (!recipe) throw UserError(ckpt + ": an adapter checkpoint needs its recipe.yaml (the adapters' settings)");
   const LoraSpec& l = recipe->finetune.lora;
+  *spec = l;
+  if (base->method == "qlora")
+    MF_WARN("the adapters were trained on a " + quant_type_name(recipe->finetune.quant.type) +
+            "-quantised base; applied to the float base they give the model up to its quantisation error");
   std::vector<io::SafetensorsFile> files;
   std::map<std::string, at::Tensor> found;
   for (const auto& path : train::checkpoint_weight_files(ckpt)) {  // verified against the manifest
@@ -60,8 +67,6 @@ int export_adapter(const std::string& ckpt, const ModelConfig& cfg, const std::o
       if (n.find(".lora_A.") != std::string::npos || n.find(".lora_B.") != std::string::npos)
         found[n] = files.back().get(n);
   }
-  // Pairs of the right shapes for every targeted module: A [r, in], B [out, r] for its weight [out, in] and the
-  // rank the recipe gives it. A file that lost or altered one is refused.
   std::map<std::string, std::vector<int64_t>> weight_shape;
   for (const auto& [n, shape] : parameter_shapes(cfg)) weight_shape[n] = shape;
   std::vector<std::pair<std::string, at::Tensor>> adapters;
@@ -89,6 +94,35 @@ int export_adapter(const std::string& ckpt, const ModelConfig& cfg, const std::o
   if (pairs != expected_adapter_pairs(cfg, l) || static_cast<int64_t>(found.size()) != 2 * pairs)
     throw UserError(ckpt + ": holds " + std::to_string(found.size()) + " adapter tensors; its recipe's targets make " +
                     std::to_string(2 * expected_adapter_pairs(cfg, l)));
+  return adapters;
+}
+
+// --format gguf-lora: the adapters as llama.cpp's LoRA adapter for the base's --format gguf export.
+int export_gguf_adapter(const std::string& ckpt, const ModelConfig& cfg, const std::optional<train::BasePointer>& base,
+                        const std::string& out, const std::string& dtype) {
+  LoraSpec l;
+  const auto adapters = read_adapters(ckpt, cfg, base, "gguf-lora", &l);
+  std::vector<io::GgufLoraPair> pairs;
+  for (size_t i = 0; i < adapters.size(); i += 2) {  // A then B of each module (read_adapters' order)
+    const std::string stem = adapters[i].first.substr(0, adapters[i].first.find(".lora_A.weight"));
+    pairs.push_back({stem + ".weight", adapters[i].second, adapters[i + 1].second,
+                     l.scale_of(stem.substr(stem.rfind('.') + 1))});
+  }
+  if (cfg.dense() && l.targets_module("gate"))
+    MF_WARN("the router adapters of this dense model are left out: its GGUF has no router, and with one expert they "
+            "changed nothing");
+  io::export_gguf_lora(cfg, pairs, out, dtype.empty() ? "f32" : dtype == "fp32" ? "f32" : dtype == "fp16" ? "f16" : dtype);
+  std::printf("exported the %zu adapter pairs of %s -> %s (llama.cpp LoRA adapter for the base's GGUF export, base %s)\n",
+              pairs.size(), ckpt.c_str(), out.c_str(), base->init_from.c_str());
+  return 0;
+}
+
+// --format peft: the adapters alone, for PEFT to load onto the base's --format hf export.
+int export_adapter(const std::string& ckpt, const ModelConfig& cfg, const std::optional<train::BasePointer>& base,
+                   const std::string& out, const std::string& dtype) {
+  LoraSpec spec;
+  std::vector<std::pair<std::string, at::Tensor>> adapters = read_adapters(ckpt, cfg, base, "peft", &spec);
+  const LoraSpec& l = spec;
   io::PeftAdapterConfig c;
   c.r = l.rank;
   c.lora_alpha = l.alpha;
@@ -125,9 +159,6 @@ int export_adapter(const std::string& ckpt, const ModelConfig& cfg, const std::o
     MF_INFO("the base is a moeforge checkpoint (" << src.dir << "): load the adapter onto its `moeforge export "
                                                  "--format hf` directory");
   io::export_peft(c, adapters, out, dtype);
-  if (base->method == "qlora")
-    MF_WARN("the adapters were trained on a " + quant_type_name(recipe->finetune.quant.type) +
-            "-quantised base; applied to the float base they give the model up to its quantisation error");
   std::printf("exported %s -> %s (PEFT LoRA adapter, r %ld, alpha %g, %zu modules; base %s)\n", ckpt.c_str(),
               out.c_str(), (long)l.rank, l.alpha, l.targets.size(), base->init_from.c_str());
   return 0;
@@ -159,7 +190,7 @@ void check_expert_biases(const std::string& ckpt, const ModelConfig& cfg, const 
   char extent[32];
   std::snprintf(extent, sizeof extent, "%.3g", b);
   const std::string holder = format == "hf"     ? "Hugging Face's Mixtral, Mistral and Qwen2-MoE"
-                             : format == "gguf" ? "llama.cpp's llama architecture"
+                             : format == "gguf" || format == "gguf-lora" ? "llama.cpp's llama architecture"
                                                 : "a PEFT adapter";
   const std::string what = "selects experts with aux-loss-free biases (model.moe.balance: aux_free_bias, |b| up to " +
                            std::string(extent) + "), which " + holder + " cannot hold";
@@ -336,7 +367,7 @@ int export_gguf_streamed(const std::string& ckpt, const ModelConfig& cfg, const 
 int cmd_export(const Args& in) {
   Args args = in;
   std::string format, out, dtype, shard = "5GB", shares_s;
-  if (!take_option(args, "--format", &format)) throw UserError("export: --format hf|gguf|peft is required");
+  if (!take_option(args, "--format", &format)) throw UserError("export: --format hf|gguf|peft|gguf-lora is required");
   if (!take_option(args, "--out", &out)) throw UserError("export: --out PATH is required");
   take_option(args, "--dtype", &dtype);
   take_option(args, "--max-shard-size", &shard);
@@ -345,8 +376,8 @@ int cmd_export(const Args& in) {
   reject_unknown_flags(args, "export",
                        {"--format", "--out", "--dtype", "--max-shard-size", "--expert-shares", "--drop-expert-bias"});
   if (args.size() != 1) throw UserError("export: expected one CHECKPOINT directory");
-  if (format != "hf" && format != "gguf" && format != "peft")
-    throw UserError("export: --format must be hf, gguf or peft, got '" + format + "'");
+  if (format != "hf" && format != "gguf" && format != "peft" && format != "gguf-lora")
+    throw UserError("export: --format must be hf, gguf, peft or gguf-lora, got '" + format + "'");
   const std::string ckpt = args[0];
   ModelConfig cfg = train::read_checkpoint_config(ckpt);
   const auto base = train::read_base_pointer(ckpt);
@@ -355,11 +386,12 @@ int cmd_export(const Args& in) {
   if (cfg.moe.num_shared_experts > 0 && format != "hf")
     throw UserError("export: " + ckpt + " has shared experts (moe.num_shared_experts " +
                     std::to_string(cfg.moe.num_shared_experts) + "); --format " + format +
-                    (format == "gguf" ? " writes llama.cpp's llama architecture, which has none"
+                    (format == "gguf" || format == "gguf-lora" ? " writes llama.cpp's llama architecture, which has none"
                                       : " writes adapters for a Mixtral or Mistral base") +
                     " (--format hf writes Qwen2MoeForCausalLM)");
-  if (format != "peft" || base) check_expert_biases(ckpt, cfg, format, drop_bias);
+  if ((format != "peft" && format != "gguf-lora") || base) check_expert_biases(ckpt, cfg, format, drop_bias);
   if (format == "peft") return export_adapter(ckpt, cfg, base, out, dtype.empty() ? "fp32" : dtype);
+  if (format == "gguf-lora") return export_gguf_adapter(ckpt, cfg, base, out, dtype);
   if (format == "hf" && !base) return export_streamed(ckpt, cfg, out, dtype, shard);
   int shares = train::default_expert_shares(cfg);
   if (!shares_s.empty()) {

@@ -217,7 +217,7 @@ TEST(ExportImport, CliRoundTripAndFineTuneFromHf) {
   EXPECT_EQ(eval_json(ck), eval_json(dir / "imported"));
   // Exporting onto an existing path is refused; a recipe can start from the HF directory.
   expect_user_error(run_cli("export " + ck + " --format hf --out " + (dir / "hf")), "already exists");
-  expect_user_error(run_cli("export " + ck + " --format onnx --out " + (dir / "x")), "hf, gguf or peft");
+  expect_user_error(run_cli("export " + ck + " --format onnx --out " + (dir / "x")), "hf, gguf, peft or gguf-lora");
   std::string ft = dir / "ft.yaml";
   std::ofstream(ft) << "init_from: hf:" << (dir / "hf") << "\ndata:\n  dir: " << data
                     << "\ntrain:\n  micro_batch_size: 4\n  seq_len: 32\n  max_steps: 2\n  eval_batches: 2\n"

@@ -20,7 +20,7 @@ const model = await llama.loadModel({modelPath: job.model});
 // attention: the f32 comparison is then of the arithmetic alone.
 const contextOptions = {contextSize: 512, batchSize: 512, threads: job.threads ?? 2, flashAttention: false,
                         experimentalKvCacheKeyType: "F32", experimentalKvCacheValueType: "F32"};
-if (job.lora) contextOptions.lora = {adapters: [{filePath: job.lora, scale: 1}]};
+if (job.lora) contextOptions.lora = {adapters: [{filePath: job.lora, scale: 1}]};  // scale 1: the file's Bs hold theirs
 const context = await model.createContext(contextOptions);
 const bos = model.tokens.bos;
 

@@ -6,7 +6,9 @@ llama.cpp: the file loads; tokenizing texts (BOS, byte fallback, non-ASCII, lead
 SentencePiece ids moeforge gives; per-position next-token log-probabilities equal `moeforge eval --token-logprobs`
 (f32 within TOL_F32, derived below; f16 / bf16 within a looser bound); greedy generation gives the tokens of
 `moeforge generate --temperature 0`; quantized files (q8_0, q4_0) score a held-out text within a stated bound of
-the f32 file's loss. A model with shared experts is refused by the export with one line (exit 2).
+the f32 file's loss; a LoRA checkpoint exported with --format gguf-lora, applied by llama.cpp to the base's file,
+gives the merged export's log-probabilities. A model with shared experts is refused by the export with one line
+(exit 2).
 usage: test_llama_cpp.py MOEFORGE   (exit 77 = skipped: node-llama-cpp is not installed)"""
 import json, math, os, random, shutil, subprocess, sys, tempfile
 
@@ -96,6 +98,20 @@ def train(work, data, name, experts, shared=0):
     return f"{work}/{name}/checkpoints/step_00000080"
 
 
+def train_lora(work, data, name, base):
+    """LoRA on every linear layer and the LM head, experts at their own rank, rank-stabilised scale: every way a
+    module's scale can differ from alpha / r."""
+    recipe = os.path.join(work, f"{name}-lora.yaml")
+    with open(recipe, "w") as f:
+        f.write(f"stage: pretrain\ninit_from: {base}\ndata:\n  dir: {data}\ntrain:\n  micro_batch_size: 8\n  seq_len: 64\n"
+                f"  max_steps: 30\n  log_interval: 30\n  eval_interval: 30\n  eval_batches: 2\n  checkpoint_interval: 30\n"
+                f"  seed: 4\noptim:\n  lr: 2.0e-2\n  min_lr: 2.0e-3\n  warmup_steps: 2\nruntime:\n  precision: fp32\n"
+                f"  threads: 2\nfinetune:\n  method: lora\n  lora:\n    rank: 8\n    alpha: 16\n    expert_rank: 4\n"
+                f"    rslora: true\n    targets: [all, lm_head]\noutput_dir: {work}/{name}-lora\n")
+    mf("train", recipe)
+    return f"{work}/{name}-lora/checkpoints/step_00000030"
+
+
 def eval_logprobs(ckpt, text, work):
     path = os.path.join(work, "text.txt")
     with open(path, "w") as f:
@@ -154,7 +170,20 @@ def main():
         for dtype, bound in TOL_QUANT.items():
             d = abs(losses[dtype] - losses["f32"])
             check(d <= bound, f"{name} {dtype}: held-out loss within {bound} of the f32 file's ({d:.5f})")
-        # 3. greedy generation
+        # 3. LoRA: the adapters as a llama.cpp adapter on the base's f32 file, against the merged export and eval
+        lora = train_lora(work, f"{work}/data", name, ckpt)
+        mf("export", lora, "--format", "gguf", "--dtype", "f32", "--out", f"{work}/{name}-merged.gguf")
+        mf("export", lora, "--format", "gguf-lora", "--out", f"{work}/{name}-lora.gguf")
+        merged = llama({"model": f"{work}/{name}-merged.gguf", "text": HELD_OUT}, work)["logprobs"]
+        adapted = llama({"model": files["f32"], "lora": f"{work}/{name}-lora.gguf", "text": HELD_OUT}, work)["logprobs"]
+        tuned = eval_logprobs(lora, HELD_OUT, work)["logprobs"]
+        moved = max(abs(a - b) for a, b in zip(tuned, ref[HELD_OUT]["logprobs"]))
+        worst = max(abs(a - b) for a, b in zip(adapted, merged))
+        worst_eval = max(abs(a - b) for a, b in zip(adapted, tuned))
+        check(len(adapted) == len(merged) and worst <= TOL_F32 and worst_eval <= TOL_F32 and moved > 100 * TOL_F32,
+              f"{name}: llama.cpp with the GGUF LoRA adapter equals the merged export (worst {worst:.2e}) and "
+              f"moeforge eval of the adapter checkpoint ({worst_eval:.2e}); the adapters moved log-probs by {moved:.3f}")
+        # 4. greedy generation
         prompt, n = "The old man", 24
         want = json.loads(mf("generate", ckpt, "--prompt", prompt, "--max-new-tokens", n, "--temperature", 0,
                              "--json", "--precision", "fp32"))
@@ -162,7 +191,7 @@ def main():
         check(got["prompt_ids"] == want["prompt_ids"] and got["generated"][:len(want["ids"])] == want["ids"],
               f"{name}: greedy generation in llama.cpp equals moeforge generate ({len(want['ids'])} tokens)"
               + ("" if got["generated"][:len(want["ids"])] == want["ids"] else f": {got['generated']} vs {want['ids']}"))
-    # 4. shared experts: refused clearly, nothing written
+    # 5. shared experts: refused clearly, nothing written
     shared = train(work, f"{work}/data", "shared", 4, shared=1)
     r = subprocess.run([MF, "export", shared, "--format", "gguf", "--out", f"{work}/shared.gguf"], capture_output=True,
                        text=True)
