@@ -1,6 +1,8 @@
 // Pretraining: next-token prediction over windows of the prepared token shards.
 #include <torch/torch.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 
 #include "core/error.h"
@@ -14,6 +16,20 @@ namespace moeforge::train {
 namespace fs = std::filesystem;
 
 namespace {
+
+// Test hook: MOEFORGE_DUMP_BATCHES=FILE appends every training micro-batch (inputs then targets, int64, [b, T]
+// each) to FILE, for an independent trainer to read the same batches (tests/python/lora_reference.py).
+void dump_batch_for_test(const torch::Tensor& inputs, const torch::Tensor& targets) {
+  const char* path = std::getenv("MOEFORGE_DUMP_BATCHES");
+  if (!path || !*path) return;
+  std::FILE* f = std::fopen(path, "ab");
+  if (!f) throw UserError(std::string(path) + ": cannot open (MOEFORGE_DUMP_BATCHES)");
+  for (const auto& t : {inputs, targets}) {
+    const auto c = t.to(torch::kCPU, torch::kLong).contiguous();
+    std::fwrite(c.data_ptr<int64_t>(), sizeof(int64_t), static_cast<size_t>(c.numel()), f);
+  }
+  std::fclose(f);
+}
 
 class PretrainStage : public Stage {
  public:
@@ -41,7 +57,9 @@ class PretrainStage : public Stage {
   const std::string& tokenizer() const override { return tokenizer_; }
   bool evaluates_at_start() const override { return false; }  // a fresh model's loss is ln(vocab)
   BatchLoss train_batch(MixtralForCausalLM& m, int64_t first, int64_t b, const torch::Device& d) override {
-    return lm_loss(m, train_->batch(first, b), d, aux_loss_coef_);
+    auto batch = train_->batch(first, b);
+    dump_batch_for_test(batch.inputs, batch.targets);
+    return lm_loss(m, batch, d, aux_loss_coef_);
   }
   EvalResult evaluate(MixtralForCausalLM& m, int64_t b, int64_t max_batches, const torch::Device& d) override {
     return evaluate_lm(m, *val_, b, max_batches, d);

@@ -17,6 +17,7 @@
 #include "core/log.h"
 #include "data/lm_dataset.h"
 #include "io/init_source.h"
+#include "io/safetensors.h"
 #include "model/finetune.h"
 #include "model/mixed.h"
 #include "model/param_count.h"
@@ -339,6 +340,12 @@ TrainResult run_training(const Recipe& given, bool force_resume) {
                               tc.micro_batch_size, device);
   };
   StepProfile profile;
+  if (const char* dump = std::getenv("MOEFORGE_DUMP_BATCHES"); dump && *dump && !resumed) {  // adapters before step 1
+    std::vector<std::pair<std::string, torch::Tensor>> adapters;
+    for (auto& [n, t] : saved_parameters(model))
+      if (n.find(".lora_") != std::string::npos) adapters.emplace_back(n, t.to(torch::kFloat));
+    io::write_safetensors(std::string(dump) + ".init.safetensors", adapters);
+  }
   while (state.step < total_steps) {
     profile.before_step(state.step);
     auto t0 = Clock::now();
