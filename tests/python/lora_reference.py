@@ -11,7 +11,7 @@ per-step losses and the final adapters (JSON and safetensors-free .pt) for the c
 
 usage: lora_reference.py HF_DIR DUMP_FILE SETTINGS.json OUT_PREFIX
 SETTINGS: {"steps", "micro_batch", "seq_len", "lr", "min_lr", "warmup", "betas", "eps", "weight_decay", "grad_clip",
-           "alpha", "rslora"}"""
+           "alpha", "rslora", "qlora": {"block_size", "double_quant"} (QLoRA: an NF4 base; absent for LoRA)}"""
 import json
 import math
 import os
@@ -24,6 +24,35 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mixtral_reference as ref  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+# QLoRA's NF4 levels (Dettmers et al. 2023, appendix; the bitsandbytes table).
+NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                    0.7229568362236023, 1.0])
+
+
+def nf4_roundtrip(w, block, double_quant):
+    """QLoRA's storage of a weight, dequantised: the flattened weight in blocks of `block` (the last zero-padded),
+    each element the NF4 level nearest to w / absmax (ties to the lower level), times the block's absmax; with
+    double quantisation the absmax values are stored as int8 after removing their mean, one scale (max |.| / 127)
+    per 256 blocks, and dequantised (clamped at 0) before use."""
+    flat = w.reshape(-1).float()
+    nb = (flat.numel() + block - 1) // block
+    blocks = torch.nn.functional.pad(flat, (0, nb * block - flat.numel())).view(nb, block)
+    absmax = blocks.abs().amax(1)
+    unit = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
+    dist = (unit[..., None] - NF4).abs()
+    idx = dist.argmin(-1)  # first minimum: the lower level on a tie
+    if double_quant:
+        mean = absmax.mean()
+        groups = (nb + 255) // 256
+        centered = torch.nn.functional.pad(absmax - mean, (0, groups * 256 - nb)).view(groups, 256)
+        scale = centered.abs().amax(1) / 127.0
+        codes = torch.round(centered / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]).clamp(-127, 127)
+        absmax = (codes * scale[:, None] + mean).reshape(-1)[:nb].clamp_min(0)
+    return (NF4[idx] * absmax[:, None]).reshape(-1)[: flat.numel()].view(w.shape)
 
 
 def lr_at(step, total, s):
@@ -39,6 +68,12 @@ def main():
     hf_dir, dump, settings_path, out = sys.argv[1:5]
     s = json.load(open(settings_path))
     cfg, W = ref.load(hf_dir)
+    if s.get("qlora"):  # the base's attention and expert weights as QLoRA stores them (router and head stay float)
+        q = s["qlora"]
+        for n in list(W):
+            if any(n.endswith(f"self_attn.{p}.weight") for p in ("q_proj", "k_proj", "v_proj", "o_proj")) or \
+                    any(n.endswith(f".{p}.weight") and ".experts." in n for p in ("w1", "w2", "w3")):
+                W[n] = nf4_roundtrip(W[n], q["block_size"], q["double_quant"])
     init = ref.read_safetensors(dump + ".init.safetensors")
     adapters = {}  # module weight name -> (A, B, scale)
     for n, a in init.items():
