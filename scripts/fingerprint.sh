@@ -29,7 +29,7 @@ S=$OUT/sft/checkpoints/step_00000030
 for ref in precompute frozen; do
   $MF train recipes/dpo-arith.yaml --set init_from=$S --set data.train=$D/arith/pref_train.jsonl --set data.val=$D/arith/pref_val.jsonl \
     --set output_dir=$OUT/dpo-$ref --set dpo.reference=$ref --set train.max_steps=12 --set train.log_interval=3 \
-    --set train.eval_interval=6 --set train.checkpoint_interval=6 --set train.eval_batches=2 --set dpo.aux_loss_coef=0.01 > $OUT/dpo-$ref.log 2>&1
+    --set train.eval_interval=6 --set train.checkpoint_interval=6 --set train.eval_batches=2 > $OUT/dpo-$ref.log 2>&1
 done
 $MF eval $OUT/dpo-precompute/checkpoints/step_00000012 --preferences $D/arith/pref_val.jsonl --reference $S --json > $OUT/eval_prefs.json
 $MF eval $Q --data $D/data --json --batches 4 > $OUT/eval.json

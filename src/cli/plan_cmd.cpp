@@ -56,6 +56,7 @@ int cmd_plan(const Args& in) {
                        {"--json", "--set", "--nproc-per-node", "--nnodes", "--device-memory", "--device", "--expert-load"});
   if (args.size() != 1) throw UserError("plan: expected one RECIPE (usage: moeforge plan RECIPE [--nproc-per-node N] ...)");
   const train::Recipe r = train::load_recipe(args[0], overrides);
+  train::refuse_no_op_keys(r, overrides);
   PlanInput p;
   p.model = r.model;
   p.finetune = r.finetune;

@@ -24,6 +24,8 @@ template <class V>
 using Check = std::function<std::string(const V&)>;
 
 std::string fmt_number(double v);
+// `text` with every decimal number in it written by fmt_number ("[0.90000000000000002, 0.95]" -> "[0.9, 0.95]").
+std::string shortest_numbers(const std::string& text);
 inline Check<double> any_number() { return [](const double&) { return std::string(); }; }
 inline Check<double> positive() {
   return [](const double& v) { return v > 0 ? std::string() : "must be positive, got " + fmt_number(v); };
@@ -226,7 +228,11 @@ class KeyTable {
       e << YAML::Flow;
       k.write(e, defaults);
       const auto shown = shown_defaults_.find(k.name);
-      const std::string d = shown != shown_defaults_.end() ? shown->second : e.c_str();
+      // Floats in their shortest round-trip form (0.1, not YAML's 0.10000000000000001); the files moeforge writes
+      // keep the emitter's form, so run directories and the DPO reference fingerprint are unchanged.
+      const std::string d = shown != shown_defaults_.end() ? shown->second
+                            : k.type.find("float") != std::string::npos ? shortest_numbers(e.c_str())
+                                                                         : std::string(e.c_str());
       docs.push_back({prefix + k.name, k.type, d == "~" ? "null" : d, k.help});
     }
     return docs;

@@ -3,8 +3,10 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <set>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "io/model_config_yaml.h"
 #include "io/yaml_reader.h"
 #include "io/init_source.h"
@@ -185,6 +187,73 @@ std::string key_reference_markdown() {
          "\n## Recipe\n\n`model` is a config file, an inline mapping, or absent (then init_from's config). "
          "`--set a.b=c` overrides any key.\n\n" +
          table(recipe_keys().reference(recipe_defaults));
+}
+
+namespace {
+
+// The value of dotted `key` in an emitted recipe ("" when absent).
+std::string value_at(const YAML::Node& root, const std::string& key) {
+  YAML::Node n = YAML::Clone(root);
+  size_t from = 0;
+  for (;;) {
+    const size_t dot = key.find('.', from);
+    const std::string part = key.substr(from, dot == std::string::npos ? std::string::npos : dot - from);
+    if (!n.IsMap() || !n[part]) return "";
+    n = n[part];
+    if (dot == std::string::npos) break;
+    from = dot + 1;
+  }
+  YAML::Emitter e;
+  e << YAML::Flow << n;
+  return e.c_str();
+}
+
+// Every dotted leaf key under `prefix` of an emitted recipe.
+void leaves(const YAML::Node& n, const std::string& prefix, std::vector<std::string>& out) {
+  if (!n.IsMap()) {
+    out.push_back(prefix);
+    return;
+  }
+  for (const auto& kv : n) leaves(kv.second, (prefix.empty() ? "" : prefix + ".") + kv.first.as<std::string>(), out);
+}
+
+}  // namespace
+
+void refuse_no_op_keys(const Recipe& r, const std::vector<std::string>& overrides, bool shared_recipe) {
+  const YAML::Node now = YAML::Load(r.yaml);
+  Recipe defaults;
+  const YAML::Node def = YAML::Load(recipe_keys().emit(defaults));
+  std::vector<std::string> keys;
+  leaves(now, "", keys);
+  const auto& moe = r.model.moe;
+  const std::string balance = balance_name(moe.balance);
+  const bool model_from_file = r.model_source != "<inline>";
+  for (const auto& k : keys) {
+    std::string why;
+    auto under = [&](const char* p) { return k.rfind(p, 0) == 0; };
+    if (under("finetune.lora.") && r.finetune.method == "full")
+      why = "finetune.method is full (LoRA keys apply to lora and qlora)";
+    else if (under("finetune.quant.") && r.finetune.method != "qlora")
+      why = "finetune.method is " + r.finetune.method + " (quant keys apply to qlora)";
+    else if (under("sft.") && r.stage != "sft")
+      why = "stage is " + r.stage + " (sft keys apply to stage sft)";
+    else if (under("dpo.") && k != "dpo.reference" && r.stage != "dpo")  // reference: resolved from the method
+      why = "stage is " + r.stage + " (dpo keys apply to stage dpo)";
+    else if ((k == "sft.aux_loss_coef" || k == "dpo.aux_loss_coef" || k == "model.moe.aux_loss_coef") &&
+             moe.balance != Balance::AuxLoss)
+      why = "model.moe.balance is " + balance + " (the coefficient applies under balance: aux_loss)";
+    else if ((k == "model.moe.bias_update_rate" || k == "model.moe.bias_update") && moe.balance != Balance::AuxFreeBias)
+      why = "model.moe.balance is " + balance + " (the bias update applies under balance: aux_free_bias)";
+    if (why.empty() || value_at(now, k) == value_at(def, k)) continue;
+    const std::string msg = "key '" + k + "' (" + io::shortest_numbers(value_at(now, k)) + "): has no effect: " + why;
+    bool given = false;  // by --set (or the point's own sweep overrides)
+    for (const auto& o : overrides) given = given || o.rfind(k + "=", 0) == 0;
+    const bool from_shared_file = (under("model.") && model_from_file) || shared_recipe;
+    if (given || !from_shared_file) throw UserError(r.path + ": " + msg + "; remove it or change what disables it");
+    static std::set<std::string> warned;  // once per key and file in a process (a sweep resolves many points)
+    const std::string where = under("model.") && model_from_file ? r.model_source : r.path;
+    if (warned.insert(where + k).second) MF_WARN(where << ": " << msg);
+  }
 }
 
 Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides) {

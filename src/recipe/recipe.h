@@ -89,4 +89,14 @@ struct Recipe {
 
 Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides);
 
+// No silent no-ops: a key whose value (other than its default) cannot affect the run `r` resolves to is a UserError
+// naming it and the key that disables it ("<recipe>: key 'sft.aux_loss_coef': has no effect: model.moe.balance is
+// aux_free_bias ..."). The rules: LoRA keys with finetune.method full, quant keys without qlora, sft.* keys outside
+// stage sft, dpo.* keys outside stage dpo, an aux-loss coefficient without moe.balance aux_loss, the bias update of
+// aux-loss-free balancing without moe.balance aux_free_bias. A key that comes from a file other recipes share is one
+// warning line instead (once per process): a model config file, or (shared_recipe) a sweep's base recipe whose
+// point does not set the key itself. Set by --set or a sweep axis / variant, it is always an error. Run by train,
+// plan and sweep on what the user gives; resolved recipes read back from checkpoints are not checked.
+void refuse_no_op_keys(const Recipe& r, const std::vector<std::string>& overrides, bool shared_recipe = false);
+
 }  // namespace moeforge::train

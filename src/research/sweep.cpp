@@ -173,6 +173,33 @@ SweepSpec load_sweep(const std::string& path) {
   return s;
 }
 
+namespace {
+
+// Two points whose resolved recipes are the same run but for their directories: an axis that changes nothing.
+void refuse_identical_points(const SweepSpec& spec, const std::vector<SweepPoint>& points) {
+  auto run_of = [](const SweepPoint& p) {
+    std::string y = p.recipe.yaml, out;
+    std::istringstream in(y);
+    for (std::string line; std::getline(in, line);)
+      if (line.rfind("output_dir:", 0) != 0) out += line + "\n";
+    return out;
+  };
+  std::map<std::string, const SweepPoint*> seen;
+  for (const auto& p : points) {
+    auto [it, fresh] = seen.emplace(run_of(p), &p);
+    if (fresh) continue;
+    std::string differ;
+    for (size_t i = 0; i < p.values.size(); ++i)
+      if (p.values[i].second != it->second->values[i].second)
+        differ += (differ.empty() ? "" : ", ") + p.values[i].first;
+    throw UserError(spec.path + ": points " + it->second->name + " and " + p.name + " resolve to the same run: " +
+                    (differ.empty() ? std::string("they are the same point") : differ) +
+                    " changes nothing in the resolved recipe");
+  }
+}
+
+}  // namespace
+
 std::vector<SweepPoint> expand_sweep(const SweepSpec& spec) {
   std::vector<SweepPoint> points;
   std::vector<size_t> at(spec.grid.size(), 0);
@@ -184,13 +211,18 @@ std::vector<SweepPoint> expand_sweep(const SweepSpec& spec) {
     p.name = point_name(p.values);
     p.run_dir = spec.output_dir + "/" + p.name;
     p.overrides = spec.fixed;
+    std::vector<std::string> own;  // what this point sets itself: its axes' values and its variant's overrides
     for (const auto& [k, v] : p.values) {
       if (k != "variant") {
         p.overrides.push_back(k + "=" + v);
+        own.push_back(k + "=" + v);
         continue;
       }
       for (const auto& [name, sets] : spec.variants)
-        if (name == v) p.overrides.insert(p.overrides.end(), sets.begin(), sets.end());
+        if (name == v) {
+          p.overrides.insert(p.overrides.end(), sets.begin(), sets.end());
+          own.insert(own.end(), sets.begin(), sets.end());
+        }
     }
     std::map<std::string, std::string> vars{{"output_dir", spec.output_dir}};
     for (const auto& [k, v] : p.values) vars[k] = v;
@@ -201,6 +233,7 @@ std::vector<SweepPoint> expand_sweep(const SweepSpec& spec) {
         if (eq != std::string::npos) o = o.substr(0, eq + 1) + substitute(o.substr(eq + 1), vars, "override " + o);
       }
       p.recipe = load_recipe(spec.recipe, p.overrides);
+      refuse_no_op_keys(p.recipe, own, /*shared_recipe=*/true);
       if (spec.match_active_params) {
         // Active parameters are affine in intermediate_size: solve for the base recipe's count.
         ModelConfig c = p.recipe.model;
@@ -225,7 +258,10 @@ std::vector<SweepPoint> expand_sweep(const SweepSpec& spec) {
       --i;
       if (++at[i] < spec.grid[i].values.size()) break;
       at[i] = 0;
-      if (i == 0) return points;
+      if (i == 0) {
+        refuse_identical_points(spec, points);
+        return points;
+      }
     }
   }
 }

@@ -46,10 +46,33 @@ TEST(Sweep, GridExpansionNamingAndMatchedActiveParameters) {
   EXPECT_EQ(pts[5].recipe.output_dir, pts[5].run_dir);
   EXPECT_EQ(train::point_status(pts[0]), train::PointStatus::Fresh);
   // Two axes with the same last segment are named by their full keys.
-  std::ofstream(dir / "s2.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out2")
+  // (An SFT base, where both take effect: sft.aux_loss_coef outside stage sft is refused, see NoOpKeys.)
+  std::ofstream(dir / "base_sft.yaml") << "stage: sft\n" << test::small_model_yaml("sweep")
+                                       << "data: {train: /nonexistent.jsonl, val: /nonexistent.jsonl}\ntrain: {seq_len: 32}\n";
+  std::ofstream(dir / "s2.yaml") << "recipe: " << (dir / "base_sft.yaml") << "\noutput_dir: " << (dir / "out2")
                                  << "\ngrid:\n  model.moe.aux_loss_coef: [0.1]\n  sft.aux_loss_coef: [0.2]\n";
   auto p2 = train::expand_sweep(train::load_sweep(dir / "s2.yaml"));
   EXPECT_EQ(p2[0].name, "model.moe.aux_loss_coef=0.1_sft.aux_loss_coef=0.2");
+  // An axis whose points resolve to the same run is refused, naming the points and the axis (0.01 and 1.0e-2 are
+  // one number); so is a no-op key (sft.aux_loss_coef in a pretraining recipe), naming what disables it.
+  std::ofstream(dir / "s4.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out4")
+                                 << "\ngrid:\n  model.moe.aux_loss_coef: [0.01, 1.0e-2]\n";
+  try {
+    train::expand_sweep(train::load_sweep(dir / "s4.yaml"));
+    ADD_FAILURE() << "identical points accepted";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("resolve to the same run: model.moe.aux_loss_coef changes nothing"), std::string::npos)
+        << e.what();
+  }
+  std::ofstream(dir / "s5.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out5")
+                                 << "\ngrid:\n  sft.aux_loss_coef: [0.1, 0.2]\n";
+  try {
+    train::expand_sweep(train::load_sweep(dir / "s5.yaml"));
+    ADD_FAILURE() << "a no-op axis accepted";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("key 'sft.aux_loss_coef' (0.1): has no effect: stage is pretrain"),
+              std::string::npos) << e.what();
+  }
   // Experts x top-k at matched active parameters: intermediate_size scales so the active counts agree
   // with the base recipe's to within one intermediate unit.
   std::ofstream(dir / "s3.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out3")
@@ -311,7 +334,10 @@ TEST(Sweep, PrepareStepsRunBeforeThePointsThatStartFromThem) {
   EXPECT_THROW(train::load_sweep(dir / "s.yaml"), UserError);
   write("  - {run: \"sweep other.yaml\", creates: x}\n");
   EXPECT_THROW(train::load_sweep(dir / "s.yaml"), UserError);
-  std::ofstream(dir / "s2.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out2")
+  // (An SFT base, where both take effect: sft.aux_loss_coef outside stage sft is refused, see NoOpKeys.)
+  std::ofstream(dir / "base_sft.yaml") << "stage: sft\n" << test::small_model_yaml("sweep")
+                                       << "data: {train: /nonexistent.jsonl, val: /nonexistent.jsonl}\ntrain: {seq_len: 32}\n";
+  std::ofstream(dir / "s2.yaml") << "recipe: " << (dir / "base_sft.yaml") << "\noutput_dir: " << (dir / "out2")
                                  << "\nprepare:\n  - {run: \"init /nonexistent.yaml --out {output_dir}/m\", creates: "
                                     "\"{output_dir}/m\"}\ngrid:\n  train.seed: [1]\n";
   EXPECT_EQ(std::system((bin + " sweep " + (dir / "s2.yaml") + " > " + log + " 2>&1").c_str()) >> 8, 1);

@@ -11,7 +11,9 @@
 #include "model/param_count.h"
 #include "parallel/grad_sync.h"
 #include "optim/optimizer.h"
+#include "io/key_table.h"
 #include "recipe/recipe.h"
+#include "recipe/recipe_keys.h"
 #include "optim/schedule.h"
 #include "train/trainer.h"
 
@@ -139,4 +141,52 @@ TEST(Flops, TrainingFlopsPerTokenByHand) {
   ParamCounts p = count_params(c);
   const double expect = 6.0 * static_cast<double>(p.active - p.embedding) + 12.0 * c.num_layers * 64 * c.q_dim();
   EXPECT_DOUBLE_EQ(training_flops_per_token(c, 64), expect);
+}
+
+// No silent no-ops (issue 31): a key set to other than its default where it cannot take effect is refused, naming
+// the key and what disables it; from a shared model config file it is one warning; resolved recipes pass.
+TEST(NoOpKeys, RefusedWithTheKeyThatDisablesThem) {
+  auto tiny = test::source_path("configs/tiny.yaml");  // moe.balance: aux_free_bias
+  auto msg = [&](const std::string& body, const std::vector<std::string>& sets = {}) -> std::string {
+    try {
+      Recipe r = load_recipe(test::write_temp("noop.yaml", body), sets);
+      refuse_no_op_keys(r, sets);
+    } catch (const UserError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  const std::string pre = "model: " + tiny + "\ndata:\n  dir: /tmp/x\n";
+  const std::string sft = "stage: sft\nmodel: " + tiny + "\ndata: {train: /tmp/a.jsonl, val: /tmp/b.jsonl}\n";
+  auto has = [](const std::string& m, const std::string& a, const std::string& b) {
+    return m.find(a) != std::string::npos && m.find(b) != std::string::npos;
+  };
+  EXPECT_EQ(msg(pre), "");
+  EXPECT_TRUE(has(msg(pre + "finetune: {lora: {rank: 4}}\n"), "key 'finetune.lora.rank'", "finetune.method is full"));
+  EXPECT_TRUE(has(msg(pre + "init_from: /tmp/base\nfinetune: {method: lora, quant: {block_size: 32}}\n"),
+                  "key 'finetune.quant.block_size'", "finetune.method is lora"));
+  EXPECT_EQ(msg(pre + "init_from: /tmp/base\nfinetune: {method: qlora, quant: {block_size: 32}}\n"), "");
+  EXPECT_TRUE(has(msg(pre + "sft: {train_on_all: true}\n"), "key 'sft.train_on_all'", "stage is pretrain"));
+  EXPECT_TRUE(has(msg(sft + "dpo: {beta: 0.5}\n"), "key 'dpo.beta'", "stage is sft"));
+  // The aux-loss coefficient under aux-loss-free balancing (the quickstart model): the issue's sft-arith case.
+  EXPECT_TRUE(has(msg(sft + "sft: {aux_loss_coef: 0.01}\n"), "key 'sft.aux_loss_coef'", "model.moe.balance is aux_free_bias"));
+  EXPECT_EQ(msg(sft + "sft: {aux_loss_coef: 0.01}\n", {"model.moe.balance=aux_loss"}), "");
+  // Model keys: from the shared config file a warning (tiny.yaml's bias_update_rate under aux_loss), from --set
+  // an error.
+  EXPECT_EQ(msg(pre, {"model.moe.balance=aux_loss"}), "");
+  EXPECT_TRUE(has(msg(pre, {"model.moe.aux_loss_coef=0.05"}), "key 'model.moe.aux_loss_coef'", "aux_free_bias"));
+  EXPECT_TRUE(has(msg(pre, {"model.moe.balance=none", "model.moe.bias_update_rate=0.02"}),
+                  "key 'model.moe.bias_update_rate'", "model.moe.balance is none"));
+  // A resolved recipe (every key written out, unused sections at their defaults) reads back clean.
+  Recipe r = load_recipe(test::write_temp("noop.yaml", sft), {});
+  EXPECT_NO_THROW(refuse_no_op_keys(load_recipe(test::write_temp("resolved.yaml", r.yaml), {}), {}));
+}
+
+// Shortest round-trip numbers in the key reference (docs/keys.md, info --keys): 0.1, not 0.10000000000000001.
+TEST(NoOpKeys, ReferenceNumbersAreShortest) {
+  const std::string md = key_reference_markdown();
+  EXPECT_NE(md.find("| `optim.weight_decay` | float | `0.1` |"), std::string::npos);
+  EXPECT_NE(md.find("`[0.9, 0.95]`"), std::string::npos);
+  EXPECT_EQ(md.find("0000000"), std::string::npos);
+  EXPECT_EQ(io::shortest_numbers("[0.90000000000000002, 1e-08, 3]"), "[0.9, 1e-08, 3]");
 }

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Held-out exact match (data/arith/test.jsonl, greedy) of every point of recipes/finetune-methods.yaml, and a table
+# per arm (mean and both seeds) in docs/finetune-methods/results.md. usage: scripts/finetune_methods_report.sh [RUNS]
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")/.."
+R=${1:-runs/finetune-methods}
+MF=./build/moeforge
+for d in "$R"/*/; do
+  p=$(basename "$d")
+  ck=$(ls -d "$d"checkpoints/step_* 2>/dev/null | sort | tail -1) || true
+  [ -n "$ck" ] || { echo "$p: no checkpoint" >&2; continue; }
+  [ -f "$d/exact_match.json" ] || $MF eval "$ck" --generate --data data/arith/test.jsonl --max-new-tokens 8 --json > "$d/exact_match.json"
+done
+python3 - "$R" <<'PY'
+import glob, json, os, statistics, sys
+R = sys.argv[1]
+arms = {}
+for f in sorted(glob.glob(os.path.join(R, "*", "exact_match.json"))):
+    point = os.path.basename(os.path.dirname(f))
+    arm = point.split("_seed=")[0].replace("variant=", "")
+    em = json.loads(open(f).read().strip().splitlines()[-1])
+    s = json.load(open(os.path.join(os.path.dirname(f), "summary.json")))
+    arms.setdefault(arm, []).append((em.get("exact_match", em.get("accuracy")), s["final_val_loss"], s["tokens_per_second"]))
+lines = ["| arm | exact match, mean | per seed | final val loss (mean) | tokens/s (mean) |", "|---|---|---|---|---|"]
+for arm, v in arms.items():
+    lines.append(f"| {arm} | {statistics.mean(x[0] for x in v):.3f} | {', '.join('%.3f' % x[0] for x in v)} | "
+                 f"{statistics.mean(x[1] for x in v):.4f} | {statistics.mean(x[2] for x in v):,.0f} |")
+out = os.path.join("docs", "finetune-methods", "results.md")
+open(out, "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
