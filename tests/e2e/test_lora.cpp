@@ -297,8 +297,15 @@ TEST(QloraE2e, TrainsOnAQuantisedBaseExportsMergedRefusesAChangedBaseAndDpoFollo
   ASSERT_FALSE(ev.empty());
   EXPECT_NEAR(ev[0]["val_loss"].get<double>(), std::log(2.0), 1e-6);
 
-  // Full fine-tuning can start from an adapter checkpoint too (its merged model).
-  ASSERT_EQ(status_of(kBin + " train " + recipe + " --set finetune.method=full --set init_from=" + ck +
+  // Full fine-tuning can start from an adapter checkpoint too (its merged model). The recipe without its LoRA and
+  // quant keys, which would have no effect with method full (refused: issue 31).
+  std::string full_text = read_all(recipe);
+  const std::string ft_line = "finetune: {method: qlora, lora: {rank: 4, alpha: 8, dropout: 0.0}, quant: {block_size: 32}}\n";
+  ASSERT_NE(full_text.find(ft_line), std::string::npos);
+  full_text.replace(full_text.find(ft_line), ft_line.size(), "finetune: {method: full}\n");
+  const std::string full_recipe = dir / "full.yaml";
+  std::ofstream(full_recipe) << full_text;
+  ASSERT_EQ(status_of(kBin + " train " + full_recipe + " --set init_from=" + ck +
                       " --set train.max_steps=1 --set output_dir=" + (dir / "full_from_q")),
             0);
 
@@ -324,11 +331,11 @@ TEST(QloraE2e, TrainsOnAQuantisedBaseExportsMergedRefusesAChangedBaseAndDpoFollo
   const std::string chained = *train::latest_checkpoint(dir / "dpo1");
   ASSERT_EQ(status_of(kBin + " export " + chained + " --format hf --dtype fp32 --out " + (dir / "chained")), 0);
   expect_same_merged_export_by_shares(chained, dir / "chained", dir / "chained2");
-  const std::string full_same = " --set finetune.method=full --set init_from=" + ck +
+  const std::string full_same = " --set init_from=" + ck +
                                 " --set train.max_steps=1 --set runtime.precision=fp32 --set train.micro_batch_size=2";
-  ASSERT_EQ(status_of(kBin + " train " + recipe + full_same + " --set train.grad_accum=2 --set output_dir=" + (dir / "full1")), 0);
+  ASSERT_EQ(status_of(kBin + " train " + full_recipe + full_same + " --set train.grad_accum=2 --set output_dir=" + (dir / "full1")), 0);
   ASSERT_EQ(status_of(kBin + " launch --nproc-per-node 2 --master-port " + std::to_string(test::free_port()) + " -- train " +
-                      recipe + full_same + " --set parallel.expert=2 --set output_dir=" + (dir / "full2")),
+                      full_recipe + full_same + " --set parallel.expert=2 --set output_dir=" + (dir / "full2")),
             0);
   auto f1 = test::metric_records(dir / "full1", "val_loss"), f2 = test::metric_records(dir / "full2", "val_loss");
   ASSERT_FALSE(f1.empty());
