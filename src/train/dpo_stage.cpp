@@ -2,6 +2,8 @@
 // come from objective/dpo_reference.
 #include <torch/torch.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 
 #include "core/error.h"
@@ -17,6 +19,24 @@
 namespace moeforge::train {
 
 namespace {
+
+// Test hook: MOEFORGE_DUMP_BATCHES=FILE appends one JSON line per training micro-batch, its pairs in order, each
+// side's token ids and loss mask ({"pairs": [{"chosen": {"ids", "mask"}, "rejected": {...}}, ...]}), for an
+// independent trainer to read the same pairs (tests/python/lora_reference.py).
+void dump_pairs_for_test(const std::vector<data::PreferencePair>& pairs, const std::vector<size_t>& idx) {
+  const char* path = std::getenv("MOEFORGE_DUMP_BATCHES");
+  if (!path || !*path) return;
+  nlohmann::json line = {{"pairs", nlohmann::json::array()}};
+  for (size_t i : idx) {
+    auto side = [](const data::TokenizedExample& e) { return nlohmann::json{{"ids", e.ids}, {"mask", e.loss_mask}}; };
+    line["pairs"].push_back({{"chosen", side(pairs[i].chosen)}, {"rejected", side(pairs[i].rejected)}});
+  }
+  std::FILE* f = std::fopen(path, "ab");
+  if (!f) throw UserError(std::string(path) + ": cannot open (MOEFORGE_DUMP_BATCHES)");
+  const std::string text = line.dump() + "\n";
+  std::fwrite(text.data(), 1, text.size(), f);
+  std::fclose(f);
+}
 
 class DpoStage : public Stage {
  public:
@@ -51,6 +71,7 @@ class DpoStage : public Stage {
   BatchLoss train_batch(MixtralForCausalLM& m, int64_t first, int64_t b, const torch::Device& d) override {
     std::vector<size_t> idx;
     for (int64_t g = first; g < first + b; ++g) idx.push_back(pair_at(g));
+    dump_pairs_for_test(train_, idx);
     auto [rc, rr] = reference_->logps(true, idx, d, m);
     return dpo_batch(m, train_, idx, rc, rr, opt_, recipe_.train.seq_len, d);
   }

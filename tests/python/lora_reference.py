@@ -10,8 +10,16 @@ It starts from the adapters moeforge had before its first step and reads the mic
 per-step losses and the final adapters (JSON and safetensors-free .pt) for the caller to compare.
 
 usage: lora_reference.py HF_DIR DUMP_FILE SETTINGS.json OUT_PREFIX
+DPO (settings "dpo": {"beta"}): the objective is the sigmoid DPO loss of Rafailov et al. 2023,
+-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) averaged over the micro-batch's pairs, each log-prob the sum
+over a completion's target tokens; the reference is the base with the adapters off (moeforge's
+dpo.reference: adapters_off), and each sequence runs alone (no packing), so that moeforge's packed rows are checked
+too. The dump is then JSON lines, one per micro-batch: {"pairs": [{"chosen": {"ids", "mask"}, "rejected": ...}]}.
+
+usage: lora_reference.py HF_DIR DUMP_FILE SETTINGS.json OUT_PREFIX
 SETTINGS: {"steps", "micro_batch", "seq_len", "lr", "min_lr", "warmup", "betas", "eps", "weight_decay", "grad_clip",
-           "alpha", "rslora", "qlora": {"block_size", "double_quant"} (QLoRA: an NF4 base; absent for LoRA)}"""
+           "alpha", "rslora", "qlora": {"block_size", "double_quant"} (QLoRA: an NF4 base; absent for LoRA),
+           "dpo": {"beta"} (absent: next-token prediction)}"""
 import json
 import math
 import os
@@ -64,6 +72,25 @@ def lr_at(step, total, s):
     return s["min_lr"] + (s["lr"] - s["min_lr"]) * 0.5 * (1 + math.cos(math.pi * p))
 
 
+def completion_logp(cfg, W, side):
+    """Sum of log p(token) over the completion's target tokens (mask 1), the sequence alone."""
+    ids = torch.tensor(side["ids"], dtype=torch.long)
+    mask = torch.tensor(side["mask"][1:], dtype=torch.float32)
+    logits = ref.forward(cfg, W, ids[None, :-1])[0]
+    logp = torch.log_softmax(logits.float(), -1).gather(1, ids[1:, None]).squeeze(1)
+    return (logp * mask).sum()
+
+
+def dpo_loss(cfg, W, Wa, pairs, beta):
+    """Sigmoid DPO over one micro-batch; the reference is the base W (adapters off), without gradient."""
+    with torch.no_grad():
+        ref_c = torch.stack([completion_logp(cfg, W, p["chosen"]) for p in pairs])
+        ref_r = torch.stack([completion_logp(cfg, W, p["rejected"]) for p in pairs])
+    pc = torch.stack([completion_logp(cfg, Wa, p["chosen"]) for p in pairs])
+    pr = torch.stack([completion_logp(cfg, Wa, p["rejected"]) for p in pairs])
+    return -torch.nn.functional.logsigmoid(beta * ((pc - ref_c) - (pr - ref_r))).mean()
+
+
 def main():
     hf_dir, dump, settings_path, out = sys.argv[1:5]
     s = json.load(open(settings_path))
@@ -88,15 +115,22 @@ def main():
     params = [t for A, B, _ in adapters.values() for t in (A, B)]
     opt = torch.optim.AdamW(params, lr=s["lr"], betas=tuple(s["betas"]), eps=s["eps"], weight_decay=s["weight_decay"])
     mb, T = s["micro_batch"], s["seq_len"]
-    data = np.fromfile(dump, dtype=np.int64).reshape(-1, 2, mb, T)
+    dpo = s.get("dpo")
+    if dpo:
+        data = [json.loads(line)["pairs"] for line in open(dump)]
+    else:
+        data = np.fromfile(dump, dtype=np.int64).reshape(-1, 2, mb, T)
     losses = []
     for step in range(s["steps"]):
-        inputs, targets = (torch.from_numpy(data[step, i].copy()) for i in (0, 1))
         Wa = dict(W)
         for name, (A, B, scale) in adapters.items():
             Wa[name] = W[name] + scale * (B @ A)
-        logits = ref.forward(cfg, Wa, inputs)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if dpo:
+            loss = dpo_loss(cfg, W, Wa, data[step], dpo["beta"])
+        else:
+            inputs, targets = (torch.from_numpy(data[step, i].copy()) for i in (0, 1))
+            logits = ref.forward(cfg, Wa, inputs)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         opt.zero_grad()
         loss.backward()
         if s["grad_clip"] > 0:
