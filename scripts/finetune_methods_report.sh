@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Held-out exact match (data/arith/test.jsonl, greedy) of every point of recipes/finetune-methods.yaml, and a table
-# per arm (mean and both seeds) in docs/finetune-methods/results.md. usage: scripts/finetune_methods_report.sh [RUNS]
+# per arm (mean and both seeds) in docs/finetune-methods/results.md. usage: scripts/finetune_methods_report.sh [RUNS [OUT.md]]
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 R=${1:-runs/finetune-methods}
+OUT_MD=${2:-docs/finetune-methods/results.md}
 MF=./build/moeforge
 for d in "$R"/*/; do
   p=$(basename "$d")
@@ -11,7 +12,7 @@ for d in "$R"/*/; do
   [ -n "$ck" ] || { echo "$p: no checkpoint" >&2; continue; }
   [ -f "$d/exact_match.json" ] || $MF eval "$ck" --generate --data data/arith/test.jsonl --max-new-tokens 8 --json > "$d/exact_match.json"
 done
-python3 - "$R" <<'PY'
+python3 - "$R" "$OUT_MD" <<'PY'
 import glob, json, os, statistics, sys
 R = sys.argv[1]
 arms = {}
@@ -25,7 +26,7 @@ lines = ["| arm | exact match, mean | per seed | final val loss (mean) | tokens/
 for arm, v in arms.items():
     lines.append(f"| {arm} | {statistics.mean(x[0] for x in v):.3f} | {', '.join('%.3f' % x[0] for x in v)} | "
                  f"{statistics.mean(x[1] for x in v):.4f} | {statistics.mean(x[2] for x in v):,.0f} |")
-out = os.path.join("docs", "finetune-methods", "results.md")
+out = sys.argv[2]
 open(out, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
