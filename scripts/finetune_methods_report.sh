@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Held-out exact match (data/arith/test.jsonl, greedy) of every point of recipes/finetune-methods.yaml, and a table
-# per arm (mean and both seeds) in docs/finetune-methods/results.md. usage: scripts/finetune_methods_report.sh [RUNS [OUT.md]]
+# per arm (mean and every seed) in OUT.md (default docs/finetune-methods/results.md). usage: scripts/finetune_methods_report.sh [RUNS [OUT.md]]
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 R=${1:-runs/finetune-methods}

@@ -9,7 +9,6 @@ It starts from the adapters moeforge had before its first step and reads the mic
 (both written by moeforge's test hook MOEFORGE_DUMP_BATCHES: FILE.init.safetensors and FILE), and writes the
 per-step losses and the final adapters (JSON and safetensors-free .pt) for the caller to compare.
 
-usage: lora_reference.py HF_DIR DUMP_FILE SETTINGS.json OUT_PREFIX
 DPO (settings "dpo": {"beta"}): the objective is the sigmoid DPO loss of Rafailov et al. 2023,
 -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) averaged over the micro-batch's pairs, each log-prob the sum
 over a completion's target tokens; the reference is the base with the adapters off (moeforge's
