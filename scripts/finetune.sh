@@ -22,15 +22,16 @@ case "$METHOD" in
   lora|qlora) R=runs/arith-$METHOD
     # Adapters on the attention and expert layers and the LM head (not the router: with its balancing biases
     # frozen, an adapted router held LoRA SFT at 0.20 exact match over 2 seeds, against 0.39 over 3 without it),
-    # twice the SFT steps and 2x the learning rate of full fine-tuning (the best of 2e-3 / 5e-3 / 1e-2 without
-    # the router: docs/finetune-methods). DPO_LR 3e-3 is the earlier run's, not swept.
-    SFT_STEPS=600
+    # 4x the SFT steps and 2x the learning rate of full fine-tuning (2e-3: the best of 2e-3 / 5e-3 / 1e-2; 1200
+    # steps, where 2 of 3 seeds pass the loss plateau that 600 steps leave most stuck on: docs/finetune-methods).
+    # DPO_LR 3e-3 is the earlier run's, not swept.
+    SFT_STEPS=1200
     T="finetune.lora.targets=[q_proj,k_proj,v_proj,o_proj,w1,w2,w3,lm_head]"
     SFT_SET=(--set finetune.method=$METHOD --set "$T" --set train.max_steps=$SFT_STEPS
              --set optim.lr=${SFT_LR:-2.0e-3} --set optim.min_lr=${SFT_MIN_LR:-2.0e-4} --set output_dir=$R/sft)
     DPO_SET=(--set finetune.method=$METHOD --set "$T"
              --set optim.lr=${DPO_LR:-3.0e-3} --set optim.min_lr=${DPO_MIN_LR:-3.0e-4} --set output_dir=$R/dpo
-             --set init_from=$R/sft/checkpoints/step_00000$SFT_STEPS --set dpo.reference=adapters_off) ;;
+             --set init_from=$R/sft/checkpoints/$(printf step_%08d $SFT_STEPS) --set dpo.reference=adapters_off) ;;
   *) echo "finetune: METHOD must be full, lora or qlora, got '$METHOD'" >&2; exit 2 ;;
 esac
 mkdir -p $R
@@ -40,7 +41,7 @@ python3 data/make_arith.py data/arith
 
 echo "== SFT (recipes/sft-arith.yaml, finetune.method $METHOD)"
 $MF train recipes/sft-arith.yaml --resume "${SFT_SET[@]}"
-sft=$R/sft/checkpoints/step_00000$SFT_STEPS
+sft=$R/sft/checkpoints/$(printf step_%08d $SFT_STEPS)
 
 echo "== DPO (recipes/dpo-arith.yaml, finetune.method $METHOD)"
 $MF train recipes/dpo-arith.yaml --resume "${DPO_SET[@]}"

@@ -2,8 +2,6 @@
 // come from objective/dpo_reference.
 #include <torch/torch.h>
 
-#include <cstdio>
-#include <cstdlib>
 #include <memory>
 
 #include "core/error.h"
@@ -24,18 +22,15 @@ namespace {
 // side's token ids and loss mask ({"pairs": [{"chosen": {"ids", "mask"}, "rejected": {...}}, ...]}), for an
 // independent trainer to read the same pairs (tests/python/lora_reference.py).
 void dump_pairs_for_test(const std::vector<data::PreferencePair>& pairs, const std::vector<size_t>& idx) {
-  const char* path = std::getenv("MOEFORGE_DUMP_BATCHES");
-  if (!path || !*path) return;
+  const std::string path = test_dump_path();
+  if (path.empty()) return;
   nlohmann::json line = {{"pairs", nlohmann::json::array()}};
   for (size_t i : idx) {
     auto side = [](const data::TokenizedExample& e) { return nlohmann::json{{"ids", e.ids}, {"mask", e.loss_mask}}; };
     line["pairs"].push_back({{"chosen", side(pairs[i].chosen)}, {"rejected", side(pairs[i].rejected)}});
   }
-  std::FILE* f = std::fopen(path, "ab");
-  if (!f) throw UserError(std::string(path) + ": cannot open (MOEFORGE_DUMP_BATCHES)");
   const std::string text = line.dump() + "\n";
-  std::fwrite(text.data(), 1, text.size(), f);
-  std::fclose(f);
+  append_to_test_dump(path, text.data(), text.size());
 }
 
 class DpoStage : public Stage {

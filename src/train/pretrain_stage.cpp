@@ -1,8 +1,6 @@
 // Pretraining: next-token prediction over windows of the prepared token shards.
 #include <torch/torch.h>
 
-#include <cstdio>
-#include <cstdlib>
 #include <filesystem>
 
 #include "core/error.h"
@@ -20,15 +18,12 @@ namespace {
 // Test hook: MOEFORGE_DUMP_BATCHES=FILE appends every training micro-batch (inputs then targets, int64, [b, T]
 // each) to FILE, for an independent trainer to read the same batches (tests/python/lora_reference.py).
 void dump_batch_for_test(const torch::Tensor& inputs, const torch::Tensor& targets) {
-  const char* path = std::getenv("MOEFORGE_DUMP_BATCHES");
-  if (!path || !*path) return;
-  std::FILE* f = std::fopen(path, "ab");
-  if (!f) throw UserError(std::string(path) + ": cannot open (MOEFORGE_DUMP_BATCHES)");
+  const std::string path = test_dump_path();
+  if (path.empty()) return;
   for (const auto& t : {inputs, targets}) {
     const auto c = t.to(torch::kCPU, torch::kLong).contiguous();
-    std::fwrite(c.data_ptr<int64_t>(), sizeof(int64_t), static_cast<size_t>(c.numel()), f);
+    append_to_test_dump(path, c.data_ptr<int64_t>(), sizeof(int64_t) * static_cast<size_t>(c.numel()));
   }
-  std::fclose(f);
 }
 
 class PretrainStage : public Stage {

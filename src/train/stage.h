@@ -59,4 +59,9 @@ std::unique_ptr<Stage> make_dpo_stage(const Recipe& r);
 // The stage the recipe names.
 std::unique_ptr<Stage> make_stage(const Recipe& r);
 
+// Test hook shared by the stages: the file MOEFORGE_DUMP_BATCHES names, or "" when it is unset; append_to_test_dump
+// appends bytes to it (one open per call, so a crash leaves every earlier micro-batch on disk).
+std::string test_dump_path();
+void append_to_test_dump(const std::string& path, const void* data, size_t size);
+
 }  // namespace moeforge::train

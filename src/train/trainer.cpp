@@ -340,11 +340,11 @@ TrainResult run_training(const Recipe& given, bool force_resume) {
                               tc.micro_batch_size, device);
   };
   StepProfile profile;
-  if (const char* dump = std::getenv("MOEFORGE_DUMP_BATCHES"); dump && *dump && !resumed) {  // adapters before step 1
+  if (const std::string dump = test_dump_path(); !dump.empty() && !resumed) {  // adapters before step 1
     std::vector<std::pair<std::string, torch::Tensor>> adapters;
     for (auto& [n, t] : saved_parameters(model))
       if (n.find(".lora_") != std::string::npos) adapters.emplace_back(n, t.to(torch::kFloat));
-    io::write_safetensors(std::string(dump) + ".init.safetensors", adapters);
+    io::write_safetensors(dump + ".init.safetensors", adapters);
   }
   while (state.step < total_steps) {
     profile.before_step(state.step);
