@@ -25,6 +25,10 @@ struct LoraSpec {
   std::vector<std::string> targets{"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"};
   int64_t expert_rank = 0;  // the experts' rank; 0 = rank
   bool rslora = false;
+  // Under model.moe.balance: aux_free_bias, the routers' selection biases go on balancing the experts' load
+  // while the adapters train (they are buffers of a few floats per layer, saved with the adapters), as they do
+  // in full fine-tuning; false keeps them as the base has them.
+  bool update_expert_bias = false;
 
   bool targets_module(const std::string& name) const;
   // The rank and the scale of a target ("w1" is an expert target).

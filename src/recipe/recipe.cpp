@@ -84,6 +84,9 @@ const io::KeyTable<Recipe>& recipe_keys() {
                  non_negative(), "the experts' adapter rank (0 = rank; e.g. rank / top-k keeps expert adapters small)")
         .boolean("finetune.lora.rslora", [](auto& r) -> auto& { return r.finetune.lora.rslora; },
                  "rank-stabilised scale alpha / sqrt(r)")
+        .boolean("finetune.lora.update_expert_bias", [](auto& r) -> auto& { return r.finetune.lora.update_expert_bias; },
+                 "under model.moe.balance: aux_free_bias, the routers' selection biases keep balancing the load while "
+                 "the adapters train (saved with them); false: the base's, frozen")
         .choice("finetune.quant.type", [](auto& r) -> auto& { return r.quant_type; }, {"nf4", "int8"},
                 "qlora: how the frozen base weights are stored")
         .integer("finetune.quant.block_size", [](auto& r) -> auto& { return r.finetune.quant.block_size; }, positive(),
@@ -242,7 +245,8 @@ void refuse_no_op_keys(const Recipe& r, const std::vector<std::string>& override
     else if ((k == "sft.aux_loss_coef" || k == "dpo.aux_loss_coef" || k == "model.moe.aux_loss_coef") &&
              moe.balance != Balance::AuxLoss)
       why = "model.moe.balance is " + balance + " (the coefficient applies under balance: aux_loss)";
-    else if ((k == "model.moe.bias_update_rate" || k == "model.moe.bias_update") && moe.balance != Balance::AuxFreeBias)
+    else if ((k == "model.moe.bias_update_rate" || k == "model.moe.bias_update" ||
+              k == "finetune.lora.update_expert_bias") && moe.balance != Balance::AuxFreeBias)
       why = "model.moe.balance is " + balance + " (the bias update applies under balance: aux_free_bias)";
     if (why.empty() || value_at(now, k) == value_at(def, k)) continue;
     const std::string msg = "key '" + k + "' (" + io::shortest_numbers(value_at(now, k)) + "): has no effect: " + why;
@@ -316,6 +320,11 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
                                "precompute");
   if (r.dpo.reference == "adapters_off" && !r.finetune.adapters())
     io::YamlMap(root["dpo"], path, "dpo.").fail("reference", "adapters_off needs finetune.method lora or qlora");
+  if (r.stage == "dpo" && r.dpo.reference == "adapters_off" && r.finetune.lora.update_expert_bias &&
+      r.model.moe.balance == Balance::AuxFreeBias)
+    io::YamlMap(root["finetune"]["lora"], path, "finetune.lora.")
+        .fail("update_expert_bias", "true moves the routers' biases that the adapters_off reference routes with too; "
+                                    "set it false or dpo.reference: precompute");
   if (r.train.seq_len > r.model.max_position_embeddings)
     io::YamlMap(root["train"], path, "train.")
         .fail("seq_len", "exceeds the model's max_position_embeddings (" +

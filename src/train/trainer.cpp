@@ -389,7 +389,8 @@ TrainResult run_training(const Recipe& given, bool force_resume) {
     const double gnorm = layout.clip_grad_norm(r.optim.grad_clip);
     opt.step(lr);
     layout.share_updated_parameters();
-    if (cfg.moe.balance == Balance::AuxFreeBias && !ft.adapters()) {  // with adapters the routers' biases are base, frozen
+    // With adapters the routers' biases are the base's, frozen, unless finetune.lora.update_expert_bias.
+    if (cfg.moe.balance == Balance::AuxFreeBias && (!ft.adapters() || ft.lora.update_expert_bias)) {
       auto blocks = model->moe_blocks();
       for (int i = 0; i < L; ++i) blocks[i]->gate->update_expert_bias(step.loads[i], cfg.moe.bias_update_rate, cfg.moe.bias_update);
     }

@@ -352,3 +352,86 @@ TEST(QloraE2e, TrainsOnAQuantisedBaseExportsMergedRefusesAChangedBaseAndDpoFollo
   EXPECT_EQ(WEXITSTATUS(rc), 2);
   EXPECT_NE(read_all(err).find("base.json"), std::string::npos) << read_all(err);
 }
+
+// Aux-loss-free selection biases under adapters (model.moe.balance: aux_free_bias). By default they stay the
+// base's: the adapter checkpoint holds them unchanged. With finetune.lora.update_expert_bias they go on balancing
+// as in full fine-tuning; the reference is the sign rule replayed from the run's own logged loads, in double:
+// b += rate * sign(mean(load) - load), then b -= mean(b), every step from the base's b. Tolerance: the float run
+// rounds at most E + 2 times a step (add, the E-term mean, subtract), each within 2^-24 of max|b|, so after S
+// steps the two differ by at most S (E + 2) 2^-24 max|b|. DPO with the adapters_off reference (which routes with
+// the same biases) and a model without the biases refuse the key (exit 2).
+TEST(LoraE2e, ExpertBiasesStayTheBasesUnlessUpdateExpertBias) {
+  test::TempDir dir("lorabias");
+  const std::string data = test::make_prepared(dir, 80);
+  std::string model = test::small_model_yaml("lora-bias", ", router_jitter: 0.0, balance: aux_free_bias, bias_update_rate: 0.01");
+  const std::string coef = "aux_loss_coef: 0.01";  // no effect under aux_free_bias: refused; the default instead
+  ASSERT_NE(model.find(coef), std::string::npos);
+  model.replace(model.find(coef), coef.size(), "aux_loss_coef: 0.02");
+  std::ofstream(dir / "pre.yaml") << "stage: pretrain\n" << model << "data: {dir: " << data << "}\n"
+                                  << "train: {micro_batch_size: 4, seq_len: 32, max_steps: 10, eval_batches: 2}\n"
+                                  << "runtime: {threads: 1}\noutput_dir: " << (dir / "pre") << "\n";
+  ASSERT_EQ(status_of(kBin + " train " + (dir / "pre.yaml")), 0);
+  const std::string pre = *train::latest_checkpoint(dir / "pre");
+  const int64_t L = 2, E = 4, S = 6;
+  auto biases = [&](const std::string& ck) {
+    auto f = io::SafetensorsFile::open(ck + "/model.safetensors");
+    std::vector<torch::Tensor> out;
+    for (int64_t l = 0; l < L; ++l)
+      out.push_back(f.get("model.layers." + std::to_string(l) + ".block_sparse_moe.gate.expert_bias").to(torch::kDouble));
+    return out;
+  };
+  const auto base = biases(pre);
+  double extent = 0;
+  for (auto& b : base) extent = std::max(extent, b.abs().max().item<double>());
+  ASSERT_GT(extent, 0.0) << "the base's biases never moved: nothing to tell apart";
+
+  const std::string recipe = dir / "lora.yaml";
+  std::ofstream(recipe) << "stage: pretrain\ninit_from: " << pre << "\ndata: {dir: " << data << "}\n"
+                        << "finetune: {method: lora, lora: {rank: 4, alpha: 8}}\n"
+                        << "train: {micro_batch_size: 4, seq_len: 32, max_steps: " << S
+                        << ", log_interval: 1, eval_interval: " << S << ", eval_batches: 2, checkpoint_interval: " << S << "}\n"
+                        << "optim: {lr: 1.0e-2, warmup_steps: 1}\nruntime: {threads: 1}\n";
+  ASSERT_EQ(status_of(kBin + " train " + recipe + " --set output_dir=" + (dir / "frozen")), 0);
+  auto frozen = biases(*train::latest_checkpoint(dir / "frozen"));
+  for (int64_t l = 0; l < L; ++l) EXPECT_TRUE(torch::equal(frozen[l], base[l])) << "layer " << l;
+
+  ASSERT_EQ(status_of(kBin + " train " + recipe + " --set finetune.lora.update_expert_bias=true --set output_dir=" +
+                      (dir / "moving")),
+            0);
+  auto moved = biases(*train::latest_checkpoint(dir / "moving"));
+  auto records = test::metric_records(dir / "moving", "loss");
+  ASSERT_EQ(records.size(), static_cast<size_t>(S));
+  std::vector<torch::Tensor> want;
+  for (auto& b : base) want.push_back(b.clone());
+  double most = extent;
+  for (const auto& rec : records)
+    for (int64_t l = 0; l < L; ++l) {
+      auto load = torch::tensor(rec["expert_load"][l].get<std::vector<int64_t>>()).to(torch::kDouble);
+      ASSERT_EQ(load.numel(), E);
+      want[l] += 0.01 * torch::sign(load.mean() - load);
+      want[l] -= want[l].mean();
+      most = std::max(most, want[l].abs().max().item<double>());
+    }
+  const double tol = S * (E + 2) * std::ldexp(1.0, -24) * most;
+  for (int64_t l = 0; l < L; ++l) {
+    EXPECT_LE((moved[l] - want[l]).abs().max().item<double>(), tol) << "layer " << l << ": " << moved[l] << want[l];
+    EXPECT_FALSE(torch::equal(moved[l], base[l])) << "layer " << l;
+  }
+
+  // Refused where it cannot be meant, each with its one-line reason.
+  auto refused = [&](const std::string& sets, const std::string& out, const std::string& why) {
+    const std::string err = dir / (out + ".err");
+    const int rc = std::system((kBin + " train " + recipe + sets + " --set finetune.lora.update_expert_bias=true --set output_dir=" +
+                                (dir / out) + " >/dev/null 2>" + err).c_str());
+    EXPECT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 2) << sets;
+    const std::string text = read_all(err);
+    EXPECT_NE(text.find(why), std::string::npos) << text;
+    EXPECT_NE(text.find("update_expert_bias"), std::string::npos) << text;
+    EXPECT_FALSE(fs::exists(dir / out)) << sets;
+  };
+  refused(" --set finetune.method=full --set finetune.lora.rank=16 --set finetune.lora.alpha=32", "r1", "LoRA keys apply to lora and qlora");
+  std::ofstream(dir / "p.jsonl") << nlohmann::json{{"prompt", "a"}, {"chosen", "b"}, {"rejected", "c"}}.dump() << "\n";
+  refused(" --set stage=dpo --set data.dir= --set data.train=" + (dir / "p.jsonl") + " --set data.val=" + (dir / "p.jsonl"),
+          "r2", "adapters_off reference routes with too");
+  refused(" --set model.moe.balance=aux_loss", "r3", "the bias update applies under balance: aux_free_bias");
+}
