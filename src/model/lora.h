@@ -27,8 +27,9 @@ struct LoraSpec {
   bool rslora = false;
   // Under model.moe.balance: aux_free_bias, the routers' selection biases go on balancing the experts' load
   // while the adapters train (they are buffers of a few floats per layer, saved with the adapters), as they do
-  // in full fine-tuning; false keeps them as the base has them.
-  bool update_expert_bias = false;
+  // in full fine-tuning; false keeps them as the base has them. DPO with the adapters_off reference keeps them
+  // (that reference routes with them too): the recipe resolves an unset key to false there.
+  bool update_expert_bias = true;
 
   bool targets_module(const std::string& name) const;
   // The rank and the scale of a target ("w1" is an expert target).

@@ -86,7 +86,8 @@ const io::KeyTable<Recipe>& recipe_keys() {
                  "rank-stabilised scale alpha / sqrt(r)")
         .boolean("finetune.lora.update_expert_bias", [](auto& r) -> auto& { return r.finetune.lora.update_expert_bias; },
                  "under model.moe.balance: aux_free_bias, the routers' selection biases keep balancing the load while "
-                 "the adapters train (saved with them); false: the base's, frozen")
+                 "the adapters train (saved with them); false: the base's, frozen (unset: true, but false for DPO "
+                 "with reference adapters_off)")
         .choice("finetune.quant.type", [](auto& r) -> auto& { return r.quant_type; }, {"nf4", "int8"},
                 "qlora: how the frozen base weights are stored")
         .integer("finetune.quant.block_size", [](auto& r) -> auto& { return r.finetune.quant.block_size; }, positive(),
@@ -321,10 +322,15 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   if (r.dpo.reference == "adapters_off" && !r.finetune.adapters())
     io::YamlMap(root["dpo"], path, "dpo.").fail("reference", "adapters_off needs finetune.method lora or qlora");
   if (r.stage == "dpo" && r.dpo.reference == "adapters_off" && r.finetune.lora.update_expert_bias &&
-      r.model.moe.balance == Balance::AuxFreeBias)
-    io::YamlMap(root["finetune"]["lora"], path, "finetune.lora.")
-        .fail("update_expert_bias", "true moves the routers' biases that the adapters_off reference routes with too; "
-                                    "set it false or dpo.reference: precompute");
+      r.model.moe.balance == Balance::AuxFreeBias) {
+    const YAML::Node& c = root;  // const: looking does not add keys
+    const bool given = c["finetune"] && c["finetune"]["lora"] && c["finetune"]["lora"]["update_expert_bias"];
+    if (given)
+      io::YamlMap(root["finetune"]["lora"], path, "finetune.lora.")
+          .fail("update_expert_bias", "true moves the routers' biases that the adapters_off reference routes with "
+                                      "too; set it false or dpo.reference: precompute");
+    r.finetune.lora.update_expert_bias = false;  // the default resolved: the reference's biases stay its own
+  }
   if (r.train.seq_len > r.model.max_position_embeddings)
     io::YamlMap(root["train"], path, "train.")
         .fail("seq_len", "exceeds the model's max_position_embeddings (" +

@@ -353,14 +353,15 @@ TEST(QloraE2e, TrainsOnAQuantisedBaseExportsMergedRefusesAChangedBaseAndDpoFollo
   EXPECT_NE(read_all(err).find("base.json"), std::string::npos) << read_all(err);
 }
 
-// Aux-loss-free selection biases under adapters (model.moe.balance: aux_free_bias). By default they stay the
-// base's: the adapter checkpoint holds them unchanged. With finetune.lora.update_expert_bias they go on balancing
-// as in full fine-tuning; the reference is the sign rule replayed from the run's own logged loads, in double:
+// Aux-loss-free selection biases under adapters (model.moe.balance: aux_free_bias). With
+// finetune.lora.update_expert_bias: false they stay the base's: the adapter checkpoint holds them unchanged. By
+// default they go on balancing as in full fine-tuning; the reference is the sign rule replayed from the run's own logged loads, in double:
 // b += rate * sign(mean(load) - load), then b -= mean(b), every step from the base's b. Tolerance: the float run
 // rounds at most E + 2 times a step (add, the E-term mean, subtract), each within 2^-24 of max|b|, so after S
 // steps the two differ by at most S (E + 2) 2^-24 max|b|. DPO with the adapters_off reference (which routes with
-// the same biases) and a model without the biases refuse the key (exit 2).
-TEST(LoraE2e, ExpertBiasesStayTheBasesUnlessUpdateExpertBias) {
+// the same biases) keeps them by default and refuses the key set true; method full and a model without the biases
+// refuse it too (exit 2).
+TEST(LoraE2e, ExpertBiasesBalanceUnderAdaptersUnlessFrozen) {
   test::TempDir dir("lorabias");
   const std::string data = test::make_prepared(dir, 80);
   std::string model = test::small_model_yaml("lora-bias", ", router_jitter: 0.0, balance: aux_free_bias, bias_update_rate: 0.01");
@@ -391,14 +392,15 @@ TEST(LoraE2e, ExpertBiasesStayTheBasesUnlessUpdateExpertBias) {
                         << "train: {micro_batch_size: 4, seq_len: 32, max_steps: " << S
                         << ", log_interval: 1, eval_interval: " << S << ", eval_batches: 2, checkpoint_interval: " << S << "}\n"
                         << "optim: {lr: 1.0e-2, warmup_steps: 1}\nruntime: {threads: 1}\n";
-  ASSERT_EQ(status_of(kBin + " train " + recipe + " --set output_dir=" + (dir / "frozen")), 0);
+  ASSERT_EQ(status_of(kBin + " train " + recipe + " --set finetune.lora.update_expert_bias=false --set output_dir=" +
+                      (dir / "frozen")),
+            0);
   auto frozen = biases(*train::latest_checkpoint(dir / "frozen"));
   for (int64_t l = 0; l < L; ++l) EXPECT_TRUE(torch::equal(frozen[l], base[l])) << "layer " << l;
 
-  ASSERT_EQ(status_of(kBin + " train " + recipe + " --set finetune.lora.update_expert_bias=true --set output_dir=" +
-                      (dir / "moving")),
-            0);
-  auto moved = biases(*train::latest_checkpoint(dir / "moving"));
+  ASSERT_EQ(status_of(kBin + " train " + recipe + " --set output_dir=" + (dir / "moving")), 0);
+  const std::string moving = *train::latest_checkpoint(dir / "moving");
+  auto moved = biases(moving);
   auto records = test::metric_records(dir / "moving", "loss");
   ASSERT_EQ(records.size(), static_cast<size_t>(S));
   std::vector<torch::Tensor> want;
@@ -421,7 +423,7 @@ TEST(LoraE2e, ExpertBiasesStayTheBasesUnlessUpdateExpertBias) {
   // Refused where it cannot be meant, each with its one-line reason.
   auto refused = [&](const std::string& sets, const std::string& out, const std::string& why) {
     const std::string err = dir / (out + ".err");
-    const int rc = std::system((kBin + " train " + recipe + sets + " --set finetune.lora.update_expert_bias=true --set output_dir=" +
+    const int rc = std::system((kBin + " train " + recipe + sets + " --set output_dir=" +
                                 (dir / out) + " >/dev/null 2>" + err).c_str());
     EXPECT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 2) << sets;
     const std::string text = read_all(err);
@@ -429,9 +431,20 @@ TEST(LoraE2e, ExpertBiasesStayTheBasesUnlessUpdateExpertBias) {
     EXPECT_NE(text.find("update_expert_bias"), std::string::npos) << text;
     EXPECT_FALSE(fs::exists(dir / out)) << sets;
   };
-  refused(" --set finetune.method=full --set finetune.lora.rank=16 --set finetune.lora.alpha=32", "r1", "LoRA keys apply to lora and qlora");
-  std::ofstream(dir / "p.jsonl") << nlohmann::json{{"prompt", "a"}, {"chosen", "b"}, {"rejected", "c"}}.dump() << "\n";
-  refused(" --set stage=dpo --set data.dir= --set data.train=" + (dir / "p.jsonl") + " --set data.val=" + (dir / "p.jsonl"),
-          "r2", "adapters_off reference routes with too");
-  refused(" --set model.moe.balance=aux_loss", "r3", "the bias update applies under balance: aux_free_bias");
+  refused(" --set finetune.method=full --set finetune.lora.rank=16 --set finetune.lora.alpha=32 --set finetune.lora.update_expert_bias=false", "r1", "LoRA keys apply to lora and qlora");
+  {
+    std::ofstream p(dir / "p.jsonl");
+    for (int i = 0; i < 8; ++i)
+      p << nlohmann::json{{"prompt", "the cat sees " + std::to_string(i)}, {"chosen", "the moon."}, {"rejected", "a dog."}}.dump() << "\n";
+  }
+  const std::string dpo = " --set stage=dpo --set data.dir= --set data.train=" + (dir / "p.jsonl") + " --set data.val=" +
+                          (dir / "p.jsonl") + " --set init_from=" + moving;
+  refused(dpo + " --set finetune.lora.update_expert_bias=true", "r2", "adapters_off reference routes with too");
+  refused(" --set model.moe.balance=aux_loss --set finetune.lora.update_expert_bias=false", "r3",
+          "the bias update applies under balance: aux_free_bias");
+  // DPO on the moved adapters, key unset: its reference's biases (the SFT's) are the policy's throughout.
+  ASSERT_EQ(status_of(kBin + " train " + recipe + dpo + " --set train.seq_len=48 --set output_dir=" + (dir / "dpo")), 0);
+  EXPECT_NE(read_all(dir / "dpo/config.yaml").find("update_expert_bias: false"), std::string::npos);
+  auto after = biases(*train::latest_checkpoint(dir / "dpo"));
+  for (int64_t l = 0; l < L; ++l) EXPECT_TRUE(torch::equal(after[l], moved[l])) << "layer " << l;
 }
