@@ -69,8 +69,10 @@ pid_t start_point(const std::string& bin, const train::SweepSpec& spec, const tr
     args.push_back("--set");
     args.push_back(o);
   }
-  args.push_back("--set");
-  args.push_back("runtime.threads=" + std::to_string(threads));
+  if (p.recipe.runtime.threads == 0) {  // the point's recipe names no thread count: its share of the cores
+    args.push_back("--set");
+    args.push_back("runtime.threads=" + std::to_string(threads));
+  }
   args.push_back("--resume");
   return spawn(bin, args, p.run_dir + "/train.log");
 }

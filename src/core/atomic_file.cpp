@@ -120,4 +120,26 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
   fsync_path(dir.empty() ? "." : dir.string());
 }
 
+std::string write_dir_atomic(const std::string& out_dir, const std::function<void(const std::string& tmp)>& fill) {
+  std::string out = out_dir;
+  while (out.size() > 1 && out.back() == '/') out.pop_back();
+  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)))
+    throw UserError(out + ": already exists; choose a new --out directory");
+  const std::string tmp = out + ".tmp-" + std::to_string(::getpid());
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  try {
+    fill(tmp);
+    fsync_path(tmp);
+    if (fs::exists(out)) fs::remove(out);  // the empty directory
+    fs::rename(tmp, out);
+  } catch (...) {
+    fs::remove_all(tmp);
+    throw;
+  }
+  const fs::path parent = fs::path(out).parent_path();
+  fsync_path(parent.empty() ? "." : parent.string());
+  return out;
+}
+
 }  // namespace moeforge

@@ -39,17 +39,35 @@ void write_into_place(const GgufWriter& g, const std::string& path, const std::f
   }
 }
 
+// The model's parameter shapes by Hugging Face name; a name the config does not have is an internal error.
+class ShapeTable {
+ public:
+  explicit ShapeTable(const ModelConfig& c) {
+    for (const auto& [n, s] : parameter_shapes(c)) shape_[n] = s;
+  }
+  const std::vector<int64_t>& operator()(const std::string& n) const {
+    auto it = shape_.find(n);
+    MF_CHECK(it != shape_.end(), "parameter " + n);
+    return it->second;
+  }
+
+ private:
+  std::map<std::string, std::vector<int64_t>> shape_;
+};
+
+// What every GGUF export refuses before it writes anything: an existing file, a model llama.cpp's llama
+// architecture cannot hold.
+void check_gguf_export(const ModelConfig& c, const std::string& path) {
+  if (fs::exists(path)) throw UserError(path + ": already exists; choose a new --out file");
+  if (c.moe.num_shared_experts > 0)
+    throw UserError(path + ": GGUF export writes llama.cpp's llama architecture, which has no shared experts");
+}
+
 }  // namespace
 
 std::map<std::string, GgufTarget> gguf_layout(
     const ModelConfig& c, const std::function<void(const std::string&, const std::vector<int64_t>&, bool)>& declare) {
-  std::map<std::string, std::vector<int64_t>> shape;
-  for (const auto& [n, s] : parameter_shapes(c)) shape[n] = s;
-  auto shape_of = [&](const std::string& n) {
-    auto it = shape.find(n);
-    MF_CHECK(it != shape.end(), "parameter " + n);
-    return it->second;
-  };
+  const ShapeTable shape_of(c);
   std::map<std::string, GgufTarget> target;
   auto put = [&](const std::string& gg, const std::string& hf, bool matrix, int64_t rope_heads = 0) {
     declare(gg, shape_of(hf), matrix);
@@ -99,16 +117,8 @@ void export_gguf(const ModelConfig& c, const HfTensorFeed& feed, const GgufVocab
   if (type_it == kTypes.end())
     throw UserError("--dtype for gguf must be f32, f16, bf16, q8_0 or q4_0, got '" + dtype + "'");
   const GgmlType t = type_it->second.first;
-  if (fs::exists(path)) throw UserError(path + ": already exists; choose a new --out file");
-  if (c.moe.num_shared_experts > 0)
-    throw UserError(path + ": GGUF export writes llama.cpp's llama architecture, which has no shared experts");
-  std::map<std::string, std::vector<int64_t>> shape;
-  for (const auto& [n, s] : parameter_shapes(c)) shape[n] = s;
-  auto shape_of = [&](const std::string& n) {
-    auto it = shape.find(n);
-    MF_CHECK(it != shape.end(), "parameter " + n);
-    return it->second;
-  };
+  check_gguf_export(c, path);
+  const ShapeTable shape_of(c);
   GgufWriter g;
   g.add_string("general.architecture", "llama");
   g.add_string("general.name", c.name);
@@ -165,12 +175,9 @@ void export_gguf_lora(const ModelConfig& c, const std::vector<GgufLoraPair>& ada
                       const std::string& dtype) {
   if (dtype != "f32" && dtype != "f16") throw UserError("--dtype for gguf-lora must be f32 or f16, got '" + dtype + "'");
   const GgmlType t = dtype == "f32" ? GgmlType::F32 : GgmlType::F16;
-  if (fs::exists(path)) throw UserError(path + ": already exists; choose a new --out file");
-  if (c.moe.num_shared_experts > 0)
-    throw UserError(path + ": GGUF export writes llama.cpp's llama architecture, which has no shared experts");
-  const std::map<std::string, GgufTarget> target = gguf_layout(c, [](const std::string&, const std::vector<int64_t>&, bool) {});
+  check_gguf_export(c, path);
   std::map<std::string, std::vector<int64_t>> stacked;  // a layer's stacked expert tensor: its [E, rows, cols]
-  gguf_layout(c, [&](const std::string& gg, const std::vector<int64_t>& s, bool) {
+  const std::map<std::string, GgufTarget> target = gguf_layout(c, [&](const std::string& gg, const std::vector<int64_t>& s, bool) {
     if (s.size() == 3) stacked[gg] = s;
   });
   GgufWriter g;

@@ -2,7 +2,6 @@
 
 #include <ATen/ATen.h>
 #include <malloc.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
@@ -14,6 +13,7 @@
 #include <map>
 #include <set>
 
+#include "core/atomic_file.h"
 #include "core/error.h"
 #include "io/hf_config.h"
 #include "model/param_names.h"
@@ -178,12 +178,7 @@ void write_hf_dir(const ModelConfig& c, const WeightStream& weights, const HfExp
   const auto dtype = export_dtype(opt.dtype);
   std::string out = opt.out_dir;
   while (out.size() > 1 && out.back() == '/') out.pop_back();
-  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)))
-    throw UserError(out + ": already exists; choose a new --out directory");
-  const std::string tmp = out + ".tmp-" + std::to_string(::getpid());
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
-  try {
+  write_dir_atomic(out, [&](const std::string& tmp) {
     const std::string torch_dtype = dtype == at::kBFloat16 ? "bfloat16" : dtype == at::kHalf ? "float16" : "float32";
     write_json(tmp + "/config.json", to_hf_config(c, torch_dtype));
     write_json(tmp + "/generation_config.json", {{"_from_model_config", true}, {"bos_token_id", 1}, {"eos_token_id", 2}});
@@ -233,13 +228,7 @@ void write_hf_dir(const ModelConfig& c, const WeightStream& weights, const HfExp
                   {"model_max_length", c.max_position_embeddings}, {"chat_template", mistral_chat_template()}});
       write_json(tmp + "/special_tokens_map.json", {{"bos_token", "<s>"}, {"eos_token", "</s>"}, {"unk_token", "<unk>"}});
     }
-  } catch (...) {
-    fs::remove_all(tmp);
-    throw;
-  }
-  if (fs::exists(out)) fs::remove(out);  // the empty directory
-  if (fs::path(out).has_parent_path()) fs::create_directories(fs::path(out).parent_path());
-  fs::rename(tmp, out);
+  });
 }
 }  // namespace
 

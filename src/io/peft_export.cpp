@@ -1,7 +1,5 @@
 #include "io/peft_export.h"
 
-#include <unistd.h>
-
 #include <ATen/ATen.h>
 
 #include <filesystem>
@@ -21,14 +19,7 @@ void export_peft(const PeftAdapterConfig& c, const std::vector<std::pair<std::st
   const at::ScalarType t = dtype == "bf16" ? at::kBFloat16 : dtype == "fp16" ? at::kHalf : dtype == "fp32" ? at::kFloat
                                                                                                             : at::kByte;
   if (t == at::kByte) throw UserError("export: --dtype must be bf16, fp16 or fp32, got '" + dtype + "'");
-  std::string out = out_dir;
-  while (out.size() > 1 && out.back() == '/') out.pop_back();
-  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)))
-    throw UserError(out + ": already exists; choose a new --out directory");
-  const std::string tmp = out + ".tmp-" + std::to_string(::getpid());
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
-  try {
+  write_dir_atomic(out_dir, [&](const std::string& tmp) {
     nlohmann::json j = {{"peft_type", "LORA"},
                         {"task_type", "CAUSAL_LM"},
                         {"r", c.r},
@@ -53,13 +44,7 @@ void export_peft(const PeftAdapterConfig& c, const std::vector<std::pair<std::st
     for (const auto& [n, v] : adapters)
       named.emplace_back("base_model.model." + n, v.detach().to(at::kCPU).to(t).contiguous());
     write_safetensors(tmp + "/adapter_model.safetensors", named, {{"format", "pt"}});
-    fsync_path(tmp);
-    fs::remove_all(out);
-    fs::rename(tmp, out);
-  } catch (...) {
-    fs::remove_all(tmp);
-    throw;
-  }
+  });
 }
 
 }  // namespace moeforge::io

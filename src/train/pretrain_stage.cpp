@@ -20,10 +20,9 @@ namespace {
 void dump_batch_for_test(const torch::Tensor& inputs, const torch::Tensor& targets) {
   const std::string path = test_dump_path();
   if (path.empty()) return;
-  for (const auto& t : {inputs, targets}) {
-    const auto c = t.to(torch::kCPU, torch::kLong).contiguous();
-    append_to_test_dump(path, c.data_ptr<int64_t>(), sizeof(int64_t) * static_cast<size_t>(c.numel()));
-  }
+  // One append per micro-batch: inputs then targets, flattened, in one buffer.
+  const auto c = torch::cat({inputs.reshape({-1}), targets.reshape({-1})}).to(torch::kCPU, torch::kLong).contiguous();
+  append_to_test_dump(path, c.data_ptr<int64_t>(), sizeof(int64_t) * static_cast<size_t>(c.numel()));
 }
 
 class PretrainStage : public Stage {

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "corpus.h"
 #include "run_util.h"
@@ -343,6 +344,27 @@ TEST(Sweep, PrepareStepsRunBeforeThePointsThatStartFromThem) {
   EXPECT_EQ(std::system((bin + " sweep " + (dir / "s2.yaml") + " > " + log + " 2>&1").c_str()) >> 8, 1);
   EXPECT_NE(slurp(log).find("prepare 1 FAILED"), std::string::npos) << slurp(log);
   EXPECT_FALSE(fs::exists(dir / "out2/seed=1"));
+}
+
+// Threads: a point whose recipe names no thread count gets the sweep's share of the cores (cores / --jobs); one
+// whose sweep file sets runtime.threads keeps it (a sweep beside another job must not take every core).
+TEST(Sweep, PointsKeepTheirThreadCountOrShareTheCores) {
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (cores < 2) GTEST_SKIP() << "needs 2 cores to tell the two apart";
+  test::TempDir dir("sweepthreads");
+  std::string data = test::make_prepared(dir, 40);
+  const std::string bin = MOEFORGE_BINARY;
+  std::ofstream(dir / "base.yaml") << small_pretrain("sweep", data, "micro_batch_size: 2, seq_len: 32, max_steps: 1, "
+                                                      "log_interval: 1, eval_interval: 1, eval_batches: 1, checkpoint_interval: 1");
+  std::ofstream(dir / "s.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out")
+                                << "\nvariants:\n  shared: {train.seed: 1}\n  one: {runtime.threads: 1}\n";
+  ASSERT_EQ(test::run_quiet(bin + " sweep " + (dir / "s.yaml") + " --jobs 1"), 0);
+  const auto pts = train::expand_sweep(train::load_sweep(dir / "s.yaml"));
+  ASSERT_EQ(pts.size(), 2u);
+  EXPECT_NE(slurp(pts[0].run_dir + "/train.log").find("cpu, " + std::to_string(cores) + " threads"), std::string::npos)
+      << slurp(pts[0].run_dir + "/train.log");
+  EXPECT_NE(slurp(pts[1].run_dir + "/train.log").find("cpu, 1 threads"), std::string::npos)
+      << slurp(pts[1].run_dir + "/train.log");
 }
 
 // train.skip_samples: a run started from another's step-2 checkpoint with its data skipped by those steps' samples
