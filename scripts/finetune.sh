@@ -18,15 +18,16 @@ if [ ! -d runs/quickstart/train/checkpoints/step_00000500 ]; then
 fi
 
 METHOD=${METHOD:-full}
-THR=(); EVT=(); [ -z "${THREADS:-}" ] || { THR=(--set runtime.threads=$THREADS); EVT=(--threads $THREADS); }
+THR=(); EVT=(); [ -z "${THREADS:-}" ] || { THR=(--set "runtime.threads=$THREADS"); EVT=(--threads "$THREADS"); }
 case "$METHOD" in
   full) R=runs/arith; SFT_STEPS=300; SFT_SET=(); DPO_SET=() ;;
   lora|qlora) R=runs/arith-$METHOD
     # Adapters on the attention and expert layers and the LM head (not the router: an adapted router held LoRA
-    # SFT at 0.20 exact match over 2 seeds, against 0.39 over 3 without it), 4x the SFT steps and 2x the learning
+    # SFT at 0.20 exact match over 2 seeds, against 0.39 over 3 without it), 6x the SFT steps and 2x the learning
     # rate of full fine-tuning (2e-3: the best of 2e-3 / 5e-3 / 1e-2). The routers' aux-loss-free biases go on
-    # balancing during SFT (finetune.lora.update_expert_bias, the default): in 1200 steps LoRA left the loss plateau
-    # on 4 of 4 seeds, at step 600-1050 (seed 1234, this script's, at 1050: 0.795 exact match; docs/finetune-methods). DPO_LR 3e-3 is the earlier run's, not swept.
+    # balancing during SFT (finetune.lora.update_expert_bias, the default). 1800 steps, not 1200: a run leaves the
+    # task's loss plateau at step 450-1050 (full fine-tuning: 300-550), and at 1200 a late one is still descending
+    # (docs/finetune-methods, fourth and fifth sweeps). DPO_LR 3e-3 is the earlier run's, not swept.
     SFT_STEPS=1800
     T="finetune.lora.targets=[q_proj,k_proj,v_proj,o_proj,w1,w2,w3,lm_head]"
     SFT_SET=(--set finetune.method=$METHOD --set "$T" --set train.max_steps=$SFT_STEPS
@@ -38,6 +39,14 @@ case "$METHOD" in
 esac
 sft=$R/sft/checkpoints/$(printf step_%08d $SFT_STEPS)  # the SFT model DPO starts from (recipes/dpo-arith.yaml for full)
 [ "$METHOD" = full ] || DPO_SET+=(--set init_from=$sft)
+# A run left by an earlier version of this script with another SFT length would resume into a different schedule.
+if [ -f $R/sft/config.yaml ]; then
+  had=$(awk '$1 == "max_steps:" {print $2; exit}' $R/sft/config.yaml)
+  if [ "$had" != "$SFT_STEPS" ]; then
+    echo "finetune: $R/sft was trained for $had SFT steps, this script trains $SFT_STEPS; move $R away first" >&2
+    exit 2
+  fi
+fi
 mkdir -p $R
 
 echo "== data: data/make_arith.py"

@@ -95,11 +95,8 @@ std::string hf_architecture(const ModelConfig& c) {
 
 namespace {
 
-void write_json(const std::string& path, const nlohmann::json& j) {
-  std::ofstream out(path);
-  out << j.dump(2) << "\n";
-  if (!out) throw UserError(path + ": write failed");
-}
+// Inside the export's temp directory: every write checked, fsynced (write_dir_atomic renames the directory).
+void write_json(const std::string& path, const nlohmann::json& j) { write_file(path, j.dump(2) + "\n"); }
 
 at::ScalarType export_dtype(const std::string& d) {
   if (d == "bf16") return at::kBFloat16;
@@ -220,7 +217,7 @@ void write_hf_dir(const ModelConfig& c, const WeightStream& weights, const HfExp
     if (shards.size() > 1)
       write_json(tmp + "/model.safetensors.index.json", {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}});
     if (!opt.tokenizer_path.empty()) {
-      fs::copy_file(opt.tokenizer_path, tmp + "/tokenizer.model");
+      copy_file_checked(opt.tokenizer_path, tmp + "/tokenizer.model");
       write_json(tmp + "/tokenizer_config.json",
                  {{"tokenizer_class", "LlamaTokenizer"}, {"add_bos_token", true}, {"add_eos_token", false},
                   {"bos_token", "<s>"}, {"eos_token", "</s>"}, {"unk_token", "<unk>"}, {"pad_token", nullptr},

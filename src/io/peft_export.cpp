@@ -2,8 +2,6 @@
 
 #include <ATen/ATen.h>
 
-#include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "core/atomic_file.h"
@@ -11,8 +9,6 @@
 #include "io/safetensors.h"
 
 namespace moeforge::io {
-
-namespace fs = std::filesystem;
 
 void export_peft(const PeftAdapterConfig& c, const std::vector<std::pair<std::string, at::Tensor>>& adapters,
                  const std::string& out_dir, const std::string& dtype) {

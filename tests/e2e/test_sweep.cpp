@@ -347,23 +347,24 @@ TEST(Sweep, PrepareStepsRunBeforeThePointsThatStartFromThem) {
 }
 
 // Threads: a point whose recipe names no thread count gets the sweep's share of the cores (cores / --jobs); one
-// whose sweep file sets runtime.threads keeps it (a sweep beside another job must not take every core).
+// whose recipe (here through the sweep's variant) sets runtime.threads keeps it, a count the share would not give.
 TEST(Sweep, PointsKeepTheirThreadCountOrShareTheCores) {
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  if (cores < 2) GTEST_SKIP() << "needs 2 cores to tell the two apart";
+  if (cores < 2) GTEST_SKIP() << "needs 2 cores: with one, the share and the run's own default are both 1";
   test::TempDir dir("sweepthreads");
   std::string data = test::make_prepared(dir, 40);
   const std::string bin = MOEFORGE_BINARY;
   std::ofstream(dir / "base.yaml") << small_pretrain("sweep", data, "micro_batch_size: 2, seq_len: 32, max_steps: 1, "
                                                       "log_interval: 1, eval_interval: 1, eval_batches: 1, checkpoint_interval: 1");
+  const int share = cores / 2, own = cores + 1;  // --jobs 2
   std::ofstream(dir / "s.yaml") << "recipe: " << (dir / "base.yaml") << "\noutput_dir: " << (dir / "out")
-                                << "\nvariants:\n  shared: {train.seed: 1}\n  one: {runtime.threads: 1}\n";
-  ASSERT_EQ(test::run_quiet(bin + " sweep " + (dir / "s.yaml") + " --jobs 1"), 0);
+                                << "\nvariants:\n  shared: {train.seed: 1}\n  own: {runtime.threads: " << own << "}\n";
+  ASSERT_EQ(test::run_quiet(bin + " sweep " + (dir / "s.yaml") + " --jobs 2"), 0);
   const auto pts = train::expand_sweep(train::load_sweep(dir / "s.yaml"));
   ASSERT_EQ(pts.size(), 2u);
-  EXPECT_NE(slurp(pts[0].run_dir + "/train.log").find("cpu, " + std::to_string(cores) + " threads"), std::string::npos)
+  EXPECT_NE(slurp(pts[0].run_dir + "/train.log").find(", " + std::to_string(share) + " threads,"), std::string::npos)
       << slurp(pts[0].run_dir + "/train.log");
-  EXPECT_NE(slurp(pts[1].run_dir + "/train.log").find("cpu, 1 threads"), std::string::npos)
+  EXPECT_NE(slurp(pts[1].run_dir + "/train.log").find(", " + std::to_string(own) + " threads,"), std::string::npos)
       << slurp(pts[1].run_dir + "/train.log");
 }
 

@@ -56,6 +56,38 @@ TEST(AtomicFile, FailureNamesTheFile) {
   EXPECT_EQ(msg.find('\n'), std::string::npos);
 }
 
+// A directory written whole or not at all: into an absent path or an empty directory (a trailing slash dropped),
+// never over a non-empty one; a fill that throws leaves neither the output nor its temp directory behind.
+TEST(AtomicFile, DirectoryWholeOrAbsent) {
+  test::TempDir dir("atomicdir");
+  auto fill_ab = [](const std::string& tmp) {
+    write_file(tmp + "/a", "1");
+    write_file(tmp + "/b", "2");
+  };
+  EXPECT_EQ(write_dir_atomic(dir.path + "/out//", fill_ab), dir.path + "/out");
+  EXPECT_EQ(read_all(dir.path + "/out/a") + read_all(dir.path + "/out/b"), "12");
+  fs::create_directories(dir.path + "/empty");
+  write_dir_atomic(dir.path + "/empty", fill_ab);
+  EXPECT_EQ(read_all(dir.path + "/empty/b"), "2");
+  // Over a non-empty directory: refused before fill runs, the contents untouched.
+  bool ran = false;
+  const std::string msg = test::user_error_of([&] { write_dir_atomic(dir.path + "/out", [&](const std::string&) { ran = true; }); });
+  EXPECT_NE(msg.find(dir.path + "/out: already exists"), std::string::npos) << msg;
+  EXPECT_FALSE(ran);
+  EXPECT_EQ(read_all(dir.path + "/out/a"), "1");
+  // A failing fill: its error passes on, nothing is left.
+  const std::string fail = test::user_error_of([&] {
+    write_dir_atomic(dir.path + "/failed", [](const std::string& tmp) {
+      write_file(tmp + "/a", "1");
+      throw UserError("fill failed");
+    });
+  });
+  EXPECT_EQ(fail, "fill failed");
+  EXPECT_FALSE(fs::exists(dir.path + "/failed"));
+  for (const auto& e : fs::directory_iterator(dir.path))
+    EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+}
+
 TEST(InitSource, HfPrefixParsedOnce) {
   auto a = io::parse_init_source("hf:/models/mixtral");
   EXPECT_TRUE(a.hf);
