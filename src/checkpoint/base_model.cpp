@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <yaml-cpp/yaml.h>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -169,6 +170,25 @@ std::optional<BasePointer> read_base_pointer(const std::string& ckpt_dir) {
   if (b.method != "lora" && b.method != "qlora") throw UserError(p + ": method must be lora or qlora, got '" + b.method + "'");
   if (b.init_from.empty()) throw UserError(p + ": init_from is empty");
   return b;
+}
+
+bool checkpoint_updates_expert_bias(const std::string& ckpt_dir) {
+  const std::string p = ckpt_dir + "/recipe.yaml";
+  if (!fs::exists(p)) throw UserError(p + ": missing; an adapter checkpoint keeps the recipe it was trained with");
+  try {
+    const YAML::Node root = YAML::LoadFile(p);  // const: looking adds no keys
+    // Any level missing: written before the key, when the biases stayed frozen.
+    if (!root.IsMap()) return false;
+    const YAML::Node ft = root["finetune"];
+    if (!ft || !ft.IsMap()) return false;
+    const YAML::Node lora = ft["lora"];
+    if (!lora || !lora.IsMap()) return false;
+    const YAML::Node key = lora["update_expert_bias"];
+    if (!key) return false;
+    return key.as<bool>();
+  } catch (const YAML::Exception& e) {
+    throw UserError(p + ": finetune.lora.update_expert_bias: not readable (" + std::string(e.what()) + ")");
+  }
 }
 
 MixtralForCausalLM load_adapter_checkpoint_model(const std::string& ckpt_dir, const BasePointer& base, ExpertRange held,

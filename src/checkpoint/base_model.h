@@ -39,6 +39,10 @@ struct BasePointer {
 std::string base_pointer_json(const BasePointer& b);
 // A checkpoint's base.json (nullopt: a full checkpoint); unreadable: UserError naming it.
 std::optional<BasePointer> read_base_pointer(const std::string& ckpt_dir);
+// Whether an adapter checkpoint's run moved the routers' selection biases: finetune.lora.update_expert_bias in
+// its recipe.yaml. A recipe.yaml without the key was written before the key existed, when the biases stayed the
+// base's: false. No recipe.yaml, or one that is not YAML: UserError naming it.
+bool checkpoint_updates_expert_bias(const std::string& ckpt_dir);
 
 // A LoRA / QLoRA checkpoint's model (base from its pointer, checked by fingerprint, plus its adapters), on
 // the CPU. The fine-tuning settings come from the checkpoint's recipe.yaml. `held`: only this share of the experts

@@ -92,6 +92,16 @@ TrainingModel build_training_model(const Recipe& r, parallel::Layout& layout, co
                       "; the recipe now says " + ft.method);
     if (saved->fingerprint != out.base.fingerprint)
       throw UserError(*latest + "/base.json: the adapters were trained on another base than " + r.init_from + " holds now");
+    // Under aux_free_bias the routers' biases either moved with the adapters or stayed the base's; a resume
+    // that switches between the two would train on from a state neither run describes.
+    if (cfg.moe.balance == Balance::AuxFreeBias) {
+      const bool was = checkpoint_updates_expert_bias(*latest);
+      const auto say = [](bool b) { return std::string(b ? "true" : "false"); };
+      if (was != ft.lora.update_expert_bias)
+        throw UserError(*latest + "/recipe.yaml: the run was trained with finetune.lora.update_expert_bias " + say(was) +
+                        "; the recipe now says " + say(ft.lora.update_expert_bias) + " (set it " + say(was) +
+                        " to resume, or start a new output_dir)");
+    }
   }
   // A checkpoint in any expert-parallel layout: this rank reads the tensors of what it holds.
   if (latest && !ft.adapters()) load_model_weights(*latest, out.model);

@@ -360,7 +360,7 @@ TEST(QloraE2e, TrainsOnAQuantisedBaseExportsMergedRefusesAChangedBaseAndDpoFollo
 // rounds at most E + 2 times a step (add, the E-term mean, subtract), each within 2^-24 of max|b|, so after S
 // steps the two differ by at most S (E + 2) 2^-24 max|b|. DPO with the adapters_off reference (which routes with
 // the same biases) keeps them by default and refuses the key set true; method full and a model without the biases
-// refuse it too (exit 2).
+// refuse it too (exit 2), and so does a resume that flips the run's choice.
 TEST(LoraE2e, ExpertBiasesBalanceUnderAdaptersUnlessFrozen) {
   test::TempDir dir("lorabias");
   const std::string data = test::make_prepared(dir, 80);
@@ -397,6 +397,23 @@ TEST(LoraE2e, ExpertBiasesBalanceUnderAdaptersUnlessFrozen) {
             0);
   auto frozen = biases(*train::latest_checkpoint(dir / "frozen"));
   for (int64_t l = 0; l < L; ++l) EXPECT_TRUE(torch::equal(frozen[l], base[l])) << "layer " << l;
+  // A resume keeps the run's choice: with the key now at its default (true) it is refused, exit 2, and the
+  // checkpoint stays the only one; set as the run had it, the run goes on.
+  {
+    const std::string more = " --set finetune.lora.update_expert_bias=false --set output_dir=" + (dir / "frozen") +
+                             " --set train.max_steps=" + std::to_string(2 * S) + " --resume";
+    const std::string flipped = more.substr(more.find(" --set output_dir"));
+    const std::string err = dir / "flip.err";
+    const int rc = std::system((kBin + " train " + recipe + flipped + " >/dev/null 2>" + err).c_str());
+    EXPECT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 2) << read_all(err);
+    EXPECT_NE(read_all(err).find("trained with finetune.lora.update_expert_bias false; the recipe now says true"),
+              std::string::npos) << read_all(err);
+    EXPECT_EQ(*train::latest_checkpoint(dir / "frozen"), train::checkpoint_dir(dir / "frozen", S));
+    ASSERT_EQ(status_of(kBin + " train " + recipe + more), 0);
+    EXPECT_EQ(*train::latest_checkpoint(dir / "frozen"), train::checkpoint_dir(dir / "frozen", 2 * S));
+    auto still = biases(*train::latest_checkpoint(dir / "frozen"));
+    for (int64_t l = 0; l < L; ++l) EXPECT_TRUE(torch::equal(still[l], base[l])) << "layer " << l;
+  }
 
   ASSERT_EQ(status_of(kBin + " train " + recipe + " --set output_dir=" + (dir / "moving")), 0);
   const std::string moving = *train::latest_checkpoint(dir / "moving");

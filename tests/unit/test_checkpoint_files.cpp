@@ -18,6 +18,7 @@
 #include "io/safetensors.h"
 #include "model/decoder.h"
 #include "test_util.h"
+#include "checkpoint/base_model.h"
 #include "checkpoint/checkpoint.h"
 #include "optim/optimizer.h"
 
@@ -86,6 +87,28 @@ TEST(AtomicFile, DirectoryWholeOrAbsent) {
   EXPECT_FALSE(fs::exists(dir.path + "/failed"));
   for (const auto& e : fs::directory_iterator(dir.path))
     EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+}
+
+// An adapter checkpoint's recipe.yaml says whether its run moved the routers' biases; one from before the key
+// existed (no finetune.lora.update_expert_bias) ran with them frozen. Missing or broken: an error naming the file.
+TEST(AdapterCheckpoint, RecipeSaysWhetherTheBiasesMoved) {
+  test::TempDir dir("biasflag");
+  auto with = [&](const std::string& name, const std::string& text) {
+    fs::create_directories(dir.path + "/" + name);
+    write_file(dir.path + "/" + name + "/recipe.yaml", text);
+    return dir.path + "/" + name;
+  };
+  EXPECT_TRUE(train::checkpoint_updates_expert_bias(with("t", "finetune:\n  method: lora\n  lora:\n    update_expert_bias: true\n")));
+  EXPECT_FALSE(train::checkpoint_updates_expert_bias(with("f", "finetune:\n  lora: {rank: 4, update_expert_bias: false}\n")));
+  EXPECT_FALSE(train::checkpoint_updates_expert_bias(with("old", "finetune:\n  method: lora\n  lora: {rank: 4, alpha: 8}\n")));
+  EXPECT_FALSE(train::checkpoint_updates_expert_bias(with("bare", "stage: sft\n")));
+  const std::string bad = test::user_error_of([&] {
+    train::checkpoint_updates_expert_bias(with("bad", "finetune:\n  lora: {update_expert_bias: maybe}\n"));
+  });
+  EXPECT_NE(bad.find(dir.path + "/bad/recipe.yaml: finetune.lora.update_expert_bias"), std::string::npos) << bad;
+  fs::create_directories(dir.path + "/none");
+  const std::string none = test::user_error_of([&] { train::checkpoint_updates_expert_bias(dir.path + "/none"); });
+  EXPECT_NE(none.find(dir.path + "/none/recipe.yaml: missing"), std::string::npos) << none;
 }
 
 TEST(InitSource, HfPrefixParsedOnce) {
