@@ -178,6 +178,7 @@ bool checkpoint_updates_expert_bias(const std::string& ckpt_dir) {
   try {
     const YAML::Node root = YAML::LoadFile(p);  // const: looking adds no keys
     // Any level missing: written before the key, when the biases stayed frozen.
+    if (root.IsNull()) throw UserError(p + ": empty; an adapter checkpoint keeps the recipe it was trained with");
     if (!root.IsMap()) return false;
     const YAML::Node ft = root["finetune"];
     if (!ft || !ft.IsMap()) return false;

@@ -59,6 +59,26 @@ std::optional<std::string> latest_checkpoint_of_job(const std::string& run_dir, 
   return dir;
 }
 
+namespace {
+// A resumed adapter run goes on as it was trained: its method, and under aux_free_bias whether the routers'
+// biases moved with the adapters or stayed the base's (switching would train on from a state neither describes).
+void refuse_changed_adapter_run(const std::string& latest, const Recipe& r) {
+  const FinetuneSpec& ft = r.finetune;
+  const auto saved = read_base_pointer(latest);
+  if (!saved) throw UserError(latest + ": holds no adapters (no base.json); finetune.method " + ft.method + " cannot resume it");
+  if (saved->method != ft.method)
+    throw UserError(latest + "/base.json: the run was trained with finetune.method " + saved->method +
+                    "; the recipe now says " + ft.method);
+  if (r.model.moe.balance != Balance::AuxFreeBias) return;
+  const bool was = checkpoint_updates_expert_bias(latest);
+  const auto say = [](bool b) { return std::string(b ? "true" : "false"); };
+  if (was != ft.lora.update_expert_bias)
+    throw UserError(latest + "/recipe.yaml: the run was trained with finetune.lora.update_expert_bias " + say(was) +
+                    "; the recipe now says " + say(ft.lora.update_expert_bias) + " (set it " + say(was) +
+                    " to resume, or start a new output_dir)");
+}
+}  // namespace
+
 TrainingModel build_training_model(const Recipe& r, parallel::Layout& layout, const std::optional<std::string>& latest) {
   const ModelConfig& cfg = r.model;
   const FinetuneSpec& ft = r.finetune;
@@ -68,6 +88,7 @@ TrainingModel build_training_model(const Recipe& r, parallel::Layout& layout, co
   if (!r.init_from.empty() && (!latest || ft.adapters()))
     if (const auto src = io::parse_init_source(r.init_from); !src.hf)
       require_intact_checkpoint_once_per_job(src.dir, job_ranks(layout));
+  if (latest && ft.adapters()) refuse_changed_adapter_run(*latest, r);  // before the base is loaded
   TrainingModel out;
   if (ft.adapters()) {
     // A frozen base, loaded (and for QLoRA quantised) layer by layer; adapters come after the expert split.
@@ -85,23 +106,9 @@ TrainingModel build_training_model(const Recipe& r, parallel::Layout& layout, co
   }
   out.model->seed_router_jitter(r.train.seed);  // a resumed run restores the generators' states later
   if (latest && ft.adapters()) {
-    auto saved = read_base_pointer(*latest);
-    if (!saved) throw UserError(*latest + ": holds no adapters (no base.json); finetune.method " + ft.method + " cannot resume it");
-    if (saved->method != ft.method)
-      throw UserError(*latest + "/base.json: the run was trained with finetune.method " + saved->method +
-                      "; the recipe now says " + ft.method);
-    if (saved->fingerprint != out.base.fingerprint)
+    const auto saved = read_base_pointer(*latest);  // present: refuse_changed_adapter_run read it
+    if (!saved || saved->fingerprint != out.base.fingerprint)
       throw UserError(*latest + "/base.json: the adapters were trained on another base than " + r.init_from + " holds now");
-    // Under aux_free_bias the routers' biases either moved with the adapters or stayed the base's; a resume
-    // that switches between the two would train on from a state neither run describes.
-    if (cfg.moe.balance == Balance::AuxFreeBias) {
-      const bool was = checkpoint_updates_expert_bias(*latest);
-      const auto say = [](bool b) { return std::string(b ? "true" : "false"); };
-      if (was != ft.lora.update_expert_bias)
-        throw UserError(*latest + "/recipe.yaml: the run was trained with finetune.lora.update_expert_bias " + say(was) +
-                        "; the recipe now says " + say(ft.lora.update_expert_bias) + " (set it " + say(was) +
-                        " to resume, or start a new output_dir)");
-    }
   }
   // A checkpoint in any expert-parallel layout: this rank reads the tensors of what it holds.
   if (latest && !ft.adapters()) load_model_weights(*latest, out.model);

@@ -120,9 +120,14 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
   fsync_path(dir.empty() ? "." : dir.string());
 }
 
-std::string write_dir_atomic(const std::string& out_dir, const std::function<void(const std::string& tmp)>& fill) {
-  std::string out = out_dir;
+std::string without_trailing_slashes(const std::string& path) {
+  std::string out = path;
   while (out.size() > 1 && out.back() == '/') out.pop_back();
+  return out;
+}
+
+std::string write_dir_atomic(const std::string& out_dir, const std::function<void(const std::string& tmp)>& fill) {
+  const std::string out = without_trailing_slashes(out_dir);
   if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)))
     throw UserError(out + ": already exists; choose a new --out directory");
   const std::string tmp = out + ".tmp-" + std::to_string(::getpid());

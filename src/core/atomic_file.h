@@ -17,6 +17,9 @@ void write_file(const std::string& path, const std::string& bytes);
 // Copies `from` to `to` the same way (read in blocks, every write checked, fsynced).
 void copy_file_checked(const std::string& from, const std::string& to);
 
+// `path` without its trailing slashes ("/" stays "/").
+std::string without_trailing_slashes(const std::string& path);
+
 // Writes a directory that is whole or absent: `out_dir` (trailing slashes dropped) must be absent or an empty
 // directory, else a UserError "<out_dir>: already exists; choose a new --out directory". `fill` writes the files into
 // a temp directory beside it (its path is the argument), which is fsynced and renamed to `out_dir`; if `fill` throws,

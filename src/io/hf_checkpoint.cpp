@@ -173,7 +173,7 @@ namespace {
 // The directory, with every tensor under the name it has in `weights`.
 void write_hf_dir(const ModelConfig& c, const WeightStream& weights, const HfExportOptions& opt) {
   const auto dtype = export_dtype(opt.dtype);
-  const std::string& out = opt.out_dir;  // write_dir_atomic strips trailing slashes itself
+  const std::string out = without_trailing_slashes(opt.out_dir);  // the name errors give
   write_dir_atomic(out, [&](const std::string& tmp) {
     const std::string torch_dtype = dtype == at::kBFloat16 ? "bfloat16" : dtype == at::kHalf ? "float16" : "float32";
     write_json(tmp + "/config.json", to_hf_config(c, torch_dtype));

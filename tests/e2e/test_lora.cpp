@@ -406,7 +406,8 @@ TEST(LoraE2e, ExpertBiasesBalanceUnderAdaptersUnlessFrozen) {
     const std::string err = dir / "flip.err";
     const int rc = std::system((kBin + " train " + recipe + flipped + " >/dev/null 2>" + err).c_str());
     EXPECT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 2) << read_all(err);
-    EXPECT_NE(read_all(err).find("trained with finetune.lora.update_expert_bias false; the recipe now says true"),
+    EXPECT_NE(read_all(err).find(train::checkpoint_dir(dir / "frozen", S) + "/recipe.yaml: the run was trained with "
+                                 "finetune.lora.update_expert_bias false; the recipe now says true"),
               std::string::npos) << read_all(err);
     EXPECT_EQ(*train::latest_checkpoint(dir / "frozen"), train::checkpoint_dir(dir / "frozen", S));
     ASSERT_EQ(status_of(kBin + " train " + recipe + more), 0);

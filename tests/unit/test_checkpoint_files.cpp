@@ -65,6 +65,9 @@ TEST(AtomicFile, DirectoryWholeOrAbsent) {
     write_file(tmp + "/a", "1");
     write_file(tmp + "/b", "2");
   };
+  EXPECT_EQ(without_trailing_slashes("a/b//"), "a/b");
+  EXPECT_EQ(without_trailing_slashes("///"), "/");
+  EXPECT_EQ(without_trailing_slashes("a"), "a");
   EXPECT_EQ(write_dir_atomic(dir.path + "/out//", fill_ab), dir.path + "/out");
   EXPECT_EQ(read_all(dir.path + "/out/a") + read_all(dir.path + "/out/b"), "12");
   fs::create_directories(dir.path + "/empty");
@@ -90,7 +93,8 @@ TEST(AtomicFile, DirectoryWholeOrAbsent) {
 }
 
 // An adapter checkpoint's recipe.yaml says whether its run moved the routers' biases; one from before the key
-// existed (no finetune.lora.update_expert_bias) ran with them frozen. Missing or broken: an error naming the file.
+// existed (no finetune.lora.update_expert_bias) ran with them frozen. Missing, empty or a value that is not a
+// boolean: an error naming the file.
 TEST(AdapterCheckpoint, RecipeSaysWhetherTheBiasesMoved) {
   test::TempDir dir("biasflag");
   auto with = [&](const std::string& name, const std::string& text) {
@@ -106,6 +110,12 @@ TEST(AdapterCheckpoint, RecipeSaysWhetherTheBiasesMoved) {
     train::checkpoint_updates_expert_bias(with("bad", "finetune:\n  lora: {update_expert_bias: maybe}\n"));
   });
   EXPECT_NE(bad.find(dir.path + "/bad/recipe.yaml: finetune.lora.update_expert_bias"), std::string::npos) << bad;
+  const std::string null = test::user_error_of([&] {
+    train::checkpoint_updates_expert_bias(with("null", "finetune:\n  lora:\n    update_expert_bias: ~\n"));
+  });
+  EXPECT_NE(null.find(dir.path + "/null/recipe.yaml: finetune.lora.update_expert_bias"), std::string::npos) << null;
+  const std::string empty = test::user_error_of([&] { train::checkpoint_updates_expert_bias(with("empty", "")); });
+  EXPECT_NE(empty.find(dir.path + "/empty/recipe.yaml: empty"), std::string::npos) << empty;
   fs::create_directories(dir.path + "/none");
   const std::string none = test::user_error_of([&] { train::checkpoint_updates_expert_bias(dir.path + "/none"); });
   EXPECT_NE(none.find(dir.path + "/none/recipe.yaml: missing"), std::string::npos) << none;
